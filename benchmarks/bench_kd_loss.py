@@ -1,0 +1,266 @@
+"""Forward+backward of the fused KD loss vs PyTorch eager vs torch.compile (issue 3).
+
+For every (B, C) shape and dtype the candidates are timed round-robin in one process:
+
+- ``kdseq``   ``kdseq_fast.kd_loss(s, t, temperature=T)`` (mean over rows, T^2-scaled KL)
+- ``eager``   ``F.kl_div(F.log_softmax(s/T, 1), F.softmax(t/T, 1), reduction="none").sum(1).mean() * T^2``
+- ``compile`` ``torch.compile`` of the eager expression (compile time excluded from the timings,
+              reported separately)
+- ``liger``   Liger-Kernel's ``LigerKLDIVLoss`` on the log-softmaxed student (CUDA, when installed)
+
+Each timed call is loss + ``torch.autograd.grad`` w.r.t. the student. Reported per row: median and
+IQR, effective GB/s = 3*B*C*bytes / time (read s and t, write the gradient), that as a fraction
+of the memcpy bandwidth measured in the same run (the roofline), speed-up vs eager, and the peak
+extra memory of one call.
+
+    python benchmarks/bench_kd_loss.py                       # CPU, all shapes, fp32 + bf16
+    python benchmarks/bench_kd_loss.py --quick               # smoke run
+    python benchmarks/bench_kd_loss.py --device cuda --out results/
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import _common as C  # noqa: E402
+
+SHAPES = [(64, 100), (256, 100), (256, 1000), (1024, 1000), (64, 32000), (512, 32000), (16, 131072)]
+QUICK_SHAPES = [(64, 100), (256, 1000)]
+CANDIDATES = ("kdseq", "eager", "compile", "liger")
+TEMPERATURE = 4.0
+
+
+def eager_kd(s: torch.Tensor, t: torch.Tensor, T: float = TEMPERATURE) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction="none").sum(1).mean() * (T * T)
+
+
+def parse_shape(text: str) -> tuple:
+    try:
+        b, c = (int(x) for x in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes entries look like 512x32000, got {text!r}") from None
+    if b < 1 or c < 2:
+        raise argparse.ArgumentTypeError(f"--shapes needs B >= 1 and C >= 2, got {text!r}")
+    return b, c
+
+
+def liger_loss_fn():
+    """A KD loss built on LigerKLDIVLoss, or None when Liger-Kernel is not installed."""
+    try:
+        from liger_kernel.transformers import LigerKLDIVLoss
+    except ImportError:
+        return None
+    kl = LigerKLDIVLoss(reduction="batchmean", log_target=False)
+
+    def loss(s, t, T=TEMPERATURE):
+        return kl(F.log_softmax(s / T, 1), F.softmax(t / T, 1)) * (T * T)
+    return loss
+
+
+def fwd_bwd(loss_fn, s, t):
+    def call():
+        loss = loss_fn(s, t)
+        (grad,) = torch.autograd.grad(loss, s)
+        return grad
+    return call
+
+
+def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
+    import kdseq_fast as kf
+
+    dtype = C.DTYPES[dtype_name]
+
+    # Logit scale ~3 gives peaked but not one-hot softmaxes, like a trained classifier's.
+    s = (torch.randn(B, Cn, generator=gen) * 3).to(device=device, dtype=dtype).requires_grad_(True)
+    t = (torch.randn(B, Cn, generator=gen) * 3).to(device=device, dtype=dtype)
+    calls, compile_s, errors = {}, None, {}
+    if "kdseq" in args.candidates:
+        calls["kdseq"] = fwd_bwd(lambda a, b: kf.kd_loss(a, b, temperature=TEMPERATURE), s, t)
+    if "eager" in args.candidates:
+        calls["eager"] = fwd_bwd(eager_kd, s, t)
+    if "compile" in args.candidates:
+        try:
+            # A fresh dynamo state per case: one static-shape graph each, no recompile-limit hits.
+            torch._dynamo.reset()
+            compiled = torch.compile(eager_kd, dynamic=False)
+            call = fwd_bwd(compiled, s, t)
+            C.sync(device)
+            t0 = time.perf_counter()
+            call()
+            C.sync(device)
+            compile_s = time.perf_counter() - t0
+            calls["compile"] = call
+        except Exception as exc:  # a missing C++ toolchain must not sink the other candidates
+            errors["compile"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    if "liger" in args.candidates and device.type == "cuda":
+        fn = liger_loss_fn()
+        if fn is not None:
+            calls["liger"] = fwd_bwd(fn, s, t)
+
+    # Sanity: a fast wrong kernel is worthless, so each gradient is checked against fp64.
+    s64 = s.detach().double().requires_grad_(True)
+    (ref_grad,) = torch.autograd.grad(kf.kd_loss_reference(s64, t, temperature=TEMPERATURE), s64)
+    max_err = {}
+    for name, call in calls.items():
+        try:
+            g = call()
+            max_err[name] = float((g.double() - ref_grad).abs().max())
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    for name in errors:
+        calls.pop(name, None)
+    del ref_grad, s64
+
+    times = C.interleaved_times(calls, device=device, repeats=args.repeats, warmup=args.warmup,
+                                desc=f"{B}x{Cn} {dtype_name}")
+    roofline_bytes = 3 * B * Cn * s.element_size()
+    rows = []
+    eager_med = C.summarize(times["eager"])["median_s"] if "eager" in times else None
+    for name, samples in times.items():
+        st = C.summarize(samples)
+        gbps = roofline_bytes / st["median_s"] / 1e9
+        rows.append({
+            "dtype": dtype_name, "B": B, "C": Cn, "candidate": name, **st,
+            "GBps": gbps, "roofline_fraction": gbps / memcpy_gbps,
+            "roofline_bytes": roofline_bytes,
+            "speedup_vs_eager": (eager_med / st["median_s"]) if eager_med else None,
+            "peak_extra_bytes": None if args.no_memory else C.peak_extra_memory(calls[name], device),
+            "max_abs_grad_err_vs_fp64": max_err.get(name),
+            "compile_time_s": compile_s if name == "compile" else None,
+        })
+    return rows, errors
+
+
+def evaluate_targets(rows, device):
+    def med(dtype, B, Cn, cand):
+        for r in rows:
+            if (r["dtype"], r["B"], r["C"], r["candidate"]) == (dtype, B, Cn, cand):
+                return r["median_s"]
+        return None
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    targets = []
+    if device.type == "cpu":
+        k = med("fp32", 512, 32000, "kdseq")
+        targets.append(C.target("fp32 (512, 32000): kdseq speed-up vs eager",
+                                ratio(med("fp32", 512, 32000, "eager"), k), 5.0, unit="x"))
+        targets.append(C.target("fp32 (512, 32000): kdseq speed-up vs torch.compile",
+                                ratio(med("fp32", 512, 32000, "compile"), k), 2.0, unit="x"))
+        targets.append(C.target("fp32 (256, 1000): kdseq speed-up vs eager",
+                                ratio(med("fp32", 256, 1000, "eager"), med("fp32", 256, 1000, "kdseq")),
+                                3.0, unit="x"))
+        for r in rows:
+            if r["candidate"] == "kdseq" and r["dtype"] == "fp32" and r["C"] >= 32000:
+                targets.append(C.target(f"fp32 ({r['B']}, {r['C']}): kdseq time / memcpy-roofline time",
+                                        1.0 / r["roofline_fraction"], 3.0, higher_is_better=False,
+                                        unit="x"))
+    else:
+        for r in rows:
+            if r["candidate"] == "kdseq" and r["C"] >= 32000:
+                targets.append(C.target(f"{r['dtype']} ({r['B']}, {r['C']}): kdseq fraction of the measured "
+                                        "memcpy (HBM) bandwidth", r["roofline_fraction"], 0.8))
+    return targets
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    C.add_common_args(ap)
+    ap.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
+                    help="B x C cases, e.g. 512x32000 (default: the issue's 7 shapes, 2 with --quick)")
+    ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    args = ap.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 15
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 3
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+    device = C.resolve_device(args.device)
+    C.apply_threads(args.threads)
+
+    info = C.machine_info(device)
+    C.print_header("bench_kd_loss: fused KD loss forward+backward", info)
+    # Well beyond the last-level cache (tens of MiB on a CPU, 50 MiB L2 on an H100).
+    memcpy_bytes = (32 if args.quick else 256) * 2**20 * (4 if device.type == "cuda" else 1)
+    mem_before = C.memcpy_bandwidth(device, nbytes=memcpy_bytes)
+    print(f"memcpy bandwidth (read+write, {C.fmt_bytes(memcpy_bytes)} buffer): {mem_before['GBps']:.1f} GB/s")
+    if device.type == "cuda" and "liger" in args.candidates and liger_loss_fn() is None:
+        print("liger: Liger-Kernel not installed, peer skipped")
+
+    gen = torch.Generator().manual_seed(args.seed)
+    rows, errors = [], {}
+    for dtype_name in args.dtypes:
+        for B, Cn in shapes:
+            case_rows, case_errors = bench_case(B, Cn, dtype_name, device, args,
+                                                mem_before["GBps"], gen)
+            rows += case_rows
+            for name, msg in case_errors.items():
+                errors[f"{dtype_name} {B}x{Cn} {name}"] = msg
+                print(f"  {dtype_name} {B}x{Cn} {name}: skipped ({msg})")
+            for r in case_rows:
+                print(f"  {dtype_name} {B:>5}x{Cn:<6} {r['candidate']:8s} {C.fmt_time(r['median_s']):>9} "
+                      f"{r['GBps']:7.2f} GB/s  x{r['speedup_vs_eager'] or float('nan'):.2f} vs eager")
+    mem_after = C.memcpy_bandwidth(device, nbytes=memcpy_bytes)
+    print(f"memcpy bandwidth at the end: {mem_after['GBps']:.1f} GB/s "
+          "(fractions use the value measured at the start)")
+
+    targets = evaluate_targets(rows, device)
+    headers = ["dtype", "B", "C", "candidate", "median", "IQR", "GB/s", "of memcpy", "x eager",
+               "peak extra mem", "max |grad err|"]
+    table = C.markdown_table(headers, [
+        [r["dtype"], r["B"], r["C"], r["candidate"], C.fmt_time(r["median_s"]), C.fmt_time(r["iqr_s"]),
+         f"{r['GBps']:.2f}", f"{100 * r['roofline_fraction']:.1f}%",
+         None if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}",
+         C.fmt_bytes(r["peak_extra_bytes"]),
+         None if r["max_abs_grad_err_vs_fp64"] is None else f"{r['max_abs_grad_err_vs_fp64']:.1e}"]
+        for r in rows])
+    compile_lines = [f"- {r['dtype']} {r['B']}x{r['C']}: {r['compile_time_s']:.1f} s"
+                     for r in rows if r["compile_time_s"] is not None]
+    info["loadavg_end"] = C.load_average()
+    md = "\n".join([
+        "# bench_kd_loss", "", f"`{C.command_line()}`", "",
+        f"Machine: {info['cpu_model']}, {info['cpu_cores']} cores ({info['torch_threads']} torch threads)"
+        + (f", {info['gpu']}" if "gpu" in info else "")
+        + f", torch {info['torch']}, load average {info['loadavg_start']} -> {info['loadavg_end']}; "
+        f"kdseq build {info['kdseq_build']}", "",
+        f"memcpy bandwidth (read+write): {mem_before['GBps']:.1f} GB/s at the start, "
+        f"{mem_after['GBps']:.1f} GB/s at the end. Roofline bytes per call = 3*B*C*sizeof(dtype). "
+        f"T = {TEMPERATURE}, {args.repeats} interleaved samples per candidate after {args.warmup} warm-up calls.",
+        f"Peak extra memory: {C.PEAK_MEMORY_METHOD[device.type]}.", "",
+        table, "",
+        *(["torch.compile compile time (first fwd+bwd call, excluded above):", *compile_lines, ""]
+          if compile_lines else []),
+        *([f"Skipped: {k}: {v}" for k, v in errors.items()] + [""] if errors else []),
+        "Targets:", "", *[f"- {line}" for line in C.format_targets(targets)],
+    ])
+    print()
+    print(table)
+    print()
+    for line in compile_lines:
+        print("compile time", line[2:])
+    for line in C.format_targets(targets):
+        print(line)
+    payload = {"benchmark": "kd_loss", "command": C.command_line(), "machine": info,
+               "temperature": TEMPERATURE, "repeats": args.repeats, "warmup": args.warmup,
+               "memcpy": {"start": mem_before, "end": mem_after},
+               "peak_memory_method": C.PEAK_MEMORY_METHOD[device.type],
+               "rows": rows, "targets": targets, "errors": errors}
+    for path in C.write_outputs(args.out, "bench_kd_loss", payload, md):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+// CPU kernel of the per-instance scores: one read of each (student, teacher) row produces all six
+// measures. Rows in parallel; long rows of small batches are split into segments whose partial
+// states are merged with the same rule the GPU uses across threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "kdseq.h"
+#include "row_math.h"
+
+namespace kdseq {
+using namespace rowmath;
+
+namespace {
+
+constexpr int64_t kChunk = 256;
+
+template <typename in_t, typename acc_t>
+inline void load_chunk(const in_t* base, int64_t step, int64_t c0, int64_t n, acc_t* buf) {
+  if (step == 1) {
+    const in_t* p = base + c0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(p[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(base[(c0 + i) * step]);
+  }
+}
+
+template <typename acc_t>
+inline acc_t chunk_max(const acc_t* buf, int64_t n) {
+  acc_t m = neg_inf<acc_t>();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = buf[i] > m ? buf[i] : m;
+  return m;
+}
+
+template <typename s_t, typename t_t, typename acc_t>
+ScoreStats<acc_t> score_segment(const s_t* s, int64_t s_step, const t_t* t, int64_t t_step,
+                                int64_t begin, int64_t end, int64_t y, acc_t invT, bool with_teacher) {
+  ScoreStats<acc_t> st = score_stats_init<acc_t>();
+  alignas(64) acc_t bs[kChunk];
+  alignas(64) acc_t bt[kChunk];
+  for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, end - c0);
+    load_chunk(s, s_step, c0, n, bs);
+    const acc_t cms = chunk_max(bs, n);
+    acc_t cmt = st.mt;
+    if (with_teacher) {
+      load_chunk(t, t_step, c0, n, bt);
+      cmt = kd_max(cmt, chunk_max(bt, n));
+    }
+    // First maximum wins: earlier chunks keep ties, inside a chunk the first equal index wins.
+    if (cms > st.ms || st.amax == INT64_MAX) {
+      for (int64_t i = 0; i < n; ++i) {
+        if (bs[i] == cms) {
+          st.amax = c0 + i;
+          break;
+        }
+      }
+    }
+    if (y >= c0 && y < c0 + n) {
+      for (int64_t i = 0; i < n; ++i)
+        if (c0 + i != y) st.m_noty = kd_max(st.m_noty, bs[i]);
+    } else {
+      st.m_noty = kd_max(st.m_noty, cms);
+    }
+    score_stats_rebase(st, kd_max(st.ms, cms), cmt, invT, with_teacher);
+    const acc_t ms = st.ms, mt = st.mt;
+    acc_t z1 = 0, w1 = 0, zsT = 0, ztT = 0, u = 0;
+    if (with_teacher) {
+#pragma omp simd reduction(+ : z1, w1, zsT, ztT, u)
+      for (int64_t i = 0; i < n; ++i) {
+        const ScoreTerms<acc_t> tm = score_terms(bs[i], bt[i], ms, mt, invT, true);
+        z1 += tm.z1;
+        w1 += tm.w1;
+        zsT += tm.zsT;
+        ztT += tm.ztT;
+        u += tm.u;
+      }
+    } else {
+#pragma omp simd reduction(+ : z1, w1)
+      for (int64_t i = 0; i < n; ++i) {
+        const ScoreTerms<acc_t> tm = score_terms(bs[i], acc_t(0), ms, mt, invT, false);
+        z1 += tm.z1;
+        w1 += tm.w1;
+      }
+    }
+    st.z1 += z1;
+    st.w1 += w1;
+    st.zsT += zsT;
+    st.ztT += ztT;
+    st.u += u;
+  }
+  return st;
+}
+
+template <typename s_t, typename t_t, typename acc_t>
+void scores_typed(const at::Tensor& student, const at::Tensor& labels, const at::Tensor& teacher,
+                  double temperature, at::Tensor& out) {
+  const int64_t B = student.size(0);
+  const int64_t C = student.size(1);
+  const bool with_teacher = teacher.defined();
+  const s_t* s = student.data_ptr<s_t>();
+  const t_t* t = with_teacher ? teacher.data_ptr<t_t>() : nullptr;
+  const int64_t s_row = student.stride(0), s_col = student.stride(1);
+  const int64_t t_row = with_teacher ? teacher.stride(0) : 0;
+  const int64_t t_col = with_teacher ? teacher.stride(1) : 0;
+  const int64_t* y = labels.data_ptr<int64_t>();
+  acc_t* o = out.data_ptr<acc_t>();
+  const acc_t T = static_cast<acc_t>(temperature);
+  const acc_t invT = acc_t(1) / T;
+
+  const RowSplit split = plan_row_split(B, C, kChunk);
+  const int64_t S = split.segments;
+  std::vector<ScoreStats<acc_t>> partial(B * S);
+  at::parallel_for(0, B * S, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t r = task / S, seg = task % S;
+      const int64_t b = seg * split.seg_len, e = std::max(b, std::min(C, b + split.seg_len));
+      partial[task] = score_segment<s_t, t_t, acc_t>(s + r * s_row, s_col,
+                                                      with_teacher ? t + r * t_row : nullptr, t_col,
+                                                      b, e, y[r], invT, with_teacher);
+    }
+  });
+  at::parallel_for(0, B, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      ScoreStats<acc_t> st = partial[r * S];
+      for (int64_t seg = 1; seg < S; ++seg) st = score_stats_merge(st, partial[r * S + seg], invT, with_teacher);
+      const acc_t s_y = static_cast<acc_t>(s[r * s_row + y[r] * s_col]);
+      score_finalize(st, s_y, y[r], T, with_teacher, o + r * kNumScoreFields);
+    }
+  });
+}
+
+}  // namespace
+
+void instance_scores_rows_cpu(const at::Tensor& student, const at::Tensor& labels,
+                              const at::Tensor& teacher, double temperature, at::Tensor& out) {
+  const auto t_type = teacher.defined() ? teacher.scalar_type() : student.scalar_type();
+  if (student.scalar_type() == at::kDouble) {
+    TORCH_CHECK(t_type == at::kDouble, "kdseq: float64 student needs a float64 teacher");
+    scores_typed<double, double, double>(student, labels, teacher, temperature, out);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "scores_cpu_s", [&] {
+    using s_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t_type, "scores_cpu_t", [&] {
+      using t_t = scalar_t;
+      if constexpr (std::is_same_v<s_t, double> || std::is_same_v<t_t, double>) {
+        TORCH_CHECK(false, "kdseq: float64 logits must be used for both student and teacher");
+      } else {
+        scores_typed<s_t, t_t, float>(student, labels, teacher, temperature, out);
+      }
+    });
+  });
+}
+
+}  // namespace kdseq

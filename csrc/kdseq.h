@@ -1,0 +1,48 @@
+// Declarations shared by the op registration (ops.cpp) and the per-device row kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace kdseq {
+
+// Reduction codes, in the order of the Python-side names ("none", "mean", "sum").
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+// Per-row KD loss (+ optional gradient) for every row of student/teacher logits.
+//   labels:   int64 (B) or undefined (no CE term, no ignore rows)
+//   n_valid:  int64 scalar tensor on the kernel's device with the number of non-ignored rows; the
+//             kernel derives the mean-reduction gradient scale from it (no host sync on CUDA)
+//   row_loss: (B) acc dtype, written for every row (0 for ignored rows)
+//   grad:     student-shaped, contiguous, student dtype; undefined when no gradient is wanted.
+//             Holds d(reduced loss)/d(student) for mean/sum and d(row loss)/d(student) for none.
+struct KDLossArgs {
+  double temperature;
+  double kd_weight;
+  double ce_weight;
+  int64_t ignore_index;
+  bool mean;
+};
+
+void kd_loss_rows_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
+                      const at::Tensor& n_valid, const KDLossArgs& args, at::Tensor& row_loss,
+                      at::Tensor& grad);
+void instance_scores_rows_cpu(const at::Tensor& student, const at::Tensor& labels,
+                              const at::Tensor& teacher, double temperature, at::Tensor& out);
+
+#ifdef KDSEQ_WITH_CUDA
+void kd_loss_rows_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
+                       const at::Tensor& n_valid, const KDLossArgs& args, at::Tensor& row_loss,
+                       at::Tensor& grad);
+void instance_scores_rows_cuda(const at::Tensor& student, const at::Tensor& labels,
+                               const at::Tensor& teacher, double temperature, at::Tensor& out);
+#endif
+
+// Splits rows into segments when there are fewer rows than threads and the rows are long, so a
+// batch of a few LLM-vocabulary rows still uses every core.
+struct RowSplit {
+  int64_t segments;  // per row
+  int64_t seg_len;   // columns per segment (a multiple of the chunk size)
+};
+RowSplit plan_row_split(int64_t rows, int64_t cols, int64_t chunk);
+
+}  // namespace kdseq

@@ -1,0 +1,177 @@
+// Operator schemas and their device implementations, registered with the PyTorch dispatcher.
+// Argument validation with user-facing messages happens in Python (kdseq_fast/ops); the checks here
+// are the last line of defence for direct torch.ops.kdseq calls.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <sstream>
+#include <string>
+
+#include "kdseq.h"
+
+#ifdef KDSEQ_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#ifndef KDSEQ_CUDA_ARCHS
+#define KDSEQ_CUDA_ARCHS ""
+#endif
+#ifndef KDSEQ_CPU_ISA
+#define KDSEQ_CPU_ISA "generic"
+#endif
+
+// The extension is a Python module only so that `import kdseq_fast._C` loads the registrations.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace kdseq {
+
+namespace {
+
+using KDRowsFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const KDLossArgs&, at::Tensor&, at::Tensor&);
+using ScoreRowsFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, at::Tensor&);
+
+void check_logits(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2, "kdseq: ", name, " must be 2-D (batch, classes), got ", x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "kdseq: ", name, " must be floating point");
+  TORCH_CHECK(x.size(1) >= 2, "kdseq: ", name, " needs at least 2 classes");
+}
+
+at::ScalarType acc_type_for(const at::Tensor& student) {
+  return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const at::Tensor& student, const at::Tensor& teacher,
+                                                const std::optional<at::Tensor>& labels, double temperature,
+                                                double kd_weight, double ce_weight, int64_t reduction,
+                                                int64_t ignore_index, bool compute_grad, KDRowsFn rows) {
+  check_logits(student, "student_logits");
+  check_logits(teacher, "teacher_logits");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "kdseq: student_logits and teacher_logits shapes differ");
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "kdseq: temperature must be finite and > 0");
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum, "kdseq: bad reduction code ", reduction);
+  const bool has_labels = labels.has_value() && labels->defined();
+  TORCH_CHECK(has_labels || ce_weight == 0.0, "kdseq: labels are required when ce_weight > 0");
+  const int64_t B = student.size(0);
+  const auto acc = acc_type_for(student);
+
+  at::Tensor y, n_valid;
+  if (has_labels) {
+    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == B, "kdseq: labels must have shape (B,)");
+    y = labels->to(at::kLong).contiguous();
+    n_valid = y.ne(ignore_index).sum();
+  } else {
+    n_valid = at::scalar_tensor(B, student.options().dtype(at::kLong));
+  }
+  at::Tensor row_loss = at::empty({B}, student.options().dtype(acc));
+  at::Tensor grad = compute_grad ? at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous))
+                                 : at::Tensor();
+  const KDLossArgs args{temperature, kd_weight, ce_weight, ignore_index, reduction == kMean};
+  if (B > 0) rows(student, teacher, y, n_valid, args, row_loss, grad);
+
+  at::Tensor loss;
+  if (reduction == kNone) {
+    loss = row_loss;
+  } else if (reduction == kSum) {
+    loss = row_loss.sum();
+  } else {
+    // Mean over non-ignored rows; an all-ignored batch gives 0 (sum is 0, divisor clamped to 1).
+    loss = row_loss.sum() / n_valid.clamp_min(1).to(acc);
+  }
+  if (!grad.defined()) grad = at::empty({0}, student.options());
+  return {loss, grad};
+}
+
+at::Tensor instance_scores_impl(const at::Tensor& student, const at::Tensor& labels,
+                                const std::optional<at::Tensor>& teacher, double temperature, ScoreRowsFn rows) {
+  check_logits(student, "student_logits");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == student.size(0), "kdseq: labels must have shape (B,)");
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "kdseq: temperature must be finite and > 0");
+  at::Tensor t;
+  if (teacher.has_value() && teacher->defined()) {
+    check_logits(*teacher, "teacher_logits");
+    TORCH_CHECK(teacher->sizes() == student.sizes(), "kdseq: student_logits and teacher_logits shapes differ");
+    t = *teacher;
+  }
+  const at::Tensor y = labels.to(at::kLong).contiguous();
+  at::Tensor out = at::empty({student.size(0), 6}, student.options().dtype(acc_type_for(student)));
+  if (student.size(0) > 0) rows(student, y, t, temperature, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                               const std::optional<at::Tensor>& labels, double temperature,
+                                               double kd_weight, double ce_weight, int64_t reduction,
+                                               int64_t ignore_index, bool compute_grad) {
+  return kd_loss_impl(student, teacher, labels, temperature, kd_weight, ce_weight, reduction, ignore_index,
+                      compute_grad, &kd_loss_rows_cpu);
+}
+
+at::Tensor instance_scores_cpu(const at::Tensor& student, const at::Tensor& labels,
+                               const std::optional<at::Tensor>& teacher, double temperature) {
+  return instance_scores_impl(student, labels, teacher, temperature, &instance_scores_rows_cpu);
+}
+
+#ifdef KDSEQ_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> kd_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                const std::optional<at::Tensor>& labels, double temperature,
+                                                double kd_weight, double ce_weight, int64_t reduction,
+                                                int64_t ignore_index, bool compute_grad) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  return kd_loss_impl(student, teacher, labels, temperature, kd_weight, ce_weight, reduction, ignore_index,
+                      compute_grad, &kd_loss_rows_cuda);
+}
+
+at::Tensor instance_scores_cuda(const at::Tensor& student, const at::Tensor& labels,
+                                const std::optional<at::Tensor>& teacher, double temperature) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  return instance_scores_impl(student, labels, teacher, temperature, &instance_scores_rows_cuda);
+}
+#endif
+
+std::string build_info_json() {
+  std::ostringstream os;
+#ifdef KDSEQ_WITH_CUDA
+  const bool cuda = true;
+#else
+  const bool cuda = false;
+#endif
+#ifdef _OPENMP
+  const bool openmp = true;
+#else
+  const bool openmp = false;
+#endif
+  os << "{\"cuda_compiled\": " << (cuda ? "true" : "false") << ", \"cuda_archs\": \"" << KDSEQ_CUDA_ARCHS
+     << "\", \"openmp\": " << (openmp ? "true" : "false") << ", \"cpu_isa\": \"" << KDSEQ_CPU_ISA
+     << "\", \"compiler\": \"" << __VERSION__ << "\"}";
+  return os.str();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kdseq, m) {
+  m.def(
+      "kd_loss(Tensor student, Tensor teacher, Tensor? labels, float temperature, float kd_weight, "
+      "float ce_weight, int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("instance_scores(Tensor student, Tensor labels, Tensor? teacher, float temperature) -> Tensor");
+  m.def("build_info() -> str", &build_info_json);
+}
+
+TORCH_LIBRARY_IMPL(kdseq, CPU, m) {
+  m.impl("kd_loss", &kd_loss_cpu);
+  m.impl("instance_scores", &instance_scores_cpu);
+}
+
+#ifdef KDSEQ_WITH_CUDA
+TORCH_LIBRARY_IMPL(kdseq, CUDA, m) {
+  m.impl("kd_loss", &kd_loss_cuda);
+  m.impl("instance_scores", &instance_scores_cuda);
+}
+#endif
+
+}  // namespace kdseq

@@ -1,0 +1,368 @@
+// Per-row math shared by the CPU and CUDA kernels.
+//
+// Everything numeric that decides a result lives here, as __host__ __device__ functions, so the
+// CPU tests exercise exactly the arithmetic the GPU runs. Kernels only decide *how* a row is
+// traversed (chunks on the CPU, strided lanes on the GPU) and how partial states are combined.
+//
+// Conventions
+// - acc_t is float for fp32/fp16/bf16 inputs and double for fp64 inputs (used by gradcheck).
+// - Softmax statistics are kept "online": a running maximum m and a sum z of exp(x - m) that is
+//   rescaled whenever m grows, so one read of a row yields log-sum-exp without a separate max pass.
+// - Logit values of -inf mean "masked class": they contribute exactly zero probability, and the
+//   0 * (-inf) products that would otherwise appear are guarded explicitly.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define KDSEQ_HD __host__ __device__ __forceinline__
+#else
+#define KDSEQ_HD inline
+#endif
+
+namespace kdseq {
+namespace rowmath {
+
+template <typename T>
+KDSEQ_HD T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+template <typename T>
+KDSEQ_HD T pos_inf() {
+  return std::numeric_limits<T>::infinity();
+}
+
+KDSEQ_HD float bits_to_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+#endif
+}
+
+// exp(x) for float: Cephes-style range reduction x = n*ln2 + r and a degree-6 polynomial, with
+// 2^n assembled from exponent bits. Branch-free apart from selects, so GCC vectorizes loops that
+// call it (AVX2+FMA here) and the GPU runs the same instruction sequence. Max error ~2 ulp.
+// exp(-inf) == 0 exactly (masked classes), NaN propagates.
+KDSEQ_HD float kd_exp(float x) {
+  const float kLog2e = 1.44269504088896341f;
+  float fx = floorf(fmaf(x, kLog2e, 0.5f));
+  // Clamp n so the bit assembly below never overflows; out-of-range x is fixed by the selects.
+  fx = fminf(fmaxf(fx, -126.0f), 127.0f);
+  float r = fmaf(fx, -0.693359375f, x);
+  r = fmaf(fx, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = fmaf(p, r, 1.3981999507e-3f);
+  p = fmaf(p, r, 8.3334519073e-3f);
+  p = fmaf(p, r, 4.1665795894e-2f);
+  p = fmaf(p, r, 1.6666665459e-1f);
+  p = fmaf(p, r, 5.0000001201e-1f);
+  float y = fmaf(p, r * r, r) + 1.0f;
+  const int32_t n = static_cast<int32_t>(fx);
+  const float scale = bits_to_float(static_cast<uint32_t>(n + 127) << 23);
+  float res = y * scale;
+  res = (x < -87.33654f) ? 0.0f : res;
+  res = (x > 88.72283f) ? pos_inf<float>() : res;
+  return res;
+}
+
+KDSEQ_HD double kd_exp(double x) { return exp(x); }
+KDSEQ_HD float kd_log(float x) { return logf(x); }
+KDSEQ_HD double kd_log(double x) { return log(x); }
+KDSEQ_HD float kd_max(float a, float b) { return fmaxf(a, b); }
+KDSEQ_HD double kd_max(double a, double b) { return fmax(a, b); }
+
+// exp((m_old - m_new) * scale): the factor that re-bases a sum of exp(x - m_old) onto m_new.
+// A running max of -inf means "nothing accumulated yet" (the sum is 0): factor 1 avoids inf - inf.
+template <typename acc_t>
+KDSEQ_HD acc_t rebase(acc_t m_old, acc_t m_new, acc_t scale) {
+  return (m_old == m_new || m_old == neg_inf<acc_t>()) ? acc_t(1) : kd_exp((m_old - m_new) * scale);
+}
+
+// ------------------------------------------------------------------------------------------------
+// KD loss: per row, kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T)) + ce_weight * CE(s, y).
+//
+// Pass 1 (online) gathers KDStats; pass 2 re-reads the row with the final log-sum-exps, computes
+// the KL terms from centred log-probabilities (accurate even for logits of +-1e4), and writes the
+// gradient. Two reads, one write per element.
+// ------------------------------------------------------------------------------------------------
+template <typename acc_t>
+struct KDStats {
+  acc_t ms;   // running max of the student logits (raw, before /T)
+  acc_t zsT;  // sum exp((s - ms) / T)
+  acc_t zs1;  // sum exp(s - ms)            (only when the CE term is on)
+  acc_t mt;   // running max of the teacher logits
+  acc_t ztT;  // sum exp((t - mt) / T)
+};
+
+template <typename acc_t>
+KDSEQ_HD KDStats<acc_t> kd_stats_init() {
+  KDStats<acc_t> st;
+  st.ms = neg_inf<acc_t>();
+  st.zsT = acc_t(0);
+  st.zs1 = acc_t(0);
+  st.mt = neg_inf<acc_t>();
+  st.ztT = acc_t(0);
+  return st;
+}
+
+// Raise the running maxima to at least (cms, cmt), rescaling the sums. Called once per chunk with
+// the chunk's maxima, so the per-element work below is a plain (vectorizable) sum.
+template <typename acc_t>
+KDSEQ_HD void kd_stats_raise(KDStats<acc_t>& st, acc_t cms, acc_t cmt, acc_t invT, bool with_ce) {
+  if (cms > st.ms) {
+    st.zsT *= rebase(st.ms, cms, invT);
+    if (with_ce) st.zs1 *= rebase(st.ms, cms, acc_t(1));
+    st.ms = cms;
+  }
+  if (cmt > st.mt) {
+    st.ztT *= rebase(st.mt, cmt, invT);
+    st.mt = cmt;
+  }
+}
+
+// Per-element contributions to the sums, relative to the current maxima.
+template <typename acc_t>
+KDSEQ_HD acc_t kd_student_term_T(acc_t s, acc_t ms, acc_t invT) { return kd_exp((s - ms) * invT); }
+template <typename acc_t>
+KDSEQ_HD acc_t kd_student_term_1(acc_t s, acc_t ms) { return kd_exp(s - ms); }
+template <typename acc_t>
+KDSEQ_HD acc_t kd_teacher_term_T(acc_t t, acc_t mt, acc_t invT) { return kd_exp((t - mt) * invT); }
+
+// Single-element online update (GPU lanes with small strides).
+template <typename acc_t>
+KDSEQ_HD void kd_stats_push(KDStats<acc_t>& st, acc_t s, acc_t t, acc_t invT, bool with_ce) {
+  kd_stats_raise(st, s, t, invT, with_ce);
+  if (st.ms != neg_inf<acc_t>()) {
+    st.zsT += kd_student_term_T(s, st.ms, invT);
+    if (with_ce) st.zs1 += kd_student_term_1(s, st.ms);
+  }
+  if (st.mt != neg_inf<acc_t>()) st.ztT += kd_teacher_term_T(t, st.mt, invT);
+}
+
+// Combine two partial states (threads of a warp, warps of a block, segments of a long row).
+template <typename acc_t>
+KDSEQ_HD KDStats<acc_t> kd_stats_merge(const KDStats<acc_t>& a, const KDStats<acc_t>& b, acc_t invT,
+                                       bool with_ce) {
+  KDStats<acc_t> r;
+  r.ms = kd_max(a.ms, b.ms);
+  r.mt = kd_max(a.mt, b.mt);
+  r.zsT = a.zsT * rebase(a.ms, r.ms, invT) + b.zsT * rebase(b.ms, r.ms, invT);
+  r.zs1 = with_ce ? a.zs1 * rebase(a.ms, r.ms, acc_t(1)) + b.zs1 * rebase(b.ms, r.ms, acc_t(1))
+                  : acc_t(0);
+  r.ztT = a.ztT * rebase(a.mt, r.mt, invT) + b.ztT * rebase(b.mt, r.mt, invT);
+  return r;
+}
+
+// Everything pass 2 needs about a row, derived once from its final KDStats.
+template <typename acc_t>
+struct KDRowConsts {
+  acc_t ms, log_zsT, log_zs1, mt, log_ztT;
+  acc_t invT;
+  acc_t kd_coef;  // d loss / d s from the KD term: kd_coef * (p_s - p_t); = kd_weight * T * scale
+  acc_t ce_coef;  // d loss / d s from the CE term: ce_coef * (softmax(s) - onehot); = ce_weight * scale
+};
+
+template <typename acc_t>
+KDSEQ_HD KDRowConsts<acc_t> kd_row_consts(const KDStats<acc_t>& st, acc_t T, acc_t kd_weight,
+                                          acc_t ce_weight, acc_t grad_scale) {
+  KDRowConsts<acc_t> k;
+  k.ms = st.ms;
+  k.log_zsT = kd_log(st.zsT);
+  k.log_zs1 = kd_log(st.zs1);
+  k.mt = st.mt;
+  k.log_ztT = kd_log(st.ztT);
+  k.invT = acc_t(1) / T;
+  k.kd_coef = kd_weight * T * grad_scale;
+  k.ce_coef = ce_weight * grad_scale;
+  return k;
+}
+
+// Pass 2, one element: adds p_t * (log p_t - log p_s) to kl and returns d loss / d s.
+// The label's -1 in the CE gradient is added by the caller (one element per row).
+template <typename acc_t>
+KDSEQ_HD acc_t kd_elem(acc_t s, acc_t t, const KDRowConsts<acc_t>& k, bool with_ce, acc_t& kl) {
+  const acc_t lps = (s - k.ms) * k.invT - k.log_zsT;
+  const acc_t lpt = (t - k.mt) * k.invT - k.log_ztT;
+  const acc_t ps = kd_exp(lps);
+  const acc_t pt = kd_exp(lpt);
+  // pt == 0: masked teacher class (or underflow) contributes nothing; avoids 0 * inf.
+  kl += (pt > acc_t(0)) ? pt * (lpt - lps) : acc_t(0);
+  acc_t g = k.kd_coef * (ps - pt);
+  if (with_ce) g += k.ce_coef * kd_exp((s - k.ms) - k.log_zs1);
+  return g;
+}
+
+// Row loss from the accumulated KL and the label logit.
+template <typename acc_t>
+KDSEQ_HD acc_t kd_row_loss(acc_t kl, const KDRowConsts<acc_t>& k, acc_t T, acc_t kd_weight,
+                           acc_t ce_weight, bool with_ce, acc_t s_label) {
+  acc_t loss = kd_weight * T * T * kl;
+  if (with_ce) loss += ce_weight * (k.log_zs1 - (s_label - k.ms));
+  return loss;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Instance scores: one read of a row gives ce, kd, p_true, margin, entropy, correct.
+// ------------------------------------------------------------------------------------------------
+constexpr int kNumScoreFields = 6;
+enum ScoreField { kCE = 0, kKD = 1, kPTrue = 2, kMargin = 3, kEntropy = 4, kCorrect = 5 };
+
+template <typename acc_t>
+struct ScoreStats {
+  acc_t ms;      // running max of s
+  acc_t z1;      // sum exp(s - ms)
+  acc_t w1;      // sum exp(s - ms) * (s - ms)          -> entropy
+  acc_t m_noty;  // max over j != y of s_j              -> margin
+  int64_t amax;  // index of the first maximum          -> correct
+  // teacher part (temperature T), only with a teacher
+  acc_t zsT;     // sum exp((s - ms) / T)
+  acc_t mt;      // running max of t
+  acc_t ztT;     // sum exp((t - mt) / T)
+  acc_t u;       // sum exp((t - mt)/T) * ((t - mt)/T - (s - ms)/T)  -> KL numerator
+};
+
+template <typename acc_t>
+KDSEQ_HD ScoreStats<acc_t> score_stats_init() {
+  ScoreStats<acc_t> st;
+  st.ms = neg_inf<acc_t>();
+  st.z1 = acc_t(0);
+  st.w1 = acc_t(0);
+  st.m_noty = neg_inf<acc_t>();
+  st.amax = INT64_MAX;
+  st.zsT = acc_t(0);
+  st.mt = neg_inf<acc_t>();
+  st.ztT = acc_t(0);
+  st.u = acc_t(0);
+  return st;
+}
+
+// Re-base the accumulated sums onto larger maxima (ms_new >= ms, mt_new >= mt).
+// With d = m_old - m_new (<= 0), sum e^(x - m_new) (x - m_new) = e^d (w + d z); the KL numerator
+// shifts by (da - db) per unit of teacher mass.
+template <typename acc_t>
+KDSEQ_HD void score_stats_rebase(ScoreStats<acc_t>& st, acc_t ms_new, acc_t mt_new, acc_t invT,
+                                 bool with_teacher) {
+  if (ms_new > st.ms) {
+    if (st.ms != neg_inf<acc_t>()) {
+      const acc_t d = st.ms - ms_new;
+      const acc_t e = kd_exp(d);
+      st.w1 = e * (st.w1 + d * st.z1);
+      st.z1 = e * st.z1;
+    }
+  }
+  if (with_teacher) {
+    const acc_t db = (ms_new > st.ms && st.ms != neg_inf<acc_t>()) ? (st.ms - ms_new) * invT : acc_t(0);
+    const acc_t da = (mt_new > st.mt && st.mt != neg_inf<acc_t>()) ? (st.mt - mt_new) * invT : acc_t(0);
+    if (ms_new > st.ms) st.zsT *= rebase(st.ms, ms_new, invT);
+    if (mt_new > st.mt) {
+      const acc_t ea = rebase(st.mt, mt_new, invT);
+      st.u = ea * (st.u + st.ztT * (da - db));
+      st.ztT *= ea;
+    } else {
+      st.u = st.u - st.ztT * db;
+    }
+    if (mt_new > st.mt) st.mt = mt_new;
+  }
+  if (ms_new > st.ms) st.ms = ms_new;
+}
+
+// Per-element contributions, relative to maxima (ms, mt) that already cover s and t.
+// A maximum of -inf means every value so far was -inf: the element is -inf too and adds nothing.
+template <typename acc_t>
+struct ScoreTerms {
+  acc_t z1, w1, zsT, ztT, u;
+};
+
+template <typename acc_t>
+KDSEQ_HD ScoreTerms<acc_t> score_terms(acc_t s, acc_t t, acc_t ms, acc_t mt, acc_t invT,
+                                       bool with_teacher) {
+  ScoreTerms<acc_t> r;
+  const acc_t xs = (ms == neg_inf<acc_t>()) ? neg_inf<acc_t>() : s - ms;
+  const acc_t e = kd_exp(xs);
+  r.z1 = e;
+  r.w1 = (e > acc_t(0)) ? e * xs : acc_t(0);
+  if (with_teacher) {
+    r.zsT = kd_exp(xs * invT);
+    const acc_t a = (mt == neg_inf<acc_t>()) ? neg_inf<acc_t>() : (t - mt) * invT;
+    const acc_t ea = kd_exp(a);
+    r.ztT = ea;
+    r.u = (ea > acc_t(0)) ? ea * (a - xs * invT) : acc_t(0);
+  } else {
+    r.zsT = r.ztT = r.u = acc_t(0);
+  }
+  return r;
+}
+
+template <typename acc_t>
+KDSEQ_HD void score_add_terms(ScoreStats<acc_t>& st, const ScoreTerms<acc_t>& tm) {
+  st.z1 += tm.z1;
+  st.w1 += tm.w1;
+  st.zsT += tm.zsT;
+  st.ztT += tm.ztT;
+  st.u += tm.u;
+}
+
+// Single-element online update; j is the class index (increasing within one lane), y the label.
+template <typename acc_t>
+KDSEQ_HD void score_stats_push(ScoreStats<acc_t>& st, acc_t s, acc_t t, int64_t j, int64_t y,
+                               acc_t invT, bool with_teacher) {
+  // First maximum wins: within a lane indices increase, so only a strictly larger value moves it.
+  if (st.amax == INT64_MAX || s > st.ms) st.amax = j;
+  if (j != y) st.m_noty = kd_max(st.m_noty, s);
+  const acc_t ms_new = kd_max(st.ms, s);
+  const acc_t mt_new = with_teacher ? kd_max(st.mt, t) : st.mt;
+  score_stats_rebase(st, ms_new, mt_new, invT, with_teacher);
+  score_add_terms(st, score_terms(s, t, st.ms, st.mt, invT, with_teacher));
+}
+
+// Combine partial states; argmax ties go to the smaller index (torch.argmax semantics).
+template <typename acc_t>
+KDSEQ_HD ScoreStats<acc_t> score_stats_merge(ScoreStats<acc_t> a, ScoreStats<acc_t> b, acc_t invT,
+                                             bool with_teacher) {
+  int64_t amax;
+  if (a.ms > b.ms) amax = a.amax;
+  else if (b.ms > a.ms) amax = b.amax;
+  else amax = a.amax < b.amax ? a.amax : b.amax;
+  const acc_t ms = kd_max(a.ms, b.ms);
+  const acc_t mt = with_teacher ? kd_max(a.mt, b.mt) : a.mt;
+  score_stats_rebase(a, ms, mt, invT, with_teacher);
+  score_stats_rebase(b, ms, mt, invT, with_teacher);
+  ScoreStats<acc_t> r = a;
+  r.amax = amax;
+  r.m_noty = kd_max(a.m_noty, b.m_noty);
+  r.z1 = a.z1 + b.z1;
+  r.w1 = a.w1 + b.w1;
+  r.zsT = a.zsT + b.zsT;
+  r.ztT = a.ztT + b.ztT;
+  r.u = a.u + b.u;
+  return r;
+}
+
+// Final six numbers of a row. s_y is the label logit.
+template <typename acc_t>
+KDSEQ_HD void score_finalize(const ScoreStats<acc_t>& st, acc_t s_y, int64_t y, acc_t T,
+                             bool with_teacher, acc_t* out) {
+  const acc_t log_z1 = kd_log(st.z1);
+  const acc_t ce = log_z1 - (s_y - st.ms);
+  out[kCE] = ce;
+  out[kPTrue] = kd_exp(-ce);
+  out[kMargin] = s_y - st.m_noty;
+  out[kEntropy] = log_z1 - st.w1 / st.z1;
+  out[kCorrect] = (st.amax == y) ? acc_t(1) : acc_t(0);
+  if (with_teacher) {
+    const acc_t kl = st.u / st.ztT - kd_log(st.ztT) + kd_log(st.zsT);
+    out[kKD] = T * T * kl;
+  } else {
+    out[kKD] = acc_t(0);
+  }
+}
+
+}  // namespace rowmath
+}  // namespace kdseq

@@ -1,0 +1,205 @@
+"""Command line: ``kdseq-fast`` / ``python -m kdseq_fast``.
+
+Subcommands: ``train-teacher``, ``distill``, ``compare``, ``score``, ``demo``. Every one takes
+``--config``, ``--set key=value`` (repeatable), ``--seed``, ``--device``, ``--resume``, ``--quiet``.
+Exit status: 0 on success and after a SIGTERM/SIGINT checkpoint; 2 for bad input (config,
+paths, checkpoints, a different run in ``--out``); 3 when training hit a non-finite loss.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["main", "build_parser", "find_config"]
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_config(name: str) -> str:
+    """A config path, or a recipe name (``digits_quick``) looked up in the installed package
+    (``kdseq_fast/configs/``) and then in the source tree's ``configs/``."""
+    if os.path.isfile(name):
+        return name
+    stem = name[:-5] if name.endswith(".yaml") else name
+    candidates = [os.path.join(_PKG_DIR, "configs", stem + ".yaml"),
+                  os.path.join(os.path.dirname(_PKG_DIR), "configs", stem + ".yaml")]
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    raise FileNotFoundError(f"config {name!r} not found (looked for the file and in "
+                            f"{', '.join(os.path.dirname(c) for c in candidates)})")
+
+
+def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
+    p.add_argument("--config", help="YAML recipe (path or packaged name such as digits_quick)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=0.1 (repeatable)")
+    p.add_argument("--seed", type=int, help="shorthand for --set seed=N")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (shorthand for --set device=...)")
+    p.add_argument("--out", required=out_required, help="output directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last good checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over even if --out already holds a run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdseq-fast",
+        description="Curriculum knowledge distillation via instance-level sequence learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-teacher", help="train cfg.teacher.arch with cross-entropy")
+    _common(p)
+
+    p = sub.add_parser("distill", help="train a student with ce, kd or isl")
+    _common(p)
+    p.add_argument("--method", choices=("ce", "kd", "isl"), help="default: cfg.method")
+    p.add_argument("--teacher", help="teacher checkpoint (default: teacher.checkpoint)")
+
+    p = sub.add_parser("compare", help="run several methods on one config; one summary + plots")
+    _common(p)
+    p.add_argument("--methods", default="ce,kd,isl", help="comma-separated (default ce,kd,isl)")
+    p.add_argument("--teacher", help="teacher checkpoint; trained into OUT/teacher when absent")
+
+    p = sub.add_parser("score", help="score a dataset split with a checkpoint -> (N, 6) matrix")
+    _common(p)
+    p.add_argument("--checkpoint", required=True,
+                   help="weights to score with (student.pt, teacher.pt, checkpoint.pt, RepDistiller)")
+    p.add_argument("--arch", help="architecture of --checkpoint (default: student.arch)")
+    p.add_argument("--teacher", help="teacher checkpoint for the kd column (optional)")
+    p.add_argument("--split", default="train", choices=("train", "test"))
+
+    p = sub.add_parser("demo", help="teacher + ce/kd/isl students on the offline digits recipe")
+    _common(p)
+    return parser
+
+
+def _load_cfg(args, default_config: str | None = None):
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    path = args.config or default_config
+    return load_config(find_config(path) if path else None, overrides)
+
+
+def _cmd_train_teacher(args, log) -> int:
+    from .trainer import train_teacher
+
+    cfg = _load_cfg(args)
+    res = train_teacher(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+                        quiet=args.quiet, log=log)
+    t = res.summary["teacher"]
+    log(f"teacher {t['arch']}: test acc {t['test_acc']:.4f} (best {t['best_acc']:.4f}), "
+        f"{t['steps']} steps, {t['wall_s']:.1f} s -> {res.weights_path}")
+    return 0
+
+
+def _cmd_distill(args, log) -> int:
+    from .trainer import distill
+
+    cfg = _load_cfg(args)
+    res = distill(cfg, args.out, method=args.method, teacher=args.teacher, resume=args.resume,
+                  overwrite=args.overwrite, quiet=args.quiet, log=log)
+    (m, e), = res.summary["methods"].items()
+    log(f"{m}: test acc {e['test_acc']:.4f} (best {e['best_acc']:.4f}), {e['steps']} steps, "
+        f"{e['wall_s']:.1f} s -> {res.weights_path}")
+    return 0
+
+
+def _run_compare(args, log, default_config=None) -> int:
+    from . import reports
+    from .trainer import compare
+
+    cfg = _load_cfg(args, default_config)
+    methods = [m.strip() for m in getattr(args, "methods", "ce,kd,isl").split(",") if m.strip()]
+    summary = compare(cfg, args.out, methods=methods, teacher=getattr(args, "teacher", None),
+                      resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, log=log)
+    log("")
+    log(reports.format_table(summary))
+    log(f"summary: {os.path.join(args.out, 'summary.json')}")
+    log("plots: " + ", ".join(summary["plots"]))
+    return 0
+
+
+def _cmd_score(args, log) -> int:
+    import numpy as np
+
+    from .checkpoint_io import load_model_weights
+    from .models import get_model
+    from .runtime import _MAGIC, load_checkpoint, setup_run
+    from .scoring import SCORE_FIELDS, TeacherLogitCache, score_dataset
+    from .trainer import _make_loader, build_data, load_teacher
+
+    cfg = _load_cfg(args)
+    ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
+    data = build_data(cfg)
+    split = data.train if args.split == "train" else data.test
+    arch = args.arch or cfg.student.arch
+    model = get_model(arch, data.num_classes, image_size=cfg.data.image_size)
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"--checkpoint not found: {args.checkpoint}")
+    with open(args.checkpoint, "rb") as fh:
+        ours = fh.read(len(_MAGIC)) == _MAGIC
+    weights = load_checkpoint(args.checkpoint)["model"] if ours else args.checkpoint
+    try:
+        load_model_weights(model, weights)
+    except ValueError as exc:
+        raise ValueError(f"--checkpoint {args.checkpoint} does not fit --arch {arch} with "
+                         f"{data.num_classes} classes: {exc}") from None
+    model.to(ctx.device).eval()
+    loader = _make_loader(cfg, split, ctx, augment=False, seed=cfg.seed)
+    loader.set_order(np.arange(len(split)))
+    t_logits = None
+    if args.teacher:
+        teacher = load_teacher(cfg, args.teacher, data.num_classes, ctx.device)
+        cache_dir = cfg.train.teacher_cache_dir or os.path.join(args.out, "cache")
+        key = data.key if args.split == "train" else data.key.replace("-train-", "-test-")
+        t_logits = TeacherLogitCache(cache_dir, dtype=cfg.train.teacher_cache_dtype).get(
+            teacher, loader, num_items=len(split), key=key)
+    scores = score_dataset(model, loader, t_logits, num_items=len(split),
+                           temperature=cfg.loss.temperature, device=ctx.device,
+                           progress=not args.quiet)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"scores_{args.split}.npy")
+    np.save(path, scores.cpu().numpy())
+    means = scores.float().mean(0).tolist()
+    log(f"scored {len(split)} {args.split} instances with {arch}: " +
+        " ".join(f"{f}={v:.4f}" for f, v in zip(SCORE_FIELDS, means)))
+    log(f"columns {', '.join(SCORE_FIELDS)} -> {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from .runtime import CheckpointError
+    from .trainer import NonFiniteError, Preempted
+
+    args = build_parser().parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    handlers = {"train-teacher": _cmd_train_teacher, "distill": _cmd_distill,
+                "compare": _run_compare, "score": _cmd_score,
+                "demo": lambda a, lg: _run_compare(a, lg, default_config="digits_quick")}
+    try:
+        return handlers[args.command](args, log)
+    except Preempted as exc:
+        log(str(exc))
+        return 0
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Curriculum pieces of ISL-KD: pacing functions, the instance sequence and per-epoch orders.
+
+Nothing here touches a model or a tensor device: the trainer turns per-instance difficulties
+into an :class:`InstanceSequence` (easy -> hard) and asks an :class:`OrderGenerator` for the
+index order of every epoch, which it hands to ``CurriculumLoader.set_order``.
+
+Pacing follows Wu, Dyer & Neyshabur, "When do curricula work?" (ICLR 2021): ``g(t)`` is the
+fraction of the sequence admitted at step ``t`` of a phase of ``T`` steps. With start fraction
+``b`` and full-data point ``a`` (both in (0, 1]) and ``x = min(1, t / (a*T))``:
+
+=========  ============================================
+linear     ``b + (1 - b) * x``
+root       ``b + (1 - b) * sqrt(x)``
+exp        ``b + (1 - b) * (exp(10 x) - 1) / (exp(10) - 1)``
+step       ``b`` while ``x < 1``, then ``1`` (one jump at ``a*T``)
+full       ``1`` (no curriculum; the ablation baseline)
+=========  ============================================
+
+Every order is a pure function of ``(seed, phase, epoch)`` and the sequence, so an interrupted
+run regenerates exactly the order it was following.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "PACING_FUNCTIONS", "ORDER_KINDS", "pacing_value", "Pacing", "InstanceSequence",
+    "OrderGenerator", "epoch_batch_sizes",
+]
+
+PACING_FUNCTIONS = ("linear", "root", "step", "exp", "full")
+ORDER_KINDS = ("easy", "anti", "random")
+
+# Stream tags keep the random streams of different uses independent even for equal (seed, phase,
+# epoch) triples.
+_TAG_UNIFORM = 1
+_TAG_PACED = 2
+_TAG_RANDOM_SEQUENCE = 3
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    # SeedSequence mixes the tuple into a well-spread state; PCG64 output is platform independent.
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), *map(int, stream)])))
+
+
+def _check_frac(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number in (0, 1], got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return value
+
+
+def pacing_value(name: str, progress, *, start_frac: float = 0.2, full_at: float = 0.8):
+    """Admitted fraction ``g`` at ``progress`` = t / T in [0, 1] (scalar or array).
+
+    Values lie in ``[start_frac, 1]``, are non-decreasing in ``progress`` and reach 1 at
+    ``progress >= full_at``.
+    """
+    if name not in PACING_FUNCTIONS:
+        raise ValueError(f"pacing must be one of {', '.join(PACING_FUNCTIONS)}; got {name!r}")
+    b = _check_frac("start_frac", start_frac)
+    a = _check_frac("full_at", full_at)
+    p = np.asarray(progress, dtype=np.float64)
+    if np.any(~np.isfinite(p)) or np.any(p < 0):
+        raise ValueError("progress must be finite and >= 0")
+    x = np.minimum(1.0, p / a)
+    if name == "linear":
+        g = b + (1.0 - b) * x
+    elif name == "root":
+        g = b + (1.0 - b) * np.sqrt(x)
+    elif name == "exp":
+        g = b + (1.0 - b) * np.expm1(10.0 * x) / math.expm1(10.0)
+    elif name == "step":
+        g = np.where(x < 1.0, b, 1.0)
+    else:  # full
+        g = np.ones_like(x)
+    g = np.clip(g, b if name != "full" else 1.0, 1.0)
+    return float(g) if np.ndim(progress) == 0 else g
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """A pacing function bound to its parameters; ``pacing(progress)`` -> admitted fraction."""
+
+    name: str = "linear"
+    start_frac: float = 0.2
+    full_at: float = 0.8
+
+    def __post_init__(self):
+        # Validate eagerly so a bad config fails before any training happens.
+        pacing_value(self.name, 0.0, start_frac=self.start_frac, full_at=self.full_at)
+
+    def __call__(self, progress):
+        return pacing_value(self.name, progress, start_frac=self.start_frac, full_at=self.full_at)
+
+    def admitted(self, progress, num_items: int, min_items: int = 1):
+        """Number of admitted instances ``ceil(g * N)``, at least ``min(min_items, N)``."""
+        g = np.asarray(self(progress), dtype=np.float64)
+        # Round before ceil so g*N that is an integer up to float error does not jump by one.
+        n = np.ceil(np.round(g * num_items, 9)).astype(np.int64)
+        n = np.clip(n, min(max(1, min_items), num_items), num_items)
+        return int(n) if np.ndim(progress) == 0 else n
+
+
+class InstanceSequence:
+    """Dataset indices ordered easy -> hard by a difficulty vector (larger = harder).
+
+    ``order="easy"``: ascending difficulty, ties broken by ascending index (stable sort);
+    ``"anti"``: descending difficulty, ties still by ascending index; ``"random"``: a seeded
+    permutation that ignores the difficulties (the ablation that keeps the pacing but not the
+    order).
+    """
+
+    def __init__(self, difficulty, order: str = "easy", *, seed: int = 0, phase: int = 0):
+        if order not in ORDER_KINDS:
+            raise ValueError(f"order must be one of {', '.join(ORDER_KINDS)}; got {order!r}")
+        d = np.asarray(difficulty.detach().cpu().numpy() if hasattr(difficulty, "detach")
+                       else difficulty, dtype=np.float64)
+        if d.ndim != 1 or d.size == 0:
+            raise ValueError(f"difficulty must be a non-empty 1-D array, got shape {d.shape}")
+        bad = ~np.isfinite(d)
+        if bad.any():
+            raise ValueError(f"difficulty has {int(bad.sum())} non-finite values (first at index "
+                             f"{int(np.flatnonzero(bad)[0])}); the snapshot that scored them has "
+                             "probably diverged")
+        self.difficulty = d
+        self.order = order
+        if order == "easy":
+            seq = np.argsort(d, kind="stable")
+        elif order == "anti":
+            seq = np.argsort(-d, kind="stable")
+        else:
+            seq = _rng(seed, _TAG_RANDOM_SEQUENCE, phase).permutation(d.size)
+        self.sequence = seq.astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.sequence.size)
+
+    def ranks(self) -> np.ndarray:
+        """``ranks()[i]`` = position of dataset index ``i`` in the sequence (0 = easiest)."""
+        r = np.empty_like(self.sequence)
+        r[self.sequence] = np.arange(self.sequence.size)
+        return r
+
+
+def epoch_batch_sizes(num_items: int, batch_size: int, drop_last: bool = False) -> np.ndarray:
+    """Batch sizes of one pass over ``num_items`` (the step budget every method shares)."""
+    full, rest = divmod(num_items, batch_size)
+    sizes = [batch_size] * full
+    if rest and not drop_last:
+        sizes.append(rest)
+    if not sizes:
+        raise ValueError(f"batch_size={batch_size} with drop_last leaves no batch for "
+                         f"{num_items} items")
+    return np.asarray(sizes, dtype=np.int64)
+
+
+class OrderGenerator:
+    """Index orders for each epoch: uniform shuffles, or paced draws from an instance sequence.
+
+    Every epoch has the same batch sizes as a plain pass over the data, so ``ce``, ``kd`` and
+    ``isl`` spend the same number of optimizer steps per epoch and step counts compare directly.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, *, seed: int = 0, drop_last: bool = False):
+        if isinstance(num_items, bool) or not isinstance(num_items, (int, np.integer)) or num_items < 1:
+            raise ValueError(f"num_items must be a positive integer, got {num_items!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.num_items = int(num_items)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.batch_sizes = epoch_batch_sizes(self.num_items, self.batch_size, drop_last)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return int(self.batch_sizes.size)
+
+    def uniform_epoch(self, phase: int, epoch: int) -> np.ndarray:
+        """A uniformly shuffled permutation of all indices (warm-up, kd, ce, final epochs)."""
+        return _rng(self.seed, _TAG_UNIFORM, phase, epoch).permutation(self.num_items).astype(np.int64)
+
+    def admitted_counts(self, pacing: Pacing, epoch_in_phase: int, phase_epochs: int) -> np.ndarray:
+        """Admitted prefix length before each batch of ``epoch_in_phase`` (0-based)."""
+        if not (0 <= epoch_in_phase < phase_epochs):
+            raise ValueError(f"epoch_in_phase must be in [0, {phase_epochs}), got {epoch_in_phase}")
+        s = self.steps_per_epoch
+        total = s * phase_epochs
+        t = epoch_in_phase * s + np.arange(s)
+        return pacing.admitted(t / total, self.num_items, min_items=self.batch_size)
+
+    def paced_epoch(self, sequence, pacing: Pacing, *, phase: int, epoch_in_phase: int,
+                    phase_epochs: int, strict_order: bool = False):
+        """Order for one epoch of a curriculum phase.
+
+        Returns ``(order, admitted)``: the dataset indices (length = one pass) and the admitted
+        prefix length for each batch. Shuffled mode draws each batch without replacement from a
+        pool of not-yet-used admitted positions, so every admitted instance is visited about
+        equally often; newly admitted instances join the pool as the prefix grows, and an
+        exhausted pool is refilled with the whole prefix. Strict mode walks the admitted prefix
+        in sequence order, wrapping to the start of the sequence when it reaches the prefix end.
+        """
+        seq = np.asarray(sequence, dtype=np.int64)
+        if seq.shape != (self.num_items,):
+            raise ValueError(f"sequence must have shape ({self.num_items},), got {seq.shape}")
+        admitted = self.admitted_counts(pacing, epoch_in_phase, phase_epochs)
+        positions = np.empty(int(self.batch_sizes.sum()), dtype=np.int64)
+        out = 0
+        if strict_order:
+            # The cursor carries across epochs of the phase: it is where a continuous walk of the
+            # sequence under this pacing would be, recomputed from the phase start for determinism.
+            cursor = self._strict_cursor(pacing, epoch_in_phase, phase_epochs)
+            for n, b in zip(admitted, self.batch_sizes):
+                if cursor >= n:
+                    cursor = 0
+                take = np.arange(cursor, cursor + b) % n
+                positions[out:out + b] = take
+                cursor = (cursor + b) if cursor + b <= n else (cursor + b) % n
+                out += b
+        else:
+            rng = _rng(self.seed, _TAG_PACED, phase, epoch_in_phase)
+            current = int(admitted[0])
+            pool = rng.permutation(current)
+            for n, b in zip(admitted, self.batch_sizes):
+                n = int(n)
+                if n > current:
+                    pool = np.concatenate([pool, np.arange(current, n)])
+                    current = n
+                if pool.size < b:
+                    first = pool
+                    used = np.zeros(current, dtype=bool)
+                    used[first] = True
+                    pool = rng.permutation(np.flatnonzero(~used))
+                    need = b - first.size
+                    chosen = np.concatenate([first, pool[:need]])
+                    # The tail of the old pass rejoins the pool so the next pass covers it too.
+                    pool = np.concatenate([pool[need:], first])
+                else:
+                    pick = rng.choice(pool.size, size=b, replace=False)
+                    chosen = pool[pick]
+                    pool = np.delete(pool, pick)
+                positions[out:out + b] = chosen
+                out += b
+        return seq[positions], admitted
+
+    def _strict_cursor(self, pacing: Pacing, epoch_in_phase: int, phase_epochs: int) -> int:
+        cursor = 0
+        for e in range(epoch_in_phase):
+            for n, b in zip(self.admitted_counts(pacing, e, phase_epochs), self.batch_sizes):
+                if cursor >= n:
+                    cursor = 0
+                cursor = (cursor + b) if cursor + b <= n else (cursor + b) % n
+        return cursor

@@ -1,0 +1,500 @@
+"""Datasets in the form the CurriculumLoader takes: uint8 NHWC arrays (or image file paths) plus
+int64 labels and the per-channel normalization statistics in 0-255 pixel units.
+
+    split = get_dataset("cifar100", "./data", "train", download=True)
+    split.images.shape     # (50000, 32, 32, 3) uint8
+    split.mean, split.std  # per-channel, 0-255 units: normalized = (pixel - mean) / std
+
+Names: ``cifar10``, ``cifar100``, ``svhn`` (torchvision's on-disk layout), ``cinic10`` (folder per
+class under ``train/``, ``valid/``, ``test/``), ``imagefolder`` (any folder-per-class tree),
+``digits`` (scikit-learn's bundled 8x8 digits, the offline default) and ``synthetic`` (seeded
+random data for benchmarks).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+__all__ = [
+    "DatasetSplit", "DatasetNotFoundError", "get_dataset", "dataset_from_config", "DATASET_NAMES",
+    "NORMALIZATION", "CINIC10_URLS", "CINIC10_MD5", "extract_cinic10", "verify_cinic10",
+    "DIGITS_TEST_SIZE", "DIGITS_SPLIT_SEED", "digits_split_indices",
+]
+
+DATASET_NAMES = ("cifar10", "cifar100", "svhn", "cinic10", "imagefolder", "digits", "synthetic")
+
+
+def _x255(values: Sequence[float]) -> tuple[float, ...]:
+    return tuple(round(v * 255.0, 4) for v in values)
+
+
+# Published per-channel statistics (fractions of 1, converted to 0-255 pixel units).
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    # Exact per-pixel std of the CIFAR-10 training set (the oft-copied 0.2023/0.1994/0.2010
+    # are per-image stds, not what Normalize should use).
+    "cifar10": (_x255((0.4914, 0.4822, 0.4465)), _x255((0.2470, 0.2435, 0.2616))),
+    # RepDistiller / mdistiller CIFAR-100 values.
+    "cifar100": (_x255((0.5071, 0.4867, 0.4408)), _x255((0.2675, 0.2565, 0.2761))),
+    "svhn": (_x255((0.4377, 0.4438, 0.4728)), _x255((0.1980, 0.2010, 0.1970))),
+    # From the CINIC-10 README (BayesWatch/cinic-10).
+    "cinic10": (_x255((0.47889522, 0.47227842, 0.43047404)),
+                _x255((0.24205776, 0.23828046, 0.25874835))),
+    # ImageNet statistics, the usual default for folder-per-class photo data.
+    "imagefolder": (_x255((0.485, 0.456, 0.406)), _x255((0.229, 0.224, 0.225))),
+}
+
+CINIC10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")
+# Official archive; the second address is the same file behind Edinburgh DataShare's newer API.
+CINIC10_URLS = (
+    "https://datashare.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz",
+    "https://datashare.ed.ac.uk/server/api/core/bitstreams/e8e186cc-2688-48f1-aa5a-3fda1a43f8b6/content",
+)
+CINIC10_MD5 = "6ee4d0c996905fe93221de577967a372"
+CINIC10_PER_SPLIT = 90_000  # 9,000 per class in each of train/valid/test, 270,000 in all
+
+DIGITS_TEST_SIZE = 360   # 1,437 train / 360 test, stratified
+DIGITS_SPLIT_SEED = 0
+_SYNTH_CHUNK = 1024
+
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """Raised when a dataset's files are absent; the message names them and how to download."""
+
+
+@dataclass
+class DatasetSplit:
+    """One split of a dataset, in the form the CurriculumLoader consumes.
+
+    ``images``: uint8 array ``[N, H, W, C]`` held in memory, or a list of N image file paths.
+    ``labels``: int64 array ``[N]``. ``mean``/``std``: per-channel, 0-255 pixel units.
+    ``image_size``: side length of the images (file datasets: the size the loader crops to).
+    """
+    images: np.ndarray | list[str]
+    labels: np.ndarray
+    num_classes: int
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    name: str
+    split: str
+    root: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.labels = np.ascontiguousarray(self.labels, dtype=np.int64)
+        if self.labels.ndim != 1:
+            raise ValueError(f"labels must be 1-D, got shape {self.labels.shape}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"images ({len(self.images)}) and labels ({len(self.labels)}) differ in "
+                             "length")
+        if isinstance(self.images, np.ndarray):
+            if self.images.dtype != np.uint8 or self.images.ndim != 4:
+                raise ValueError("images must be a uint8 NHWC array, got "
+                                 f"{self.images.dtype} with shape {self.images.shape}")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got range "
+                             f"[{self.labels.min()}, {self.labels.max()}]")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def is_files(self) -> bool:
+        """True when ``images`` are file paths to decode rather than an in-memory array."""
+        return not isinstance(self.images, np.ndarray)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+def get_dataset(name: str, root: str | os.PathLike = "./data", split: str = "train",
+                download: bool = False, **kwargs: Any) -> DatasetSplit:
+    """Load one split of a dataset.
+
+    Extra keyword arguments by dataset:
+      - ``cinic10``: ``merge_valid=False`` (train = train + valid, as the CINIC authors suggest).
+      - ``imagefolder``: ``image_size=224``, ``mean=``, ``std=`` (default: ImageNet statistics).
+      - ``digits``: ``image_size=32``.
+      - ``synthetic``: ``num_items=2048``, ``num_classes=10``, ``image_size=32``, ``channels=3``,
+        ``seed=0``.
+    """
+    if not isinstance(name, str) or name.lower() not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset name {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    name = name.lower()
+    if not isinstance(split, str):
+        raise TypeError(f"split must be a string, got {type(split).__name__}")
+    valid_splits = {"cinic10": ("train", "valid", "test"), "svhn": ("train", "test", "extra")}.get(
+        name, ("train", "test"))
+    if split not in valid_splits:
+        raise ValueError(f"split {split!r} is not valid for {name}; valid splits: "
+                         f"{', '.join(valid_splits)}")
+    allowed = {"cinic10": {"merge_valid"}, "imagefolder": {"image_size", "mean", "std"},
+               "digits": {"image_size"},
+               "synthetic": {"num_items", "num_classes", "image_size", "channels", "seed"}}.get(
+        name, set())
+    extra = sorted(set(kwargs) - allowed)
+    if extra:
+        raise TypeError(f"get_dataset({name!r}) got unexpected keyword argument(s) {extra}; "
+                        f"accepted: {sorted(allowed) or 'none'}")
+    root = os.fspath(root)
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, root, split, download)
+    if name == "svhn":
+        return _load_svhn(root, split, download)
+    if name == "cinic10":
+        return _load_cinic10(root, split, download, bool(kwargs.get("merge_valid", False)))
+    if name == "imagefolder":
+        return _load_imagefolder(root, split, **kwargs)
+    if name == "digits":
+        return _load_digits(split, int(kwargs.get("image_size", 32)))
+    return _load_synthetic(split, **kwargs)
+
+
+def dataset_from_config(cfg: Mapping, split: str) -> DatasetSplit:
+    """``get_dataset`` driven by a config's ``data`` section (see ``kdseq_fast.config``).
+
+    Synthetic data always uses data seed 0, so runs with different training seeds see the same
+    data and their results are comparable.
+    """
+    data = cfg["data"]
+    name = data["name"]
+    kwargs: dict[str, Any] = {}
+    if name == "cinic10":
+        kwargs["merge_valid"] = data["cinic_merge_valid"]
+    elif name in ("digits", "imagefolder"):
+        kwargs["image_size"] = data["image_size"]
+    elif name == "synthetic":
+        kwargs.update(num_items=data["synthetic_train"] if split == "train" else data["synthetic_test"],
+                      num_classes=data["synthetic_classes"], image_size=data["image_size"], seed=0)
+    elif data["image_size"] != 32:
+        raise ValueError(f"config field 'data.image_size' is {data['image_size']}, but {name} images "
+                         "are 32 px; set data.image_size=32")
+    return get_dataset(name, data["root"], split, download=data["download"], **kwargs)
+
+
+def _missing(name: str, paths: Sequence[str], hint: str = "") -> DatasetNotFoundError:
+    return DatasetNotFoundError(
+        f"{name} files not found: {', '.join(paths)}. Pass download=True (CLI: --set "
+        f"data.download=true) to fetch them{hint}, or point root (data.root) at an existing copy.")
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (torchvision's python-pickle layout)
+# --------------------------------------------------------------------------------------------
+_CIFAR_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", "label_names", "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names",
+                 "fine_labels"),
+}
+
+
+def _load_cifar(name: str, root: str, split: str, download: bool) -> DatasetSplit:
+    folder, train_files, test_files, meta_file, names_key, labels_key = _CIFAR_LAYOUT[name]
+    base = os.path.join(root, folder)
+    files = train_files if split == "train" else test_files
+    needed = [os.path.join(base, f) for f in files + [meta_file]]
+    if download:
+        import torchvision
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        cls(root=root, train=split == "train", download=True)  # downloads and md5-checks
+    missing = [p for p in needed if not os.path.isfile(p)]
+    if missing:
+        raise _missing(name, missing)
+    images, labels = [], []
+    for path in needed[:-1]:
+        with open(path, "rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry[labels_key])
+    with open(needed[-1], "rb") as fh:
+        classes = list(pickle.load(fh, encoding="latin1")[names_key])
+    data = np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1))
+    mean, std = NORMALIZATION[name]
+    return DatasetSplit(data, np.asarray(labels, dtype=np.int64), len(classes), classes, mean, std,
+                        32, name, split, root)
+
+
+# --------------------------------------------------------------------------------------------
+# SVHN (torchvision layout: <root>/<split>_32x32.mat)
+# --------------------------------------------------------------------------------------------
+def _load_svhn(root: str, split: str, download: bool) -> DatasetSplit:
+    path = os.path.join(root, f"{split}_32x32.mat")
+    if download:
+        import torchvision
+        torchvision.datasets.SVHN(root=root, split=split, download=True)
+    if not os.path.isfile(path):
+        raise _missing("svhn", [path])
+    import scipy.io
+    mat = scipy.io.loadmat(path)
+    images = np.ascontiguousarray(np.asarray(mat["X"], dtype=np.uint8).transpose(3, 0, 1, 2))
+    labels = np.asarray(mat["y"], dtype=np.int64).reshape(-1)
+    # The .mat files label the digit 0 as 10.
+    labels[labels == 10] = 0
+    mean, std = NORMALIZATION["svhn"]
+    return DatasetSplit(images, labels, 10, [str(d) for d in range(10)], mean, std, 32, "svhn",
+                        split, root)
+
+
+# --------------------------------------------------------------------------------------------
+# Folder-per-class trees: CINIC-10 and generic ImageFolder
+# --------------------------------------------------------------------------------------------
+def _scan_class_folders(directory: str, classes: Sequence[str] | None = None
+                        ) -> tuple[list[str], np.ndarray, list[str]]:
+    """Sorted class folders -> (file paths, labels, class names); files sorted for determinism."""
+    found = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    if classes is None:
+        classes = found
+    elif sorted(classes) != found:
+        raise ValueError(f"class folders in {directory} ({found}) differ from the expected "
+                         f"classes {sorted(classes)}")
+    if not classes:
+        raise ValueError(f"no class folders found in {directory}")
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        cdir = os.path.join(directory, cls)
+        files = sorted(e.path for e in os.scandir(cdir)
+                       if e.is_file() and e.name.lower().endswith(_IMAGE_EXTENSIONS))
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(_IMAGE_EXTENSIONS)}) under {directory}")
+    return paths, np.asarray(labels, dtype=np.int64), list(classes)
+
+
+def _cinic_dir(root: str) -> str:
+    # Accept root pointing at the extracted tree itself, else use <root>/cinic10.
+    if all(os.path.isdir(os.path.join(root, s)) for s in ("train", "valid", "test")):
+        return root
+    return os.path.join(root, "cinic10")
+
+
+def _md5(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_cinic10(directory: str, per_split: int | None = CINIC10_PER_SPLIT,
+                   splits: Sequence[str] = ("train", "valid", "test")) -> dict[str, int]:
+    """Check the CINIC-10 layout: each split holds the 10 class folders and ``per_split`` images
+    (``None`` skips the count). Returns the image count per split; raises ``ValueError``."""
+    counts = {}
+    for s in splits:
+        d = os.path.join(directory, s)
+        if not os.path.isdir(d):
+            raise ValueError(f"CINIC-10 split folder missing: {d}")
+        paths, _, _ = _scan_class_folders(d, CINIC10_CLASSES)
+        counts[s] = len(paths)
+        if per_split is not None and len(paths) != per_split:
+            raise ValueError(f"CINIC-10 {s} split in {d} has {len(paths)} images, expected "
+                             f"{per_split}; the archive is incomplete or was extracted partially")
+    return counts
+
+
+def extract_cinic10(archive: str, destination: str, *, md5: str | None = CINIC10_MD5,
+                    per_split: int | None = CINIC10_PER_SPLIT) -> dict[str, int]:
+    """Verify the archive's md5, extract it into ``destination`` and verify the layout/counts."""
+    if md5 is not None:
+        got = _md5(archive)
+        if got != md5:
+            raise ValueError(f"checksum mismatch for {archive}: md5 {got}, expected {md5}; delete "
+                             "the file and download it again")
+    os.makedirs(destination, exist_ok=True)
+    with tarfile.open(archive, "r:*") as tar:
+        members = tar.getmembers()
+        # filter="data" refuses absolute paths, '..' and links out of the destination.
+        for m in tqdm(members, desc="extract CINIC-10", unit="file", disable=len(members) < 1000):
+            tar.extract(m, destination, filter="data")
+    return verify_cinic10(destination, per_split)
+
+
+def _download_cinic10(root: str, destination: str) -> None:
+    from torchvision.datasets.utils import download_url
+
+    archive = os.path.join(root, "CINIC-10.tar.gz")
+    errors = []
+    for url in CINIC10_URLS:
+        try:
+            # Verifies the md5 after download; reuses an already verified file.
+            download_url(url, root, filename="CINIC-10.tar.gz", md5=CINIC10_MD5)
+            break
+        except Exception as exc:  # noqa: BLE001 - try the next mirror, report all at the end
+            errors.append(f"{url}: {exc}")
+    else:
+        raise RuntimeError("could not download CINIC-10: " + "; ".join(errors))
+    extract_cinic10(archive, destination)
+
+
+def _load_cinic10(root: str, split: str, download: bool, merge_valid: bool) -> DatasetSplit:
+    directory = _cinic_dir(root)
+    splits = ["train", "valid"] if (split == "train" and merge_valid) else [split]
+    needed = [os.path.join(directory, s) for s in splits]
+    if download and not all(os.path.isdir(p) for p in needed):
+        _download_cinic10(root, directory)
+    missing = [p for p in needed if not os.path.isdir(p)]
+    if missing:
+        raise _missing("cinic10", missing, hint=f" ({CINIC10_URLS[0]}, md5 {CINIC10_MD5})")
+    paths: list[str] = []
+    labels = []
+    for s in splits:
+        p, lab, _ = _scan_class_folders(os.path.join(directory, s), CINIC10_CLASSES)
+        paths += p
+        labels.append(lab)
+    mean, std = NORMALIZATION["cinic10"]
+    return DatasetSplit(paths, np.concatenate(labels), 10, list(CINIC10_CLASSES), mean, std, 32,
+                        "cinic10", split, root)
+
+
+def _load_imagefolder(root: str, split: str, image_size: int = 224,
+                      mean: Sequence[float] | None = None,
+                      std: Sequence[float] | None = None) -> DatasetSplit:
+    # ImageNet ships its held-out split as "val"; accept it for split="test".
+    candidates = [split] + (["val", "validation"] if split == "test" else [])
+    directory = next((os.path.join(root, c) for c in candidates
+                      if os.path.isdir(os.path.join(root, c))), None)
+    if directory is None:
+        raise DatasetNotFoundError(
+            f"imagefolder split folder not found: tried {', '.join(os.path.join(root, c) for c in candidates)}"
+            "; expected <root>/<split>/<class>/<image> (no download is available for imagefolder)")
+    paths, labels, classes = _scan_class_folders(directory)
+    if split != "train":
+        # Labels must mean the same class in every split: use the training split's class list.
+        train_dir = os.path.join(root, "train")
+        if os.path.isdir(train_dir):
+            train_classes = sorted(e.name for e in os.scandir(train_dir)
+                                   if e.is_dir() and not e.name.startswith("."))
+            if train_classes != classes:
+                raise ValueError(f"class folders of {directory} differ from {train_dir}")
+    dmean, dstd = NORMALIZATION["imagefolder"]
+    mean = tuple(float(v) for v in mean) if mean is not None else dmean
+    std = tuple(float(v) for v in std) if std is not None else dstd
+    if len(mean) != len(std) or any(s <= 0 for s in std):
+        raise ValueError(f"mean/std must have equal length and positive std, got {mean}, {std}")
+    return DatasetSplit(paths, labels, len(classes), classes, mean, std, int(image_size),
+                        "imagefolder", split, root)
+
+
+# --------------------------------------------------------------------------------------------
+# digits: scikit-learn's bundled 1,797 real 8x8 handwritten digits, no download
+# --------------------------------------------------------------------------------------------
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    flat = images.reshape(-1, images.shape[-1]).astype(np.float64)
+    std = flat.std(axis=0)
+    return tuple(round(float(v), 4) for v in flat.mean(axis=0)), \
+        tuple(round(float(max(v, 1e-3)), 4) for v in std)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images, target = bunch.images.astype(np.float32), bunch.target.astype(np.int64)
+    images.setflags(write=False)
+    target.setflags(write=False)
+    return images, target
+
+
+def _digits_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+    import torch.nn.functional as F
+
+    raw, target = _digits_raw()
+    # Pixel values are 0..16 ink counts; map to 0..255 first so the interpolation works in the
+    # final units.
+    x = torch.from_numpy(raw * (255.0 / 16.0)).unsqueeze(1)
+    if image_size != 8:
+        # Bilinear (align_corners=False): smooth strokes like a real low-resolution photo,
+        # instead of nearest's 4x4 blocks that a CNN could key on.
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = x.round().clamp_(0, 255).to(torch.uint8).repeat(1, 3, 1, 1)
+    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()), target.copy()
+
+
+def digits_split_indices() -> tuple[np.ndarray, np.ndarray]:
+    """Fixed stratified split of the 1,797 digits: 1,437 train / 360 test (seed 0), sorted."""
+    from sklearn.model_selection import train_test_split
+
+    y = _digits_raw()[1]
+    train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=DIGITS_TEST_SIZE,
+                                           stratify=y, random_state=DIGITS_SPLIT_SEED)
+    return np.sort(train_idx), np.sort(test_idx)
+
+
+def _load_digits(split: str, image_size: int) -> DatasetSplit:
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8 for digits, got {image_size}")
+    images, labels = _digits_arrays(image_size)
+    train_idx, test_idx = digits_split_indices()
+    idx = train_idx if split == "train" else test_idx
+    # Normalization statistics always come from the training split, whatever split is loaded.
+    mean, std = _channel_stats(images[train_idx])
+    return DatasetSplit(np.ascontiguousarray(images[idx]), labels[idx], 10,
+                        [str(d) for d in range(10)], mean, std, image_size, "digits", split)
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic: seeded, learnable random images (benchmarks and quick tests)
+# --------------------------------------------------------------------------------------------
+def _synthetic_prototypes(num_classes: int, image_size: int, channels: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 0xC1A55])
+    # Each class: a mean colour plus a coarse 4x4 pattern upsampled to full size, so classes
+    # differ both in colour and in spatial layout (crops and flips do not erase the signal).
+    colour = rng.uniform(60, 196, size=(num_classes, 1, 1, channels))
+    coarse = rng.normal(0, 40, size=(num_classes, 4, 4, channels))
+    reps = -(-image_size // 4)
+    pattern = np.repeat(np.repeat(coarse, reps, axis=1), reps, axis=2)[:, :image_size, :image_size]
+    return (colour + pattern).astype(np.float32)
+
+
+def _synthetic_chunk(protos: np.ndarray, seed: int, split_id: int, chunk: int, n: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([seed, split_id, chunk])
+    # Always draw a full chunk and cut it, so a short last chunk holds the same items as the
+    # start of a full one.
+    labels = rng.integers(0, protos.shape[0], size=_SYNTH_CHUNK)[:n]
+    noise = rng.normal(0, 48, size=(_SYNTH_CHUNK,) + protos.shape[1:]).astype(np.float32)[:n]
+    images = np.clip(protos[labels] + noise, 0, 255).round().astype(np.uint8)
+    return images, labels
+
+
+def _load_synthetic(split: str, num_items: int = 2048, num_classes: int = 10, image_size: int = 32,
+                    channels: int = 3, seed: int = 0) -> DatasetSplit:
+    for arg, value, lo in (("num_items", num_items, 1), ("num_classes", num_classes, 2),
+                           ("image_size", image_size, 4), ("channels", channels, 1),
+                           ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{arg} must be an int, got {type(value).__name__} {value!r}")
+        if value < lo:
+            raise ValueError(f"{arg} must be >= {lo}, got {value}")
+    protos = _synthetic_prototypes(num_classes, image_size, channels, seed)
+    split_id = 0 if split == "train" else 1
+    # Generated in fixed-size chunks, each from its own (seed, split, chunk) stream, so item i
+    # is the same whatever num_items is and memory stays bounded.
+    n_chunks = -(-num_items // _SYNTH_CHUNK)
+    images = np.empty((num_items, image_size, image_size, channels), dtype=np.uint8)
+    labels = np.empty(num_items, dtype=np.int64)
+    for c in tqdm(range(n_chunks), desc=f"synthetic {split}", unit="chunk", disable=n_chunks < 16):
+        lo = c * _SYNTH_CHUNK
+        n = min(_SYNTH_CHUNK, num_items - lo)
+        images[lo:lo + n], labels[lo:lo + n] = _synthetic_chunk(protos, seed, split_id, c, n)
+    # Statistics from the first training chunk: identical for every split and every num_items.
+    stats_imgs, _ = _synthetic_chunk(protos, seed, 0, 0, _SYNTH_CHUNK)
+    mean, std = _channel_stats(stats_imgs)
+    return DatasetSplit(images, labels, num_classes, [f"class_{i}" for i in range(num_classes)],
+                        mean, std, image_size, "synthetic", split)

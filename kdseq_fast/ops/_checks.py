@@ -1,0 +1,85 @@
+"""Argument validation shared by the ops: bad input raises ValueError/TypeError naming the argument."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_logits(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, classes), got shape {tuple(x.shape)}")
+    if x.shape[1] < 2:
+        raise ValueError(f"{name} needs at least 2 classes, got shape {tuple(x.shape)}")
+
+
+def check_same_shape(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"teacher_logits batch size {teacher.shape[0]} does not match student_logits batch size "
+            f"{student.shape[0]}")
+    if student.shape[1] != teacher.shape[1]:
+        raise ValueError(
+            f"teacher_logits has {teacher.shape[1]} classes but student_logits has {student.shape[1]}")
+    if student.device != teacher.device:
+        raise ValueError(
+            f"teacher_logits is on {teacher.device} but student_logits is on {student.device}")
+    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
+        raise TypeError("float64 logits must be used for both student_logits and teacher_logits "
+                        f"(got {student.dtype} and {teacher.dtype})")
+
+
+def check_labels(labels, student: torch.Tensor, *, ignore_index: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != student.shape[0]:
+        raise ValueError(
+            f"labels must have shape ({student.shape[0]},) to match student_logits, got {tuple(labels.shape)}")
+    if labels.device != student.device:
+        raise ValueError(f"labels is on {labels.device} but student_logits is on {student.device}")
+    # The range check reads the values (one host sync on CUDA); it is skipped while torch.compile
+    # traces, where values are unknown. Out-of-range labels would otherwise index out of bounds.
+    if labels.numel() and not torch.compiler.is_compiling() and not _is_fake(labels):
+        num_classes = student.shape[1]
+        valid = labels if ignore_index is None else labels[labels != ignore_index]
+        if valid.numel():
+            lo, hi = int(valid.min()), int(valid.max())
+            if lo < 0 or hi >= num_classes:
+                bad = lo if lo < 0 else hi
+                extra = "" if ignore_index is None else f" (or ignore_index={ignore_index})"
+                raise ValueError(f"labels must be in [0, {num_classes}){extra}; found {bad}")
+    return labels
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    t = float(temperature)
+    if not math.isfinite(t) or t <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return t
+
+
+def check_weight(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return v
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (FakeTensor, FunctionalTensor)) or t.device.type == "meta"

@@ -1,0 +1,71 @@
+"""Per-instance difficulty measures from one read of each logit row.
+
+Columns (``SCORE_FIELDS``), all at T = 1 except ``kd``:
+``ce = logsumexp(s) - s[y]``; ``kd = T^2 KL(softmax(t/T) || softmax(s/T))`` (0 without a teacher);
+``p_true = softmax(s)[y]``; ``margin = s[y] - max_{j != y} s[j]``;
+``entropy = -sum softmax(s) log softmax(s)``; ``correct = 1.0`` where ``argmax(s) == y`` (the first
+maximum wins, as ``torch.argmax``) else ``0.0``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension  # noqa: F401  (registers torch.ops.kdseq)
+from ._checks import check_labels, check_logits, check_same_shape, check_temperature
+
+SCORE_FIELDS = ("ce", "kd", "p_true", "margin", "entropy", "correct")
+
+
+@torch.library.register_fake("kdseq::instance_scores")
+def _instance_scores_fake(student, labels, teacher, temperature):
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return student.new_empty((student.shape[0], len(SCORE_FIELDS)), dtype=dtype)
+
+
+def instance_scores(student_logits: torch.Tensor, labels: torch.Tensor,
+                    teacher_logits: Optional[torch.Tensor] = None, *,
+                    temperature: float = 4.0) -> torch.Tensor:
+    """(B, 6) float32 matrix of the ``SCORE_FIELDS`` for every row (no gradient).
+
+    Inputs may be float32/float16/bfloat16 (float64 gives a float64 result); accumulation is fp32.
+    """
+    check_logits(student_logits, "student_logits")
+    check_labels(labels, student_logits)
+    if teacher_logits is not None:
+        check_logits(teacher_logits, "teacher_logits")
+        check_same_shape(student_logits, teacher_logits)
+    t = check_temperature(temperature)
+    with torch.no_grad():
+        return torch.ops.kdseq.instance_scores(
+            student_logits.detach(), labels,
+            None if teacher_logits is None else teacher_logits.detach(), t)
+
+
+def instance_scores_reference(student_logits: torch.Tensor, labels: torch.Tensor,
+                              teacher_logits: Optional[torch.Tensor] = None, *,
+                              temperature: float = 4.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The six measures as separate plain-PyTorch reductions, in ``dtype`` (float64 by default)."""
+    s = student_logits.detach().to(dtype)
+    y = labels.long()
+    lse = torch.logsumexp(s, 1)
+    s_y = s.gather(1, y[:, None]).squeeze(1)
+    ce = lse - s_y
+    p_true = torch.exp(-ce)
+    others = s.scatter(1, y[:, None], float("-inf"))
+    margin = s_y - others.max(1).values
+    logp = s - lse[:, None]
+    p = logp.exp()
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(1)
+    correct = (s.argmax(1) == y).to(dtype)
+    if teacher_logits is not None:
+        T = float(temperature)
+        log_pt = F.log_softmax(teacher_logits.detach().to(dtype) / T, 1)
+        log_ps = F.log_softmax(s / T, 1)
+        pt = log_pt.exp()
+        kd = T * T * torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt)).sum(1)
+    else:
+        kd = torch.zeros_like(ce)
+    return torch.stack([ce, kd, p_true, margin, entropy, correct], 1)

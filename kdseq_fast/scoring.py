@@ -1,0 +1,326 @@
+"""Dataset-level scoring: a student snapshot -> one row of difficulty measures per instance.
+
+ISL-KD re-scores the whole training set at every phase boundary. The pass here runs the snapshot
+over an un-augmented, ordered loader (eval mode, no grad, AMP on GPU), feeds each batch's logits to
+the fused ``instance_scores`` kernel together with the cached teacher logits of the same rows, and
+scatters the (B, 6) result into an (N, 6) matrix indexed by dataset index.
+
+- :func:`score_dataset`  - the (N, 6) score matrix (columns ``SCORE_FIELDS``)
+- :func:`compute_logits` - (N, C) logits of any model (used for the teacher cache)
+- :class:`TeacherLogitCache` - teacher logits computed once per run, optionally persisted as a
+  ``.npy`` keyed by a hash of the teacher weights and the dataset, so a second run reuses them
+- :func:`difficulty` - maps the score matrix to one difficulty per instance (``"ce"``,
+  ``"ce+0.5*kd"``, ...)
+
+Under ``torch.distributed`` each rank scores the share its (sharded) loader yields and the results
+are summed across ranks, so every rank ends with the identical full matrix.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from typing import Callable, Iterable, Optional, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .ops import SCORE_FIELDS, instance_scores
+
+__all__ = ["SCORE_FIELDS", "MEASURES", "score_dataset", "compute_logits", "TeacherLogitCache",
+           "difficulty", "teacher_fingerprint"]
+
+# Named difficulty measures: larger = harder.
+MEASURES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "ce": lambda s: s[:, SCORE_FIELDS.index("ce")],
+    "kd": lambda s: s[:, SCORE_FIELDS.index("kd")],
+    "1-p_true": lambda s: 1.0 - s[:, SCORE_FIELDS.index("p_true")],
+    "-margin": lambda s: -s[:, SCORE_FIELDS.index("margin")],
+    "entropy": lambda s: s[:, SCORE_FIELDS.index("entropy")],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+# ---------------------------------------------------------------------------------------------
+def _unpack(batch):
+    """A loader batch as (images, labels, indices): dicts from CurriculumLoader or 3-tuples."""
+    if isinstance(batch, dict):
+        try:
+            return batch["images"], batch["labels"], batch["indices"]
+        except KeyError as exc:
+            raise ValueError(f"loader batches must have keys images, labels, indices; missing {exc}") from None
+    if isinstance(batch, (tuple, list)) and len(batch) == 3:
+        return batch
+    raise ValueError("loader must yield dicts {'images', 'labels', 'indices'} or (images, labels, indices) "
+                     f"tuples, got {type(batch).__name__}")
+
+
+def _infer_num_items(loader, num_items: Optional[int]) -> int:
+    if num_items is not None:
+        if int(num_items) <= 0:
+            raise ValueError(f"num_items must be > 0, got {num_items}")
+        return int(num_items)
+    for attr in ("num_items",):
+        if hasattr(loader, attr):
+            return int(getattr(loader, attr))
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None:
+        return len(dataset)
+    raise ValueError("num_items is required for a loader without .num_items or .dataset")
+
+
+def _autocast(device: torch.device, amp):
+    if amp in (None, "auto"):
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp in (False, "none"):
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise ValueError(f"amp must be one of None, 'auto', 'none', 'bf16', 'fp16', got {amp!r}")
+    return torch.autocast(device.type, dtype=dtypes[amp])
+
+
+def _model_device(model: torch.nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _dist_active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _sum_across_ranks(*tensors: torch.Tensor) -> None:
+    """In-place SUM all-reduce (each rank filled only its own rows; the rest are zero)."""
+    if not _dist_active():
+        return
+    backend = torch.distributed.get_backend()
+    for t in tensors:
+        if backend == "nccl" and t.device.type != "cuda":
+            moved = t.cuda()
+            torch.distributed.all_reduce(moved)
+            t.copy_(moved.cpu())
+        else:
+            torch.distributed.all_reduce(t)
+
+
+def _traverse(model, loader, *, num_items, device, amp, progress, desc, on_batch):
+    """Runs the model over the loader (eval, no grad) and calls on_batch(logits, labels, indices)."""
+    was_training = model.training
+    model.eval()
+    total = None
+    with contextlib.suppress(TypeError):
+        total = len(loader)
+    seen = torch.zeros(num_items, dtype=torch.int32)
+    try:
+        with torch.no_grad(), _autocast(device, amp):
+            bar = tqdm(loader, total=total, desc=desc, disable=not progress, leave=False, unit="batch")
+            for batch in bar:
+                images, labels, indices = _unpack(batch)
+                indices = torch.as_tensor(indices).long().cpu()
+                if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_items):
+                    raise ValueError(f"loader yielded dataset index outside [0, {num_items}): "
+                                     f"{int(indices.min())}..{int(indices.max())}")
+                images = images.to(device, non_blocking=True)
+                labels = torch.as_tensor(labels).to(device, non_blocking=True)
+                logits = model(images)
+                on_batch(logits, labels, indices)
+                seen.index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
+    finally:
+        model.train(was_training)
+    return seen
+
+
+def _check_coverage(seen: torch.Tensor, what: str) -> None:
+    _sum_across_ranks(seen)
+    missing = int((seen == 0).sum())
+    repeated = int((seen > 1).sum())
+    if missing or repeated:
+        raise ValueError(
+            f"{what}: the loader must yield every dataset index exactly once (un-augmented, ordered "
+            f"pass); {missing} indices were never seen and {repeated} were seen more than once")
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------
+def score_dataset(model: torch.nn.Module, loader: Iterable, teacher_logits=None, *,
+                  num_items: Optional[int] = None, temperature: float = 4.0, device=None, amp=None,
+                  progress: bool = True) -> torch.Tensor:
+    """Scores every instance with ``model`` (a frozen snapshot): returns float32 (N, 6) on the CPU.
+
+    Args:
+        model: the snapshot; put in eval mode for the pass, its mode restored afterwards.
+        loader: yields ``{"images", "labels", "indices"}`` dicts (``CurriculumLoader`` with
+            ``augment=None``) or ``(images, labels, indices)`` tuples; must cover every index once.
+        teacher_logits: (N, C) tensor or array indexed by dataset index (see
+            :class:`TeacherLogitCache`), or None (then the ``kd`` column is 0).
+        num_items: N; taken from ``loader.num_items`` or ``len(loader.dataset)`` when omitted.
+        amp: None/"auto" (bf16 on CUDA, off on CPU), "none", "bf16" or "fp16".
+    """
+    num_items = _infer_num_items(loader, num_items)
+    device = _model_device(model, device)
+    out = torch.zeros(num_items, len(SCORE_FIELDS), dtype=torch.float32)
+    if teacher_logits is not None and not isinstance(teacher_logits, torch.Tensor):
+        teacher_logits = torch.from_numpy(np.asarray(teacher_logits))
+    if teacher_logits is not None and teacher_logits.shape[0] != num_items:
+        raise ValueError(f"teacher_logits has {teacher_logits.shape[0]} rows but the dataset has {num_items}")
+
+    def on_batch(logits, labels, indices):
+        t = None
+        if teacher_logits is not None:
+            t = teacher_logits.index_select(0, indices.to(teacher_logits.device)).to(logits.device, non_blocking=True)
+            if t.shape[1] != logits.shape[1]:
+                raise ValueError(f"teacher_logits has {t.shape[1]} classes but the model outputs {logits.shape[1]}")
+        out.index_copy_(0, indices, instance_scores(logits.float() if logits.dtype == torch.float64 else logits,
+                                                    labels, t, temperature=temperature).float().cpu())
+
+    seen = _traverse(model, loader, num_items=num_items, device=device, amp=amp, progress=progress,
+                     desc="scoring", on_batch=on_batch)
+    _check_coverage(seen, "score_dataset")
+    _sum_across_ranks(out)
+    return out
+
+
+def compute_logits(model: torch.nn.Module, loader: Iterable, *, num_items: Optional[int] = None,
+                   device=None, amp=None, progress: bool = True, dtype: torch.dtype = torch.float32,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N, C) logits of ``model`` over an ordered, un-augmented pass, indexed by dataset index."""
+    num_items = _infer_num_items(loader, num_items)
+    device = _model_device(model, device)
+    holder = {"out": out}
+
+    def on_batch(logits, labels, indices):
+        if holder["out"] is None:
+            holder["out"] = torch.zeros(num_items, logits.shape[1], dtype=dtype)
+        holder["out"].index_copy_(0, indices, logits.detach().to(dtype).cpu())
+
+    seen = _traverse(model, loader, num_items=num_items, device=device, amp=amp, progress=progress,
+                     desc="logits", on_batch=on_batch)
+    _check_coverage(seen, "compute_logits")
+    if holder["out"] is None:
+        raise ValueError("loader yielded no batches")
+    _sum_across_ranks(holder["out"])
+    return holder["out"]
+
+
+def teacher_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the teacher's state dict (names, shapes, dtypes, bytes): the cache key's core."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            v = value.detach().cpu().contiguous()
+            h.update(str((tuple(v.shape), str(v.dtype))).encode())
+            h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+class TeacherLogitCache:
+    """Teacher logits on the un-augmented training set, computed once per run and reused.
+
+    With ``cache_dir`` the matrix is stored as ``teacher_logits_<key>.npy`` (+ ``.json`` metadata),
+    keyed by a hash of the teacher weights, the dataset key (name/split/size, given by the caller)
+    and the storage dtype; a later run with the same teacher and data memory-maps it instead of
+    recomputing. ``dtype="float16"`` halves the storage for large N x C. Without ``cache_dir`` the
+    logits are kept in memory for the lifetime of this object.
+    """
+
+    def __init__(self, cache_dir: Optional[Union[str, os.PathLike]] = None, dtype: str = "float32"):
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+        self.dtype = dtype
+        self._memory: dict[str, torch.Tensor] = {}
+        self.last_hit: Optional[bool] = None  # whether the last get() reused stored logits
+
+    def key_for(self, teacher: torch.nn.Module, key: str, num_items: int) -> str:
+        h = hashlib.sha256()
+        h.update(teacher_fingerprint(teacher).encode())
+        h.update(f"|{key}|{num_items}|{self.dtype}".encode())
+        return h.hexdigest()[:24]
+
+    def path_for(self, cache_key: str) -> Optional[str]:
+        if self.cache_dir is None:
+            return None
+        return os.path.join(self.cache_dir, f"teacher_logits_{cache_key}.npy")
+
+    def get(self, teacher: torch.nn.Module, loader: Iterable, *, num_items: Optional[int] = None,
+            key: str = "", device=None, amp=None, progress: bool = True) -> torch.Tensor:
+        num_items = _infer_num_items(loader, num_items)
+        cache_key = self.key_for(teacher, key, num_items)
+        if cache_key in self._memory:
+            self.last_hit = True
+            return self._memory[cache_key]
+        path = self.path_for(cache_key)
+        if path is not None and os.path.exists(path):
+            try:
+                arr = np.load(path, mmap_mode="c")  # copy-on-write: writable view, file untouched
+                if arr.shape[0] == num_items and str(arr.dtype) == self.dtype:
+                    logits = torch.from_numpy(arr)
+                    self._memory[cache_key] = logits
+                    self.last_hit = True
+                    return logits
+            except (ValueError, OSError):
+                pass  # unreadable (e.g. truncated by a crash): recompute and overwrite below
+        torch_dtype = torch.float16 if self.dtype == "float16" else torch.float32
+        logits = compute_logits(teacher, loader, num_items=num_items, device=device, amp=amp,
+                                progress=progress, dtype=torch_dtype)
+        self.last_hit = False
+        if path is not None and (not _dist_active() or torch.distributed.get_rank() == 0):
+            self._write(path, logits.numpy(), {"key": key, "num_items": num_items, "dtype": self.dtype,
+                                               "num_classes": int(logits.shape[1])})
+        if _dist_active():
+            torch.distributed.barrier()
+        self._memory[cache_key] = logits
+        return logits
+
+    @staticmethod
+    def _write(path: str, array: np.ndarray, meta: dict) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with open(path[:-4] + ".json", "w") as f:
+            json.dump(meta, f, indent=1)
+
+
+_TERM = re.compile(r"^\s*(?:(?P<coef>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*)?(?P<name>[-\w.]+)\s*$")
+
+
+def parse_measure(measure: str) -> list[tuple[float, str]]:
+    """``"ce+0.5*kd"`` -> [(1.0, "ce"), (0.5, "kd")]; unknown names raise ValueError."""
+    if not isinstance(measure, str) or not measure.strip():
+        raise ValueError(f"measure must be a non-empty string like 'ce' or 'ce+0.5*kd', got {measure!r}")
+    terms = []
+    for part in measure.split("+"):
+        m = _TERM.match(part)
+        if not m or m.group("name") not in MEASURES:
+            raise ValueError(f"unknown difficulty measure term {part.strip()!r} in {measure!r}; valid names: "
+                             f"{', '.join(MEASURES)} (combine as weighted sums like 'ce+0.5*kd')")
+        terms.append((float(m.group("coef")) if m.group("coef") else 1.0, m.group("name")))
+    return terms
+
+
+def difficulty(scores: torch.Tensor, measure: str = "ce") -> torch.Tensor:
+    """One float32 difficulty per instance (larger = harder) from an (N, 6) score matrix."""
+    if not isinstance(scores, torch.Tensor):
+        scores = torch.as_tensor(np.asarray(scores))
+    if scores.dim() != 2 or scores.shape[1] != len(SCORE_FIELDS):
+        raise ValueError(f"scores must have shape (N, {len(SCORE_FIELDS)}), got {tuple(scores.shape)}")
+    total = torch.zeros(scores.shape[0], dtype=torch.float64)
+    for coef, name in parse_measure(measure):
+        total += coef * MEASURES[name](scores.double())
+    bad = ~torch.isfinite(total)
+    if bad.any():
+        raise ValueError(f"difficulty {measure!r} is not finite for {int(bad.sum())} instances "
+                         f"(first: index {int(bad.nonzero()[0])}); check the snapshot and teacher logits")
+    return total.float()

@@ -1,0 +1,158 @@
+"""Build script for kdseq-fast: the Python package plus the ``kdseq_fast._C`` extension.
+
+Environment switches
+--------------------
+KDSEQ_CUDA=0|1           force the CUDA kernels off / on (default: on when torch has CUDA and a
+                         matching nvcc is found)
+TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0+PTX")
+KDSEQ_CPU_ARCH=native|portable|<march>
+                         CPU code generation: "native" (default, e.g. AVX2+FMA here), "portable"
+                         (baseline x86-64 / aarch64, for wheels that travel), or any -march value
+KDSEQ_DEBUG=1            -O0 -g builds
+CUDA_HOME                CUDA toolkit; defaults to /usr/local/cuda when unset and nvcc is there
+Build with ``pip install --no-build-isolation .`` (or ``-e .``) so it compiles against the
+installed torch. ``ccache`` is used automatically when it is on PATH.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+from setuptools import find_packages, setup
+
+# torch.utils.cpp_extension reads CUDA_HOME at import time and may guess /usr/local otherwise.
+if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+if shutil.which("ccache"):
+    # Debian's ccache masquerade directory; CXX="ccache c++" breaks torch's ninja file.
+    if os.path.isdir("/usr/lib/ccache") and "/usr/lib/ccache" not in os.environ.get("PATH", ""):
+        os.environ["PATH"] = "/usr/lib/ccache:" + os.environ.get("PATH", "")
+    nvcc_path = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    if os.path.exists(nvcc_path):
+        os.environ.setdefault("PYTORCH_NVCC", f"ccache {nvcc_path}")
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    with open(os.path.join(HERE, "kdseq_fast", "_version.py")) as f:
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+def nvcc_version(cuda_home):
+    try:
+        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def want_cuda():
+    flag = os.environ.get("KDSEQ_CUDA")
+    if flag == "0":
+        return False, "KDSEQ_CUDA=0"
+    cuda_home = cpp_extension.CUDA_HOME
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append("torch is a CPU-only build")
+    if cuda_home is None:
+        reasons.append("no CUDA toolkit found (set CUDA_HOME)")
+    else:
+        found = nvcc_version(cuda_home)
+        if found is None:
+            reasons.append(f"no working nvcc under {cuda_home}")
+        elif torch.version.cuda is not None and found.split(".")[0] != torch.version.cuda.split(".")[0]:
+            reasons.append(f"nvcc {found} does not match torch's CUDA {torch.version.cuda}")
+    if reasons:
+        if flag == "1":
+            raise RuntimeError("KDSEQ_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(reasons))
+        return False, "; ".join(reasons)
+    return True, f"nvcc under {cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
+
+
+def cuda_fallback_includes(cuda_home):
+    """Header dirs of the pip CUDA libraries (nvidia-* wheels that torch depends on).
+
+    ATen's CUDA headers include cuSPARSE/cuBLAS/cuSOLVER headers; a toolkit installed without those
+    libraries (as here: nvcc at /usr/local/cuda) still builds when the wheels' headers are searched
+    after the toolkit's own (-isystem)."""
+    if os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    import glob
+    import site
+
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    found = []
+    for root in roots:
+        for inc in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cusparse.h")) and inc not in found:
+                found.append(inc)
+    return found
+
+
+def cpu_arch_flags():
+    arch = os.environ.get("KDSEQ_CPU_ARCH", "native")
+    if arch == "portable":
+        return [], "portable"
+    return [f"-march={arch}"], arch
+
+
+def make_extension():
+    with_cuda, why = want_cuda()
+    arch_flags, isa = cpu_arch_flags()
+    debug = os.environ.get("KDSEQ_DEBUG") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"] + arch_flags
+    cxx.append(f'-DKDSEQ_CPU_ISA="{isa}"')
+    sources = ["csrc/ops.cpp", "csrc/kd_loss_cpu.cpp", "csrc/instance_scores_cpu.cpp"]
+    extra = {"cxx": cxx}
+    print(f"kdseq-fast: CUDA kernels {'ON' if with_cuda else 'OFF'} ({why}); CPU ISA {isa}")
+    if with_cuda:
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        defines = ["-DKDSEQ_WITH_CUDA", f'-DKDSEQ_CUDA_ARCHS="{archs}"']
+        extra["cxx"] = extra["cxx"] + defines
+        fallback = []
+        for inc in cuda_fallback_includes(cpp_extension.CUDA_HOME):
+            fallback += ["-isystem", inc]
+        extra["cxx"] = extra["cxx"] + fallback
+        extra["nvcc"] = opt + ["-lineinfo", "--expt-relaxed-constexpr"] + defines + fallback
+        sources += ["csrc/kd_loss_cuda.cu", "csrc/instance_scores_cuda.cu"]
+        ext_cls = cpp_extension.CUDAExtension
+    else:
+        ext_cls = cpp_extension.CppExtension
+    return ext_cls(
+        name="kdseq_fast._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    name="kdseq-fast",
+    version=read_version(),
+    description="Fast curriculum knowledge distillation via instance-level sequence learning (ISL-KD)",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["kdseq_fast", "kdseq_fast.*"]),
+    package_data={"kdseq_fast": ["configs/*.yaml"]},
+    include_package_data=True,
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    install_requires=["torch>=2.4", "torchvision", "numpy", "pyyaml", "tqdm", "matplotlib"],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "demo": ["scikit-learn"],
+        "tensorboard": ["tensorboard"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "scikit-learn", "scipy"],
+    },
+    entry_points={"console_scripts": ["kdseq-fast=kdseq_fast.cli:main"]},
+    zip_safe=False,
+)

@@ -1,0 +1,132 @@
+"""Smoke tests for every ``kdseq-fast`` subcommand on tiny synthetic data (and the digits demo)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kdseq_fast import cli
+
+TINY = ["data.name=synthetic", "data.synthetic_train=128", "data.synthetic_test=64",
+        "data.image_size=16", "data.loader_backend=torch", "data.num_threads=1",
+        "teacher.arch=resnet8", "teacher.epochs=1", "student.arch=resnet8",
+        "optim.epochs=3", "optim.batch_size=32", "optim.lr_decay_epochs=[2]",
+        "curriculum.warmup_epochs=1", "curriculum.num_phases=1", "curriculum.final_full_epochs=1",
+        "train.tensorboard=false"]
+
+
+def _sets(items):
+    out = []
+    for s in items:
+        out += ["--set", s]
+    return out
+
+
+def _main(argv, capsys):
+    rc = cli.main(argv)
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    return cap.out
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    assert cli.main(["train-teacher", "--out", str(out), "--quiet", "--device", "cpu"]
+                    + _sets(TINY)) == 0
+    return out / "teacher.pt"
+
+
+def test_help_runs_as_module():
+    proc = subprocess.run([sys.executable, "-m", "kdseq_fast", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    for cmd in ("train-teacher", "distill", "compare", "score", "demo"):
+        assert cmd in proc.stdout
+
+
+def test_train_teacher(teacher_ckpt):
+    assert teacher_ckpt.exists()
+    summary = json.loads((teacher_ckpt.parent / "summary.json").read_text())
+    assert summary["teacher"]["steps"] == 4  # 128 / 32 for one epoch
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "isl"])
+def test_distill(tmp_path, capsys, teacher_ckpt, method):
+    out = tmp_path / method
+    text = _main(["distill", "--method", method, "--teacher", str(teacher_ckpt), "--out", str(out),
+                  "--quiet", "--seed", "3"] + _sets(TINY), capsys)
+    assert f"[{method}] phase" in text and "img/s" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"][method]["steps"] == 12
+    assert (out / "student.pt").exists()
+    assert (out / "phase_1_order.npy").exists() == (method == "isl")
+
+
+def test_compare_one_summary_and_plots(tmp_path, capsys, teacher_ckpt):
+    out = tmp_path / "cmp"
+    text = _main(["compare", "--methods", "kd,isl", "--teacher", str(teacher_ckpt),
+                  "--out", str(out), "--quiet"] + _sets(TINY), capsys)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"kd", "isl"}
+    kd = summary["methods"]["kd"]
+    # Default target = the kd baseline's final accuracy, which kd itself reaches at the latest
+    # at its last step.
+    assert kd["target_acc"] == pytest.approx(kd["test_acc"])
+    assert kd["steps_to_target"] is not None and kd["steps_to_target"] <= kd["steps"]
+    assert (out / "accuracy_vs_steps.png").exists() and (out / "metrics.jsonl").exists()
+    assert "steps (to target)" in text and "plots:" in text
+
+
+def test_score(tmp_path, capsys, teacher_ckpt):
+    out = tmp_path / "scores"
+    text = _main(["score", "--checkpoint", str(teacher_ckpt), "--arch", "resnet8",
+                  "--teacher", str(teacher_ckpt), "--out", str(out), "--quiet"] + _sets(TINY),
+                 capsys)
+    scores = np.load(out / "scores_train.npy")
+    assert scores.shape == (128, 6)
+    # Teacher scored against itself: the kd column is zero up to rounding.
+    assert np.abs(scores[:, 1]).max() < 1e-4
+    assert "p_true=" in text
+
+
+def test_score_rejects_mismatched_checkpoint(tmp_path, capsys, teacher_ckpt):
+    rc = cli.main(["score", "--checkpoint", str(teacher_ckpt), "--arch", "resnet20",
+                   "--out", str(tmp_path), "--quiet"] + _sets(TINY))
+    assert rc == 2 and "does not fit --arch resnet20" in capsys.readouterr().err
+
+
+def test_demo_on_digits(tmp_path, capsys):
+    # The real demo recipe, shrunk: one teacher epoch and three student epochs per method.
+    out = tmp_path / "demo"
+    text = _main(["demo", "--out", str(out), "--quiet",
+                  "--set", "teacher.arch=resnet8", "--set", "teacher.epochs=1",
+                  "--set", "optim.epochs=3", "--set", "optim.lr_decay_epochs=[2]",
+                  "--set", "curriculum.warmup_epochs=1", "--set", "curriculum.num_phases=1",
+                  "--set", "curriculum.final_full_epochs=1"], capsys)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"ce", "kd", "isl"}
+    assert summary["teacher"]["test_acc"] is not None
+    for m in ("ce", "kd", "isl"):
+        assert (out / m / "student.pt").exists()
+    assert "teacher (resnet8)" in text and "plots:" in text
+    # Resuming a finished demo does no work and prints the same table.
+    text2 = _main(["demo", "--out", str(out), "--quiet", "--resume",
+                   "--set", "teacher.arch=resnet8", "--set", "teacher.epochs=1",
+                   "--set", "optim.epochs=3", "--set", "optim.lr_decay_epochs=[2]",
+                   "--set", "curriculum.warmup_epochs=1", "--set", "curriculum.num_phases=1",
+                   "--set", "curriculum.final_full_epochs=1"], capsys)
+    assert "already complete" in text2
+
+
+def test_unknown_config_key_is_exit_2(tmp_path, capsys):
+    rc = cli.main(["distill", "--out", str(tmp_path), "--set", "optim.learning_rate=0.1"])
+    assert rc == 2 and "optim.learning_rate" in capsys.readouterr().err
+
+
+def test_find_config_packaged_name():
+    assert os.path.basename(cli.find_config("digits_quick")) == "digits_quick.yaml"
+    with pytest.raises(FileNotFoundError, match="not_a_recipe"):
+        cli.find_config("not_a_recipe")

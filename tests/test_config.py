@@ -1,0 +1,239 @@
+"""Config loading, overrides, validation and hashing (kdseq_fast.config)."""
+import glob
+import os
+
+import pytest
+import yaml
+
+from kdseq_fast.config import (DEFAULTS, Config, config_hash, load_config, parse_measure,
+                               phase_epochs, save_config)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+
+
+def write(tmp_path, data, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+def test_defaults_load_and_access():
+    cfg = load_config()
+    assert cfg.to_dict() == DEFAULTS
+    assert cfg.optim.lr == cfg["optim"]["lr"] == 0.05
+    assert cfg.curriculum.pacing == "linear"
+    assert phase_epochs(cfg) == (240 - 30 - 60) // 3 == 50
+    assert isinstance(cfg.data, Config)
+
+
+def test_file_then_overrides(tmp_path):
+    p = write(tmp_path, {"optim": {"lr": 0.1}, "student": {"arch": "resnet20"}})
+    cfg = load_config(p, ["optim.lr=0.2", "optim.lr_decay_epochs=[100, 200]",
+                          "teacher.checkpoint=/tmp/t.pth", "train.target_acc=null"])
+    assert cfg.optim.lr == 0.2                      # override beats the file
+    assert cfg.student.arch == "resnet20"           # file beats the default
+    assert cfg.optim.lr_decay_epochs == [100, 200]
+    assert cfg.teacher.checkpoint == "/tmp/t.pth"
+    assert cfg.train.target_acc is None
+    assert cfg.optim.momentum == DEFAULTS["optim"]["momentum"]
+
+
+def test_overrides_as_mapping_and_section_value():
+    cfg = load_config(overrides={"optim.lr": 0.3, "loss": {"temperature": 2}})
+    assert cfg.optim.lr == 0.3 and cfg.loss.temperature == 2.0
+    assert isinstance(cfg.loss.temperature, float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "unknown config key 'optim.lrr'"),
+    ("foo=1", "unknown config key 'foo'"),
+    ("data.nme=cifar10", "unknown config key 'data.nme'"),
+    ("optim.lr.x=1", "'optim.lr' is a value, not a section"),
+])
+def test_unknown_override_key(override, message):
+    with pytest.raises(ValueError) as exc:
+        load_config(overrides=[override])
+    assert message in str(exc.value)
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    p = write(tmp_path, {"optim": {"learning_rate": 0.1}})
+    with pytest.raises(ValueError) as exc:
+        load_config(p)
+    msg = str(exc.value)
+    assert "optim.learning_rate" in msg
+    for k in ("lr", "momentum", "weight_decay", "lr_decay_epochs"):
+        assert k in msg
+    assert str(p) in msg
+
+
+def test_unknown_top_level_section_in_file(tmp_path):
+    with pytest.raises(ValueError, match="'optimizer'"):
+        load_config(write(tmp_path, {"optimizer": {"lr": 0.1}}))
+
+
+def test_section_given_a_scalar(tmp_path):
+    with pytest.raises(ValueError, match="optim"):
+        load_config(write(tmp_path, {"optim": 3}))
+
+
+@pytest.mark.parametrize("override, field", [
+    ("optim.lr=abc", "optim.lr"),
+    ("optim.lr=-0.1", "optim.lr"),
+    ("optim.lr=.inf", "optim.lr"),
+    ("optim.epochs=12.5", "optim.epochs"),
+    ("optim.batch_size=0", "optim.batch_size"),
+    ("method=foo", "method"),
+    ("device=gpu", "device"),
+    ("deterministic=yes-please", "deterministic"),
+    ("curriculum.start_frac=0", "curriculum.start_frac"),
+    ("curriculum.full_at=1.5", "curriculum.full_at"),
+    ("curriculum.pacing=cosine", "curriculum.pacing"),
+    ("curriculum.order=hard", "curriculum.order"),
+    ("curriculum.measure=ce+loss", "curriculum.measure"),
+    ("train.channels_last=maybe", "train.channels_last"),
+    ("train.amp=fp8", "train.amp"),
+    ("data.name=mnist", "data.name"),
+    ("optim.lr_decay_epochs=[200, 100]", "optim.lr_decay_epochs"),
+    ("optim.lr_decay_epochs=[300]", "optim.lr_decay_epochs"),
+    ("teacher.epochs=0", "teacher.epochs"),
+    ("optim.nesterov=1", "optim.nesterov"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_valid_enum_and_special_values():
+    cfg = load_config(overrides=["device=cuda:1", "train.channels_last=true", "train.amp=bf16",
+                                 "teacher.epochs=5", "teacher.lr=0.1", "data.name=synthetic"])
+    assert cfg.device == "cuda:1" and cfg.train.channels_last is True
+    assert cfg.teacher.epochs == 5 and cfg.teacher.lr == 0.1
+
+
+def test_float_given_in_exponent_form_without_dot():
+    # PyYAML reads "5e-4" as a string; it must still be accepted as a number.
+    cfg = load_config(overrides=["optim.weight_decay=5e-4"])
+    assert cfg.optim.weight_decay == pytest.approx(5e-4)
+    assert isinstance(cfg.optim.weight_decay, float)
+
+
+def test_epoch_accounting():
+    cfg = load_config(overrides=["optim.epochs=12", "curriculum.warmup_epochs=3",
+                                 "curriculum.num_phases=2", "curriculum.final_full_epochs=3",
+                                 "optim.lr_decay_epochs=[9]"])
+    assert phase_epochs(cfg) == 3
+    with pytest.raises(ValueError, match="curriculum.num_phases"):
+        load_config(overrides=["optim.epochs=241"])
+    with pytest.raises(ValueError, match="optim.epochs"):
+        load_config(overrides=["optim.epochs=90", "optim.lr_decay_epochs=[]"])  # 90-30-60 = 0
+    cfg0 = load_config(overrides=["curriculum.num_phases=0", "curriculum.warmup_epochs=180"])
+    assert phase_epochs(cfg0) == 0
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(overrides=["optim.lr"])
+    with pytest.raises(TypeError, match="single string"):
+        load_config(overrides="optim.lr=0.1")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    assert load_config(write(tmp_path, "")).to_dict() == DEFAULTS
+
+
+def test_parse_measure():
+    assert parse_measure("ce") == [(1.0, "ce")]
+    assert parse_measure("ce + 0.5*kd") == [(1.0, "ce"), (0.5, "kd")]
+    assert parse_measure("2*-margin+1-p_true+entropy") == [(2.0, "-margin"), (1.0, "1-p_true"),
+                                                          (1.0, "entropy")]
+    assert parse_measure("1e+1*kd") == [(10.0, "kd")]
+    for bad in ("", "margin", "ce+", "0.5*", "ce*2"):
+        with pytest.raises(ValueError):
+            parse_measure(bad)
+
+
+def test_config_mutation_rules():
+    cfg = load_config()
+    cfg.teacher.checkpoint = "/x/teacher.pth"
+    assert cfg["teacher"]["checkpoint"] == "/x/teacher.pth"
+    with pytest.raises(ValueError, match="teacher.chekpoint"):
+        cfg.teacher.chekpoint = "/x"
+    with pytest.raises(ValueError, match="section"):
+        cfg["optim"] = {}
+    with pytest.raises(AttributeError, match="optim.lrr"):
+        cfg.optim.lrr  # noqa: B018
+
+
+def test_hash_is_stable_and_sensitive(tmp_path):
+    a = load_config(overrides=["optim.lr=0.1"])
+    # Same content written with a different key order hashes the same.
+    d = a.to_dict()
+    reordered = {k: d[k] for k in reversed(list(d))}
+    b = load_config(write(tmp_path, reordered))
+    assert config_hash(a) == config_hash(b)
+    assert len(config_hash(a)) == 64
+    c = load_config(overrides=["optim.lr=0.2"])
+    assert config_hash(a) != config_hash(c)
+    # Excluding a field makes the hash ignore it.
+    e = load_config(overrides=["optim.lr=0.1", "device=cpu"])
+    assert config_hash(a) != config_hash(e)
+    assert config_hash(a, exclude=["device"]) == config_hash(e, exclude=["device"])
+
+
+def test_save_and_reload_roundtrip(tmp_path):
+    cfg = load_config(overrides=["optim.lr=0.07", "curriculum.measure=ce+0.5*kd",
+                                 "train.target_acc=91.5"])
+    path = tmp_path / "sub" / "config.yaml"
+    save_config(cfg, path)
+    again = load_config(path)
+    assert again == cfg
+    assert config_hash(again) == config_hash(cfg)
+    assert yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
+    assert not [p for p in os.listdir(path.parent) if p != "config.yaml"]  # no temp file left
+
+
+def test_config_pickles_and_copies():
+    import copy
+    import pickle
+    cfg = load_config(overrides=["optim.lr=0.3"])
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    c2 = copy.deepcopy(cfg)
+    c2.optim.lr = 0.9
+    assert cfg.optim.lr == 0.3
+
+
+def test_repo_configs_are_valid():
+    from kdseq_fast.models import list_models
+    assert len(CONFIGS) >= 21, CONFIGS
+    names = set(list_models())
+    pairs = set()
+    datasets = set()
+    for path in CONFIGS:
+        cfg = load_config(path)
+        assert cfg.teacher.arch in names and cfg.student.arch in names, path
+        pairs.add((cfg.teacher.arch, cfg.student.arch))
+        datasets.add(cfg.data.name)
+        phase_epochs(cfg)
+    assert {("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"),
+            ("resnet110", "resnet20"), ("vgg13", "vgg8")} <= pairs
+    assert {"cifar10", "cifar100", "svhn", "cinic10", "digits"} <= datasets
+
+
+def test_standard_protocol_recipe():
+    cfg = load_config(os.path.join(REPO, "configs", "cifar100_resnet32x4_resnet8x4.yaml"))
+    assert (cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.lr) == (240, 64, 0.05)
+    assert cfg.optim.lr_decay_epochs == [150, 180, 210] and cfg.optim.weight_decay == 5e-4
+    assert (cfg.loss.temperature, cfg.loss.ce_weight, cfg.loss.kd_weight) == (4.0, 0.1, 0.9)
+    assert cfg.data.name == "cifar100" and cfg.data.augment == "cifar"
+
+
+def test_digits_quick_recipe():
+    cfg = load_config(os.path.join(REPO, "configs", "digits_quick.yaml"))
+    assert cfg.data.name == "digits"
+    assert cfg.optim.epochs <= 20 and phase_epochs(cfg) >= 1 and cfg.curriculum.num_phases >= 2

@@ -1,0 +1,174 @@
+"""Pacing functions, instance sequences and per-epoch order generation."""
+import math
+
+import numpy as np
+import pytest
+
+from kdseq_fast.curriculum import (PACING_FUNCTIONS, InstanceSequence, OrderGenerator, Pacing,
+                                   epoch_batch_sizes, pacing_value)
+
+
+# ----------------------------------------------------------------------------- pacing
+@pytest.mark.parametrize("name", PACING_FUNCTIONS)
+@pytest.mark.parametrize("b,a", [(0.2, 0.8), (0.5, 0.5), (0.05, 1.0), (1.0, 0.3)])
+def test_pacing_monotone_bounded_and_full_at_a(name, b, a):
+    p = np.linspace(0, 1, 1001)
+    g = pacing_value(name, p, start_frac=b, full_at=a)
+    assert np.all(np.diff(g) >= -1e-12)
+    assert np.all((g >= (1.0 if name == "full" else b) - 1e-12) & (g <= 1.0))
+    assert np.allclose(g[p >= a], 1.0)
+    assert g[0] == pytest.approx(1.0 if name == "full" else b)
+
+
+def test_pacing_values():
+    b, a = 0.2, 0.8
+    assert pacing_value("linear", 0.4, start_frac=b, full_at=a) == pytest.approx(0.2 + 0.8 * 0.5)
+    assert pacing_value("root", 0.2, start_frac=b, full_at=a) == pytest.approx(0.2 + 0.8 * 0.5)
+    expected_exp = 0.2 + 0.8 * math.expm1(5.0) / math.expm1(10.0)
+    assert pacing_value("exp", 0.4, start_frac=b, full_at=a) == pytest.approx(expected_exp)
+    assert pacing_value("step", 0.79, start_frac=b, full_at=a) == pytest.approx(0.2)
+    assert pacing_value("step", 0.8, start_frac=b, full_at=a) == pytest.approx(1.0)
+    assert pacing_value("full", 0.0, start_frac=b, full_at=a) == 1.0
+    # Root admits data faster than linear, exp slower, in the ramp.
+    r, lin, e = (pacing_value(n, 0.3, start_frac=b, full_at=a) for n in ("root", "linear", "exp"))
+    assert r > lin > e
+
+
+@pytest.mark.parametrize("kw,err", [
+    ({"start_frac": 0.0}, ValueError), ({"start_frac": 1.5}, ValueError),
+    ({"full_at": 0.0}, ValueError), ({"full_at": -1}, ValueError),
+    ({"start_frac": "0.2"}, TypeError),
+])
+def test_pacing_bad_fractions(kw, err):
+    with pytest.raises(err, match=next(iter(kw))):
+        pacing_value("linear", 0.5, **{"start_frac": 0.2, "full_at": 0.8, **kw})
+
+
+def test_pacing_unknown_name():
+    with pytest.raises(ValueError, match="pacing must be one of"):
+        Pacing("cosine")
+
+
+def test_admitted_counts_ceil_and_minimum():
+    p = Pacing("linear", 0.2, 0.8)
+    assert p.admitted(0.0, 1000) == 200
+    assert p.admitted(0.0, 1001) == 201           # ceil(200.2)
+    assert p.admitted(0.0, 10, min_items=4) == 4  # never fewer than one batch
+    assert p.admitted(1.0, 1000) == 1000
+
+
+# ----------------------------------------------------------------------------- sequence
+def test_instance_sequence_easy_anti_stable_ties():
+    d = np.array([0.5, 0.1, 0.5, 0.9, 0.1])
+    assert InstanceSequence(d, "easy").sequence.tolist() == [1, 4, 0, 2, 3]
+    assert InstanceSequence(d, "anti").sequence.tolist() == [3, 0, 2, 1, 4]
+    ranks = InstanceSequence(d, "easy").ranks()
+    assert ranks.tolist() == [2, 0, 3, 4, 1]
+
+
+def test_instance_sequence_random_is_seeded_permutation():
+    d = np.zeros(50)
+    a = InstanceSequence(d, "random", seed=3, phase=1).sequence
+    b = InstanceSequence(d, "random", seed=3, phase=1).sequence
+    c = InstanceSequence(d, "random", seed=3, phase=2).sequence
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert sorted(a.tolist()) == list(range(50))
+
+
+def test_instance_sequence_accepts_torch_and_rejects_nan():
+    torch = pytest.importorskip("torch")
+    seq = InstanceSequence(torch.tensor([3.0, 1.0, 2.0]))
+    assert seq.sequence.tolist() == [1, 2, 0]
+    with pytest.raises(ValueError, match="non-finite"):
+        InstanceSequence(np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match="order must be one of"):
+        InstanceSequence(np.ones(3), "hard")
+
+
+# ----------------------------------------------------------------------------- orders
+def test_epoch_batch_sizes_same_budget():
+    assert epoch_batch_sizes(130, 64).tolist() == [64, 64, 2]
+    assert epoch_batch_sizes(130, 64, drop_last=True).tolist() == [64, 64]
+
+
+def test_uniform_epoch_deterministic_permutation():
+    g = OrderGenerator(100, 16, seed=7)
+    a, b = g.uniform_epoch(0, 3), g.uniform_epoch(0, 3)
+    assert np.array_equal(a, b)
+    assert sorted(a.tolist()) == list(range(100))
+    assert not np.array_equal(a, g.uniform_epoch(0, 4))
+    assert not np.array_equal(a, OrderGenerator(100, 16, seed=8).uniform_epoch(0, 3))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_paced_epoch_draws_only_from_admitted_prefix(strict):
+    n, bs = 1000, 32
+    rng = np.random.default_rng(0)
+    seq = rng.permutation(n)
+    rank = np.empty(n, dtype=np.int64)
+    rank[seq] = np.arange(n)
+    g = OrderGenerator(n, bs, seed=1)
+    pacing = Pacing("linear", 0.2, 0.8)
+    seen_max = []
+    for e in range(4):
+        order, admitted = g.paced_epoch(seq, pacing, phase=1, epoch_in_phase=e, phase_epochs=4,
+                                        strict_order=strict)
+        assert order.shape == (n,)
+        assert np.all(np.diff(admitted) >= 0)
+        starts = np.concatenate([[0], np.cumsum(g.batch_sizes)[:-1]])
+        for s, size, k in zip(starts, g.batch_sizes, admitted):
+            batch_ranks = rank[order[s:s + size]]
+            assert batch_ranks.max() < k
+            if not strict:
+                assert len(np.unique(order[s:s + size])) == size  # no repeats inside a batch
+        seen_max.append(admitted[-1])
+    assert admitted[0] < n and seen_max[-1] == n
+    # Deterministic from (seed, phase, epoch).
+    again, _ = g.paced_epoch(seq, pacing, phase=1, epoch_in_phase=2, phase_epochs=4,
+                             strict_order=strict)
+    first, _ = OrderGenerator(n, bs, seed=1).paced_epoch(seq, pacing, phase=1, epoch_in_phase=2,
+                                                         phase_epochs=4, strict_order=strict)
+    assert np.array_equal(again, first)
+
+
+def test_paced_epoch_first_batches_are_easiest_prefix():
+    n, bs = 500, 50
+    seq = np.arange(n)[::-1].copy()  # sequence: 499 easiest ... 0 hardest
+    g = OrderGenerator(n, bs, seed=0)
+    order, admitted = g.paced_epoch(seq, Pacing("step", 0.2, 0.5), phase=1, epoch_in_phase=0,
+                                    phase_epochs=2)
+    # Step pacing: the first half of the phase only sees the easiest 20% (indices 400..499).
+    assert admitted[0] == 100
+    assert set(order[:bs * 2].tolist()) <= set(range(400, 500))
+    # Shuffled inside the prefix: not in sequence order, and the two batches cover it.
+    assert sorted(order[:100].tolist()) == list(range(400, 500))
+    assert order[:100].tolist() != seq[:100].tolist()
+
+
+def test_strict_order_follows_sequence():
+    n, bs = 100, 10
+    seq = np.random.default_rng(1).permutation(n)
+    g = OrderGenerator(n, bs, seed=0)
+    order, admitted = g.paced_epoch(seq, Pacing("full"), phase=1, epoch_in_phase=0,
+                                    phase_epochs=1, strict_order=True)
+    assert np.array_equal(order, seq)
+
+
+def test_shuffled_full_pacing_is_a_permutation():
+    n = 203
+    seq = np.random.default_rng(2).permutation(n)
+    g = OrderGenerator(n, 16, seed=5)
+    order, _ = g.paced_epoch(seq, Pacing("full"), phase=2, epoch_in_phase=0, phase_epochs=1)
+    assert sorted(order.tolist()) == list(range(n))
+
+
+def test_order_generator_argument_errors():
+    with pytest.raises(ValueError, match="num_items"):
+        OrderGenerator(0, 4)
+    with pytest.raises(ValueError, match="batch_size"):
+        OrderGenerator(10, 0)
+    g = OrderGenerator(10, 4)
+    with pytest.raises(ValueError, match="sequence must have shape"):
+        g.paced_epoch(np.arange(9), Pacing(), phase=1, epoch_in_phase=0, phase_epochs=1)
+    with pytest.raises(ValueError, match="epoch_in_phase"):
+        g.paced_epoch(np.arange(10), Pacing(), phase=1, epoch_in_phase=2, phase_epochs=2)

@@ -1,0 +1,159 @@
+"""instance_scores against the float64 reference (six separate PyTorch reductions)."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kdseq_fast as kf
+from _op_cases import make_labels, make_logits
+
+# Score tolerance per input dtype (fp32 accumulation; inputs compared on identical values).
+TOL = {torch.float32: 3e-5, torch.float16: 5e-5, torch.bfloat16: 5e-5, torch.float64: 1e-10}
+
+
+def compare(s, y, t=None, *, T=4.0, what=""):
+    out = kf.instance_scores(s, y, t, temperature=T)
+    assert out.shape == (s.shape[0], 6)
+    assert out.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
+    ref = kf.instance_scores_reference(s, y, t, temperature=T)
+    out64 = out.double().cpu()
+    ref = ref.cpu()
+    for j, name in enumerate(kf.SCORE_FIELDS):
+        scale = max(1.0, float(ref[:, j].abs().max())) if ref.numel() else 1.0
+        torch.testing.assert_close(out64[:, j], ref[:, j], atol=TOL[s.dtype] * scale, rtol=TOL[s.dtype],
+                                   msg=lambda m: f"{what} column {name}: {m}")
+    return out
+
+
+def check_all(device):
+    for B, C in [(1, 2), (7, 3), (64, 10), (100, 100), (33, 1000), (9, 1025), (4, 5003), (2, 32000)]:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            s = make_logits(B, C, dtype=dtype, device=device, seed=B + C)
+            t = make_logits(B, C, dtype=dtype, device=device, seed=2 * B + C)
+            y = make_labels(B, C, device=device)
+            compare(s, y, t, what=f"{device} {B}x{C} {dtype}")
+            compare(s, y, None, what=f"{device} {B}x{C} {dtype} no teacher")
+
+
+def test_score_fields_contract():
+    assert kf.SCORE_FIELDS == ("ce", "kd", "p_true", "margin", "entropy", "correct")
+
+
+def test_matches_reference_every_column_and_dtype():
+    check_all("cpu")
+
+
+def test_kd_column_is_zero_without_teacher_and_matches_kd_loss_with_one():
+    s, t, y = make_logits(20, 50), make_logits(20, 50, seed=3), make_labels(20, 50)
+    assert (kf.instance_scores(s, y)[:, 1] == 0).all()
+    kd_col = kf.instance_scores(s, y, t, temperature=3.0)[:, 1]
+    per_row = kf.kd_loss(s, t, temperature=3.0, reduction="none")
+    torch.testing.assert_close(kd_col, per_row, rtol=1e-4, atol=1e-5)
+
+
+def test_ties_first_maximum_wins():
+    # Row 0: label is the first of two tied maxima -> correct; row 1: label is the second -> wrong.
+    s = torch.tensor([[1.0, 5.0, 5.0, 0.0], [1.0, 5.0, 5.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    y = torch.tensor([1, 2, 0])
+    out = compare(s, y, what="ties")
+    assert out[:, 5].tolist() == [1.0, 0.0, 1.0]
+    assert out[:, 3].tolist() == [0.0, 0.0, 0.0]  # margin against the tied runner-up is 0
+    # Ties across chunk boundaries (CPU chunks of 256 elements) and long rows.
+    C = 5000
+    s = torch.zeros(3, C)
+    s[:, [300, 4000]] = 7.0
+    y = torch.tensor([300, 4000, 0])
+    out = compare(s, y, what="long ties")
+    assert out[:, 5].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_masked_classes_and_extreme_values():
+    s, t = make_logits(6, 600, seed=1), make_logits(6, 600, seed=2)
+    s[:, 500:] = float("-inf")
+    t[:, 500:] = float("-inf")
+    y = make_labels(6, 500)
+    out = compare(s, y, t, what="masked")
+    assert torch.isfinite(out).all()
+    big = make_logits(5, 1000, scale=4e3, seed=3).clamp(-1e4, 1e4)
+    bigt = make_logits(5, 1000, scale=4e3, seed=4).clamp(-1e4, 1e4)
+    compare(big, make_labels(5, 1000), bigt, T=0.5, what="extreme")
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_non_contiguous(layout):
+    s = make_logits(17, 1234, layout=layout)
+    t = make_logits(17, 1234, layout=layout, seed=9)
+    compare(s, make_labels(17, 1234), t, what=layout)
+
+
+def test_long_rows_split_across_threads():
+    s, t = make_logits(1, 262_144, seed=5), make_logits(1, 262_144, seed=6)
+    compare(s, torch.tensor([12345]), t, T=2.0, what="262144")
+
+
+def test_double_inputs():
+    s, t = make_logits(10, 30, dtype=torch.float64), make_logits(10, 30, dtype=torch.float64, seed=1)
+    compare(s, make_labels(10, 30), t, what="float64")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 50), C=st.integers(2, 2500), T=st.floats(0.5, 20.0),
+       scale=st.sampled_from([0.01, 1.0, 20.0, 300.0]), with_teacher=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 10_000))
+def test_hypothesis_random_problems(B, C, T, scale, with_teacher, dtype, seed):
+    s = make_logits(B, C, dtype=dtype, scale=scale, seed=seed)
+    t = make_logits(B, C, dtype=dtype, scale=scale, seed=seed + 1) if with_teacher else None
+    compare(s, make_labels(B, C, seed=seed + 2), t, T=T, what="hypothesis")
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda s, y, t: kf.instance_scores(s[0], y), ValueError, "student_logits"),
+    (lambda s, y, t: kf.instance_scores(s, y[:2]), ValueError, "labels"),
+    (lambda s, y, t: kf.instance_scores(s, y + 10), ValueError, "labels"),
+    (lambda s, y, t: kf.instance_scores(s, y - 10), ValueError, "labels"),
+    (lambda s, y, t: kf.instance_scores(s, y.float()), TypeError, "labels"),
+    (lambda s, y, t: kf.instance_scores(s, None), TypeError, "labels"),
+    (lambda s, y, t: kf.instance_scores(s, y, t[:, :3]), ValueError, "teacher_logits"),
+    (lambda s, y, t: kf.instance_scores(s, y, t[:2]), ValueError, "batch size"),
+    (lambda s, y, t: kf.instance_scores(s, y, t, temperature=0), ValueError, "temperature"),
+    (lambda s, y, t: kf.instance_scores(s.int(), y), TypeError, "student_logits"),
+    (lambda s, y, t: kf.instance_scores(s, y, t.to("meta")), ValueError, "teacher_logits"),
+])
+def test_bad_input(call, exc, match):
+    s, y, t = make_logits(4, 10), make_labels(4, 10), make_logits(4, 10, seed=1)
+    with pytest.raises(exc, match=match):
+        call(s, y, t)
+
+
+def test_torch_compile_and_opcheck():
+    s, y, t = make_logits(8, 40), make_labels(8, 40), make_logits(8, 40, seed=1)
+    f = torch.compile(lambda a, b, c: kf.instance_scores(a, b, c).sum(0), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(s, y, t), kf.instance_scores(s, y, t).sum(0))
+    torch.library.opcheck(torch.ops.kdseq.instance_scores.default, (s, y, t, 4.0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.cuda
+def test_cuda_matches_reference():
+    check_all("cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_edge_cases():
+    dev = "cuda"
+    for layout in ("transposed", "strided"):
+        s = make_logits(17, 2001, layout=layout, device=dev)
+        t = make_logits(17, 2001, layout=layout, device=dev, seed=9)
+        compare(s, make_labels(17, 2001, device=dev), t, what=f"cuda {layout}")
+    s = torch.zeros(3, 5000, device=dev)
+    s[:, [300, 4000]] = 7.0
+    out = compare(s, torch.tensor([300, 4000, 0], device=dev), what="cuda ties")
+    assert out[:, 5].tolist() == [1.0, 0.0, 0.0]
+    s = torch.tensor([[1.0, 5.0, 5.0, 0.0], [1.0, 5.0, 5.0, 0.0]], device=dev)
+    assert compare(s, torch.tensor([1, 2], device=dev), what="cuda small ties")[:, 5].tolist() == [1.0, 0.0]
+    s, t = make_logits(2, 262_144, device=dev), make_logits(2, 262_144, device=dev, seed=3)
+    compare(s, torch.tensor([0, 262_143], device=dev), t, T=2.0, what="cuda 262144")
+    for s_dtype, t_dtype in [(torch.float32, torch.bfloat16), (torch.float16, torch.float32)]:
+        s = make_logits(16, 3000, dtype=s_dtype, device=dev)
+        t = make_logits(16, 3000, dtype=t_dtype, device=dev, seed=3)
+        compare(s, make_labels(16, 3000, device=dev), t, what="cuda mixed")

@@ -1,0 +1,373 @@
+"""CurriculumLoader: order, pixels, sharding, resume and augmentation on both backends."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from kdseq_fast.data import CurriculumLoader
+from kdseq_fast.data import augment as aug
+from kdseq_fast.data import dali_backend
+
+HAVE_DALI = dali_backend.dali_import_error() is None
+BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="no DALI"))]
+MEAN = [125.3, 123.0, 113.9]
+STD = [63.0, 62.1, 66.7]
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 100, 300).astype(np.int64)
+    return images, labels
+
+
+def reference(images, idx):
+    x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float()
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def run_pass(loader):
+    batches = list(loader)
+    return ([b["images"] for b in batches], [b["labels"] for b in batches],
+            [b["indices"] for b in batches])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_order_labels_pixels_without_augmentation(data, backend):
+    images, labels = data
+    rng = np.random.default_rng(1)
+    # Repeats and a length that leaves a partial last batch (250 = 3*64 + 58).
+    order = np.concatenate([rng.permutation(300)[:200], np.full(20, 7), rng.integers(0, 300, 30)])
+    L = CurriculumLoader(images, labels, 64, backend=backend, augment=None, mean=MEAN, std=STD)
+    assert L.backend == backend and L.num_items == 300
+    L.set_order(torch.from_numpy(order))
+    assert len(L) == 4
+    ims, labs, idxs = run_pass(L)
+    assert [len(i) for i in idxs] == [64, 64, 64, 58]
+    idx = torch.cat(idxs)
+    assert idx.dtype == torch.int64 and torch.equal(idx, torch.from_numpy(order))
+    lab = torch.cat(labs)
+    assert lab.dtype == torch.int64 and torch.equal(lab, torch.from_numpy(labels[order]))
+    x = torch.cat(ims)
+    assert x.dtype == torch.float32 and x.shape == (250, 3, 32, 32) and x.is_contiguous()
+    torch.testing.assert_close(x, reference(images, order), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_order_changes_every_epoch_and_epoch_counter(data, backend):
+    images, labels = data
+    L = CurriculumLoader(images, labels, 32, backend=backend, augment="cifar", mean=MEAN, std=STD)
+    for epoch in range(3):
+        order = np.random.default_rng(epoch).permutation(300)[: 100 + 37 * epoch]
+        L.set_order(order)
+        assert L.epoch == epoch
+        _, _, idxs = run_pass(L)
+        assert torch.equal(torch.cat(idxs), torch.from_numpy(order))
+    # Without a new order the last one is kept.
+    _, _, idxs = run_pass(L)
+    assert torch.equal(torch.cat(idxs), torch.from_numpy(order)) and L.epoch == 4
+
+
+def test_default_order_is_natural_and_drop_last(data):
+    images, labels = data
+    L = CurriculumLoader(images, labels, 64, backend="torch", augment=None, drop_last=True)
+    assert len(L) == 4 and L.batches_per_epoch == 4
+    _, _, idxs = run_pass(L)
+    assert torch.equal(torch.cat(idxs), torch.arange(256))
+    L.set_order(np.arange(64))
+    assert len(L) == 1
+    with pytest.raises(ValueError, match="indices"):
+        L.set_order(np.arange(63))  # drop_last leaves no batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("length,expect_batches", [(47, 5), (42, 4)])
+def test_shard_union_is_the_order(data, backend, length, expect_batches):
+    images, labels = data
+    order = np.random.default_rng(5).integers(0, 300, length)
+    world = 3
+    per_rank = []
+    for rank in range(world):
+        L = CurriculumLoader(images, labels, 10, backend=backend, augment="cifar", shard=(rank, world),
+                             mean=MEAN, std=STD, seed=11)
+        L.set_order(order)
+        assert len(L) == expect_batches
+        per_rank.append(run_pass(L))
+    # Every rank steps the same number of times; concatenating the ranks' rows of each global
+    # batch, in rank order, gives the order back (42: last batch of 2 rows < 3 ranks is dropped).
+    assert all(len(r[2]) == expect_batches for r in per_rank)
+    union = torch.cat([torch.cat([per_rank[r][2][k] for r in range(world)])
+                       for k in range(expect_batches)])
+    n_kept = min(length, expect_batches * 10)
+    assert torch.equal(union, torch.from_numpy(order[:n_kept]))
+    assert [len(per_rank[r][2][-1]) for r in range(world)] == ([3, 2, 2] if length == 47 else [4, 3, 3])
+    # Sharded augmentation equals the unsharded pass row for row.
+    L = CurriculumLoader(images, labels, 10, backend=backend, augment="cifar", mean=MEAN, std=STD, seed=11)
+    L.set_order(order)
+    full = torch.cat(run_pass(L)[0])[:n_kept]
+    sharded = torch.cat([torch.cat([per_rank[r][0][k] for r in range(world)])
+                         for k in range(expect_batches)])
+    assert torch.equal(full, sharded)
+
+
+def _recover_crop(x):
+    """From images built by `position_images`, read back (oy, ox, flip) of each output image."""
+    x = x.round().to(torch.int64)  # mean 0, std 1: outputs are raw pixels
+    n, _, h, w = x.shape
+    rows, cols, inside = x[:, 0], x[:, 1], x[:, 2] == 255
+    oy, ox, flip = [], [], []
+    for b in range(n):
+        ii, jj = torch.nonzero(inside[b], as_tuple=True)
+        src_r = rows[b, ii, jj] - 1
+        src_c = cols[b, ii, jj] - 1
+        dy = torch.unique(src_r - ii)
+        f = bool((src_c + jj == src_c[0] + jj[0]).all()) and len(torch.unique(jj)) > 1
+        dx = torch.unique(src_c + jj - (w - 1)) if f else torch.unique(src_c - jj)
+        assert len(dy) == 1 and len(dx) == 1, "crop is not a rigid window"
+        # Outside the source image the window must be exactly the zero padding.
+        assert (x[b][:, ~inside[b]] == 0).all()
+        oy.append(int(dy) + 4)
+        ox.append(int(dx) + 4)
+        flip.append(int(f))
+    return torch.tensor(oy), torch.tensor(ox), torch.tensor(flip)
+
+
+def position_images(n):
+    i = np.arange(32)
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[..., 0] = (i[:, None] + 1)  # row + 1, so 0 marks padding
+    img[..., 1] = (i[None, :] + 1)
+    img[..., 2] = 255
+    return np.repeat(img[None], n, axis=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cifar_augmentation_statistics_and_parameters(backend):
+    n = 1200
+    images = position_images(n)
+    L = CurriculumLoader(images, np.zeros(n, np.int64), 200, backend=backend, augment="cifar",
+                         mean=0.0, std=1.0, seed=7)
+    L.set_epoch(3)
+    x = torch.cat(run_pass(L)[0])
+    oy, ox, flip = _recover_crop(x)
+    assert oy.min() >= 0 and oy.max() <= 8 and ox.min() >= 0 and ox.max() <= 8
+    assert abs(flip.float().mean().item() - 0.5) < 0.05
+    for off in (oy, ox):
+        freq = torch.bincount(off, minlength=9).float() / n
+        assert (freq - 1 / 9).abs().max() < 0.04
+    # The applied windows are exactly the documented pure function of (seed, epoch, position).
+    e_oy, e_ox, e_flip = aug.cifar_params(7, 3, n, 4)
+    assert torch.equal(oy, e_oy) and torch.equal(ox, e_ox) and torch.equal(flip, e_flip)
+
+
+def test_augmentation_seeded_by_seed_and_epoch(data):
+    images, labels = data
+    def images_of(seed, epoch, backend="torch"):
+        L = CurriculumLoader(images, labels, 50, backend=backend, augment="cifar", seed=seed)
+        L.set_epoch(epoch)
+        return torch.cat(run_pass(L)[0])
+    a = images_of(0, 2)
+    assert torch.equal(a, images_of(0, 2))
+    assert not torch.equal(a, images_of(0, 3))
+    assert not torch.equal(a, images_of(1, 2))
+    if HAVE_DALI:  # host-drawn parameters make the backends agree exactly
+        assert torch.equal(a, images_of(0, 2, "dali"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_epoch_is_exact(data, backend):
+    images, labels = data
+    order = np.random.default_rng(3).integers(0, 300, 230)
+    L = CurriculumLoader(images, labels, 32, backend=backend, augment="cifar", seed=5)
+    L.set_epoch(4)
+    L.set_order(order)
+    full = run_pass(L)
+    assert L.epoch == 5
+    R = CurriculumLoader(images, labels, 32, backend=backend, augment="cifar", seed=5)
+    R.set_epoch(4)
+    R.set_order(order, start_batch=3)
+    assert len(R) == len(full[0]) - 3 and R.batches_per_epoch == len(full[0])
+    resumed = run_pass(R)
+    for part in range(3):
+        assert len(resumed[part]) == len(full[part]) - 3
+        for a, b in zip(resumed[part], full[part][3:]):
+            assert torch.equal(a, b)
+    assert len(R) == R.batches_per_epoch and R.epoch == 5  # start_batch applies to one pass only
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_abandoned_pass_then_new_order(data, backend):
+    images, labels = data
+    L = CurriculumLoader(images, labels, 16, backend=backend, augment=None)
+    L.set_order(np.arange(200))
+    for k, _ in enumerate(L):
+        if k == 2:
+            break
+    assert L.epoch == 0  # an incomplete pass does not advance the epoch
+    order = np.arange(299, 99, -1)
+    L.set_order(order)
+    _, _, idxs = run_pass(L)
+    assert torch.equal(torch.cat(idxs), torch.from_numpy(order)) and L.epoch == 1
+
+
+def test_prefetch_and_inline_agree_and_torch_inputs(data):
+    images, labels = data
+    outs = []
+    for prefetch, imgs, labs in [(0, images, labels), (3, torch.from_numpy(images), labels.tolist())]:
+        L = CurriculumLoader(imgs, labs, 40, backend="torch", augment="cifar", seed=2, prefetch=prefetch)
+        outs.append(run_pass(L))
+    for a, b in zip(outs[0][0], outs[1][0]):
+        assert torch.equal(a, b)
+
+
+def test_errors_name_the_argument(data):
+    images, labels = data
+    mk = lambda **kw: CurriculumLoader(kw.pop("images", images), kw.pop("labels", labels),
+                                       kw.pop("batch_size", 8), backend="torch", **kw)
+    with pytest.raises(ValueError, match="labels lengths"):
+        mk(labels=labels[:-1])
+    with pytest.raises(ValueError, match="uint8"):
+        mk(images=images.astype(np.float32))
+    with pytest.raises(ValueError, match="NCHW"):
+        mk(images=np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    with pytest.raises(ValueError, match="4-D"):
+        mk(images=images[0])
+    with pytest.raises(ValueError, match="labels"):
+        mk(labels=labels.astype(np.float32))
+    with pytest.raises(ValueError, match="batch_size"):
+        mk(batch_size=0)
+    with pytest.raises(ValueError, match="shard"):
+        mk(shard=(2, 2))
+    with pytest.raises(ValueError, match="backend"):
+        CurriculumLoader(images, labels, 8, backend="fast")
+    with pytest.raises(ValueError, match="augment"):
+        mk(augment="autoaugment")
+    with pytest.raises(ValueError, match="std"):
+        mk(std=[1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="mean"):
+        mk(mean=[1.0, 2.0])
+    L = mk()
+    with pytest.raises(ValueError, match="empty"):
+        L.set_order([])
+    with pytest.raises(ValueError, match="out of range"):
+        L.set_order([0, 300])
+    with pytest.raises(ValueError, match="out of range"):
+        L.set_order([-1, 3])
+    with pytest.raises(ValueError, match="integers"):
+        L.set_order(np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="1-D"):
+        L.set_order(np.zeros((2, 2), np.int64))
+    with pytest.raises(ValueError, match="start_batch"):
+        L.set_order(np.arange(16), start_batch=3)
+    with pytest.raises(ValueError, match="epoch"):
+        L.set_epoch(-1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device"):
+            mk(device="cuda")
+
+
+def test_auto_falls_back_with_one_logged_line(data, monkeypatch, caplog):
+    images, labels = data
+    monkeypatch.setattr(dali_backend, "_IMPORT_ERROR", "nvidia-dali not importable (test)")
+    with caplog.at_level(logging.INFO, logger="kdseq_fast.data"):
+        L = CurriculumLoader(images, labels, 8, backend="auto")
+    assert L.backend == "torch"
+    assert len(caplog.records) == 1 and "not importable (test)" in caplog.records[0].getMessage()
+    with pytest.raises(RuntimeError, match="not importable"):
+        CurriculumLoader(images, labels, 8, backend="dali")
+
+
+def test_dali_startup_failure_falls_back_or_raises(data, monkeypatch, caplog):
+    images, labels = data
+    if not HAVE_DALI:
+        pytest.skip("no DALI")
+
+    def broken(self, loader):
+        raise RuntimeError("CUDA driver not found")
+    monkeypatch.setattr(dali_backend.DaliBackend, "__init__", broken)
+    with caplog.at_level(logging.WARNING, logger="kdseq_fast.data"):
+        assert CurriculumLoader(images, labels, 8, backend="auto").backend == "torch"
+    assert "CUDA driver not found" in caplog.text
+    with pytest.raises(RuntimeError, match="CUDA driver not found"):
+        CurriculumLoader(images, labels, 8, backend="dali")
+
+
+# ---------------------------------------------------------------- file datasets
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from PIL import Image
+    root = tmp_path_factory.mktemp("imgs")
+    paths = []
+    for k in range(10):
+        h, w = 40 + 4 * k, 56 - 2 * k
+        yy, xx = np.mgrid[0:h, 0:w]
+        # Smooth content: resampling differences between backends stay small, crop and flip
+        # differences do not.
+        img = np.stack([xx * 200 // w, yy * 200 // h, np.full_like(xx, 20 * k)], -1).astype(np.uint8)
+        p = root / f"{k}.png"
+        Image.fromarray(img).save(p)
+        paths.append(str(p))
+    return paths, np.arange(10, dtype=np.int64) * 3
+
+
+@pytest.mark.parametrize("augment", [None, "rrc", "cifar"])
+def test_file_dataset_backends_agree(files, augment):
+    if not HAVE_DALI:
+        pytest.skip("no DALI")
+    paths, labels = files
+    order = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5])
+    outs = {}
+    for backend in ("torch", "dali"):
+        L = CurriculumLoader(paths, labels, 4, backend=backend, augment=augment, image_size=24,
+                             mean=MEAN, std=STD, seed=1)
+        L.set_epoch(2)
+        L.set_order(order)
+        ims, labs, idxs = run_pass(L)
+        assert [len(i) for i in idxs] == [4, 4, 1]
+        assert torch.equal(torch.cat(idxs), torch.from_numpy(order))
+        assert torch.equal(torch.cat(labs), torch.from_numpy(labels[order]))
+        outs[backend] = torch.cat(ims)
+        assert outs[backend].shape == (9, 3, 24, 24)
+    # Same boxes and flips, different resamplers: a few pixel levels apart at most.
+    diff = (outs["torch"] - outs["dali"]).abs() * torch.tensor(STD).view(1, 3, 1, 1)
+    assert diff.mean() < 2.0, diff.mean()
+    if augment is not None:
+        # And clearly not the un-augmented view.
+        L = CurriculumLoader(paths, labels, 4, backend="torch", augment=None, image_size=24,
+                             mean=MEAN, std=STD)
+        L.set_order(order)
+        plain = torch.cat(run_pass(L)[0])
+        assert ((plain - outs["torch"]).abs() * torch.tensor(STD).view(1, 3, 1, 1)).mean() > 5.0
+
+
+def test_file_dataset_errors(files):
+    paths, labels = files
+    with pytest.raises(ValueError, match="image_size"):
+        CurriculumLoader(paths, labels, 4, backend="torch", augment="rrc")
+    with pytest.raises(ValueError, match="rrc"):
+        CurriculumLoader(np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4, np.int64), 2, augment="rrc")
+    L = CurriculumLoader(paths, labels, 4, backend="torch", augment=None)
+    with pytest.raises(ValueError, match="image_size"):
+        list(L)  # decoded sizes differ and no image_size to unify them
+
+
+# ---------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("augment", [None, "cifar"])
+def test_cuda_matches_cpu(data, backend, augment):
+    images, labels = data
+    order = np.random.default_rng(9).integers(0, 300, 150)
+    res = {}
+    for device in ("cpu", "cuda"):
+        L = CurriculumLoader(images, labels, 64, backend=backend, device=device, augment=augment,
+                             mean=MEAN, std=STD, seed=4)
+        L.set_order(order)
+        ims, labs, idxs = run_pass(L)
+        assert all(t.device.type == device for t in ims + labs + idxs)
+        res[device] = [torch.cat(t).cpu() for t in (ims, labs, idxs)]
+    for a, b in zip(res["cpu"], res["cuda"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

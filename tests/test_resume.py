@@ -1,0 +1,229 @@
+"""Crash safety (issue 9): kill-and-resume is bit-identical, corrupt checkpoints fall back,
+preemption checkpoints and exits 0, non-finite losses stop cleanly, bad inputs are clear errors.
+
+The kill tests run the real CLI in a subprocess and SIGKILL it from inside at an exact point
+(``KDSEQ_TEST_KILL_AT_STEP`` / ``KDSEQ_TEST_KILL_AT_SCORING``), then resume and compare every
+tensor of ``student.pt`` with ``torch.equal`` against an uninterrupted run with the same seed.
+Runs are tiny (192 synthetic 16-px images, resnet8, 36 steps) so the file takes about a minute.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kdseq_fast import cli
+from kdseq_fast.runtime import (CheckpointError, load_checkpoint, load_latest_checkpoint,
+                                save_checkpoint)
+
+# 6 steps per epoch; epochs: 1 warm-up | phase 1 (2) | phase 2 (2) | 1 final = 36 steps.
+TINY = [
+    "data.name=synthetic", "data.synthetic_train=192", "data.synthetic_test=64",
+    "data.synthetic_classes=10", "data.image_size=16", "data.augment=cifar",
+    "data.loader_backend=torch", "data.num_threads=1",
+    "teacher.arch=resnet8", "student.arch=resnet8",
+    "optim.epochs=6", "optim.batch_size=32", "optim.lr_decay_epochs=[5]",
+    "curriculum.warmup_epochs=1", "curriculum.num_phases=2", "curriculum.final_full_epochs=1",
+    "train.checkpoint_every_steps=4", "train.tensorboard=false", "deterministic=true",
+]
+
+
+def _args(out, teacher, extra=()):
+    args = ["distill", "--method", "isl", "--teacher", str(teacher), "--out", str(out),
+            "--quiet", "--device", "cpu"]
+    for s in TINY + list(extra):
+        args += ["--set", s]
+    return args
+
+
+def _run(args, env_extra=None, check=True):
+    env = dict(os.environ)
+    for k in list(env):
+        if k.startswith("KDSEQ_TEST_"):
+            del env[k]
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, "-m", "kdseq_fast", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _weights(run_dir):
+    return torch.load(os.path.join(run_dir, "student.pt"), weights_only=True)
+
+
+def _assert_identical(a_dir, b_dir):
+    a, b = _weights(a_dir), _weights(b_dir)
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"tensors differ after resume: {diff[:5]}"
+    for k in (1, 2):
+        assert np.array_equal(np.load(os.path.join(a_dir, f"phase_{k}_order.npy")),
+                              np.load(os.path.join(b_dir, f"phase_{k}_order.npy")))
+
+    def rows(d):
+        with open(os.path.join(d, "metrics.jsonl")) as fh:
+            return [(r["epoch"], r["steps"], r["train_loss"], r["test_acc"])
+                    for r in map(json.loads, fh)]
+    assert rows(a_dir) == rows(b_dir)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from kdseq_fast.models import get_model
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(get_model("resnet8", 10, image_size=16).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, teacher):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    _run(_args(out, teacher))
+    return out
+
+
+@pytest.mark.parametrize("where,env", [
+    ("inside warm-up", {"KDSEQ_TEST_KILL_AT_STEP": "5"}),
+    ("phase boundary", {"KDSEQ_TEST_KILL_AT_SCORING": "1"}),
+    ("mid-phase", {"KDSEQ_TEST_KILL_AT_STEP": "15"}),
+    ("just after a checkpoint", {"KDSEQ_TEST_KILL_AT_STEP": "24"}),
+])
+def test_kill_and_resume_is_bit_identical(tmp_path, teacher, reference, where, env):
+    out = tmp_path / "run"
+    killed = _run(_args(out, teacher), env, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not os.path.exists(out / "student.pt")
+    resumed = _run(_args(out, teacher) + ["--resume"])
+    assert "resuming from" in resumed.stdout
+    _assert_identical(reference, out)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, teacher, reference):
+    out = tmp_path / "run"
+    killed = _run(_args(out, teacher), {"KDSEQ_TEST_KILL_AT_STEP": "27"}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    latest = out / "checkpoint.pt"
+    data = bytearray(latest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    latest.write_bytes(bytes(data))
+    resumed = _run(_args(out, teacher) + ["--resume"])
+    assert "falling back to the previous checkpoint" in resumed.stdout
+    _assert_identical(reference, out)
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path, teacher, reference):
+    out = tmp_path / "run"
+    stopped = _run(_args(out, teacher), {"KDSEQ_TEST_SIGTERM_AT_STEP": "10"})
+    assert "SIGTERM" in stopped.stdout and "--resume" in stopped.stdout
+    state = load_checkpoint(str(out / "checkpoint.pt"))
+    assert state["progress"]["global_step"] == 10
+    _run(_args(out, teacher) + ["--resume"])
+    _assert_identical(reference, out)
+
+
+def test_resume_with_different_config_is_an_error(tmp_path, teacher, capsys):
+    out = tmp_path / "run"
+    killed = _run(_args(out, teacher), {"KDSEQ_TEST_KILL_AT_STEP": "5"}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    rc = cli.main(_args(out, teacher, ["optim.lr=0.2"]) + ["--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "optim.lr" in err
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+def test_checkpoint_roundtrip_and_corruption(tmp_path):
+    state = {"a": torch.arange(5), "b": {"c": 1.5}}
+    save_checkpoint(state, str(tmp_path))
+    save_checkpoint({"a": torch.arange(6), "b": {"c": 2.5}}, str(tmp_path))
+    got, path = load_latest_checkpoint(str(tmp_path))
+    assert path.endswith("checkpoint.pt") and torch.equal(got["a"], torch.arange(6))
+    # Truncation of the latest is detected; the previous generation is used.
+    latest = tmp_path / "checkpoint.pt"
+    latest.write_bytes(latest.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(str(latest))
+    logs = []
+    got, path = load_latest_checkpoint(str(tmp_path), log=logs.append)
+    assert path.endswith("checkpoint.prev.pt") and torch.equal(got["a"], torch.arange(5))
+    assert "falling back" in logs[0]
+    (tmp_path / "checkpoint.prev.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        load_latest_checkpoint(str(tmp_path))
+    assert load_latest_checkpoint(str(tmp_path / "empty")) is None
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+def test_nonfinite_loss_stops_with_step_phase_and_indices(tmp_path, teacher, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(_args(out, teacher, ["optim.lr=1.0e+30", "optim.lr_decay_epochs=[]"]))
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "non-finite" in err and "step" in err and "phase 0" in err and "indices [" in err
+    state = load_checkpoint(str(out / "checkpoint.pt"))
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nonfinite_skip_mode_finishes(tmp_path, teacher, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(_args(out, teacher, ["optim.lr=1.0e+30", "optim.lr_decay_epochs=[]",
+                                       "optim.epochs=2", "curriculum.num_phases=0",
+                                       "curriculum.final_full_epochs=1",
+                                       "train.nonfinite=skip"]) )
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "batch skipped" in captured.out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"]["isl"]["skipped_batches"] > 0
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def test_missing_dataset_files_name_download(tmp_path, capsys):
+    rc = cli.main(["train-teacher", "--out", str(tmp_path / "t"), "--quiet",
+                   "--set", "data.name=cifar10", "--set", f"data.root={tmp_path / 'nodata'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "download" in err
+
+
+def test_teacher_that_does_not_fit_names_keys(tmp_path, teacher, capsys):
+    rc = cli.main(_args(tmp_path / "run", teacher, ["teacher.arch=resnet14"]))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "does not fit teacher.arch=resnet14" in err and "layer" in err
+
+
+def test_teacher_with_wrong_class_count(tmp_path, teacher, capsys):
+    rc = cli.main(_args(tmp_path / "run", teacher, ["data.synthetic_classes=7"]))
+    err = capsys.readouterr().err
+    assert rc == 2 and "fc" in err
+
+
+@pytest.mark.parametrize("override,field", [
+    ("optim.lr=-0.1", "optim.lr"),
+    ("curriculum.start_frac=0", "curriculum.start_frac"),
+    ("curriculum.full_at=1.5", "curriculum.full_at"),
+    ("curriculum.measure=loss", "curriculum.measure"),
+])
+def test_out_of_range_config_values(tmp_path, teacher, capsys, override, field):
+    rc = cli.main(_args(tmp_path / "run", teacher, [override]))
+    err = capsys.readouterr().err
+    assert rc == 2 and field in err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_out_dir_holding_a_different_run(tmp_path, teacher, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"role": "student", "method": "kd",
+                                              "resume_hash": "0" * 64}))
+    rc = cli.main(_args(out, teacher))
+    err = capsys.readouterr().err
+    assert rc == 2 and "different run" in err

@@ -1,0 +1,152 @@
+"""The dataset-level scoring pass, the teacher-logit cache and the difficulty measures."""
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import kdseq_fast as kf
+from kdseq_fast.scoring import TeacherLogitCache, compute_logits, difficulty, parse_measure, score_dataset
+
+
+def small_problem(n=53, classes=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 4, 4, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 16), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(16, classes))
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return x, y, model
+
+
+def loader_for(x, y, *, batch_size=8, shuffle=True, indices=None):
+    idx = torch.arange(len(x)) if indices is None else indices
+    ds = TensorDataset(x[idx], y[idx], idx)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(3))
+
+
+def test_score_dataset_maps_every_index_once_shuffled_partial_batch():
+    x, y, model = small_problem()
+    teacher = torch.randn(len(x), 7)
+    model.train()  # the pass must switch to eval (dropout off) and restore the mode
+    scores = score_dataset(model, loader_for(x, y, batch_size=8), teacher, num_items=len(x), progress=False)
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        expected = kf.instance_scores(model(x), y, teacher, temperature=4.0)
+    assert scores.shape == (len(x), 6) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+    # Same result whatever the batch size / order.
+    again = score_dataset(model, loader_for(x, y, batch_size=53, shuffle=False), teacher, num_items=len(x),
+                          progress=False)
+    torch.testing.assert_close(again, scores, rtol=1e-5, atol=1e-5)
+
+
+def test_score_dataset_dict_batches_and_numpy_teacher():
+    x, y, model = small_problem(n=20)
+    batches = [{"images": x[i:i + 6], "labels": y[i:i + 6], "indices": torch.arange(i, min(i + 6, 20))}
+               for i in range(0, 20, 6)]
+    teacher = np.random.default_rng(0).normal(size=(20, 7)).astype(np.float16)
+    scores = score_dataset(model, batches, teacher, num_items=20, progress=False)
+    model.eval()
+    with torch.no_grad():
+        expected = kf.instance_scores(model(x), y, torch.from_numpy(teacher))
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_score_dataset_rejects_missing_or_repeated_indices():
+    x, y, model = small_problem(n=20)
+    with pytest.raises(ValueError, match="exactly once"):
+        score_dataset(model, loader_for(x, y, indices=torch.arange(15)), num_items=20, progress=False)
+    with pytest.raises(ValueError, match="exactly once"):
+        score_dataset(model, loader_for(x, y, indices=torch.tensor([0, 1, 1] + list(range(3, 20)))),
+                      num_items=20, progress=False)
+    with pytest.raises(ValueError, match="outside"):
+        score_dataset(model, loader_for(x, y), num_items=10, progress=False)
+    with pytest.raises(ValueError, match="num_items"):
+        score_dataset(model, [(x, y, torch.arange(20))], progress=False)
+    with pytest.raises(ValueError, match="rows"):
+        score_dataset(model, loader_for(x, y), torch.zeros(5, 7), num_items=20, progress=False)
+
+
+def test_compute_logits_matches_model():
+    x, y, model = small_problem(n=30)
+    model.eval()
+    logits = compute_logits(model, loader_for(x, y, batch_size=7), num_items=30, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x))
+
+
+def test_teacher_cache_memory_disk_and_key(tmp_path):
+    x, y, teacher = small_problem(n=25)
+    loader = loader_for(x, y, batch_size=10)
+    mem = TeacherLogitCache()
+    a = mem.get(teacher, loader, num_items=25, key="digits/train", progress=False)
+    assert mem.last_hit is False
+    assert mem.get(teacher, loader, num_items=25, key="digits/train", progress=False) is a
+    assert mem.last_hit is True
+
+    disk = TeacherLogitCache(tmp_path)
+    b = disk.get(teacher, loader, num_items=25, key="digits/train", progress=False)
+    assert disk.last_hit is False
+    torch.testing.assert_close(a, b)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len([f for f in files if f.endswith(".npy")]) == 1
+
+    second_run = TeacherLogitCache(tmp_path)
+    c = second_run.get(teacher, loader, num_items=25, key="digits/train", progress=False)
+    assert second_run.last_hit is True
+    torch.testing.assert_close(c, b)
+
+    # Different weights or a different dataset key -> a different entry.
+    with torch.no_grad():
+        teacher[1].weight.add_(1.0)
+    d = TeacherLogitCache(tmp_path).get(teacher, loader, num_items=25, key="digits/train", progress=False)
+    assert not torch.allclose(d, b)
+    TeacherLogitCache(tmp_path).get(teacher, loader, num_items=25, key="other", progress=False)
+    assert len([p for p in tmp_path.iterdir() if p.suffix == ".npy"]) == 3
+
+
+def test_teacher_cache_fp16_and_corrupt_file(tmp_path):
+    x, y, teacher = small_problem(n=12)
+    loader = loader_for(x, y, batch_size=5)
+    cache = TeacherLogitCache(tmp_path, dtype="float16")
+    half = cache.get(teacher, loader, num_items=12, progress=False)
+    assert half.dtype == torch.float16
+    path = next(p for p in tmp_path.iterdir() if p.suffix == ".npy")
+    path.write_bytes(path.read_bytes()[:40])  # truncated by a crash
+    fresh = TeacherLogitCache(tmp_path, dtype="float16")
+    again = fresh.get(teacher, loader, num_items=12, progress=False)
+    assert fresh.last_hit is False
+    torch.testing.assert_close(again, half)
+    with pytest.raises(ValueError, match="dtype"):
+        TeacherLogitCache(tmp_path, dtype="int8")
+
+
+def test_difficulty_measures_and_weighted_sums():
+    scores = torch.tensor([[0.5, 2.0, 0.6, 1.5, 0.9, 1.0],
+                           [2.0, 0.1, 0.1, -3.0, 1.8, 0.0]])
+    torch.testing.assert_close(difficulty(scores, "ce"), torch.tensor([0.5, 2.0]))
+    torch.testing.assert_close(difficulty(scores, "kd"), torch.tensor([2.0, 0.1]))
+    torch.testing.assert_close(difficulty(scores, "1-p_true"), torch.tensor([0.4, 0.9]))
+    torch.testing.assert_close(difficulty(scores, "-margin"), torch.tensor([-1.5, 3.0]))
+    torch.testing.assert_close(difficulty(scores, "entropy"), torch.tensor([0.9, 1.8]))
+    torch.testing.assert_close(difficulty(scores, "ce+0.5*kd"), torch.tensor([1.5, 2.05]))
+    torch.testing.assert_close(difficulty(scores, " 2*ce + -1e-1*entropy "), torch.tensor([0.91, 3.82]))
+    assert parse_measure("0.3*-margin+entropy") == [(0.3, "-margin"), (1.0, "entropy")]
+
+
+@pytest.mark.parametrize("bad", ["", "loss", "ce+", "ce*0.5", "p_true", "ce+foo", "2*"])
+def test_difficulty_unknown_measure_is_clear_error(bad):
+    with pytest.raises(ValueError, match="measure"):
+        difficulty(torch.zeros(3, 6), bad)
+
+
+def test_difficulty_rejects_bad_shapes_and_non_finite():
+    with pytest.raises(ValueError, match="shape"):
+        difficulty(torch.zeros(3, 5), "ce")
+    s = torch.zeros(3, 6)
+    s[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        difficulty(s, "ce")

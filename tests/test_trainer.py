@@ -1,0 +1,151 @@
+"""End-to-end trainer runs on the offline digits data: teacher training and a short ISL run."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import kdseq_fast as kf
+from kdseq_fast.config import load_config
+from kdseq_fast.trainer import (Callback, RunDirError, Trainer, steps_to_target, train_teacher)
+
+# Digits: 1,437 training images -> 23 steps per epoch at batch 64. resnet8 on both sides keeps the
+# whole file to a few hundred small steps.
+BASE = [
+    "data.name=digits", "data.augment=none", "data.loader_backend=torch", "data.num_threads=1",
+    "teacher.arch=resnet8", "teacher.epochs=5", "teacher.lr=0.1", "student.arch=resnet8",
+    "optim.epochs=6", "optim.lr=0.1", "optim.lr_decay_epochs=[5]",
+    "curriculum.warmup_epochs=2", "curriculum.num_phases=2", "curriculum.final_full_epochs=2",
+    "train.tensorboard=false", "device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    cfg = load_config(None, BASE)
+    return train_teacher(cfg, str(tmp_path_factory.mktemp("teacher")), quiet=True,
+                         log=lambda m: None)
+
+
+class ScoreCheck(Callback):
+    """At each phase start, recompute a few scores directly with the fused kernel."""
+
+    def __init__(self):
+        self.checked = []
+
+    def on_phase_start(self, trainer, phase, sequence, scores):
+        batch = next(iter(trainer._score_loader()))
+        model = trainer.model.eval()
+        with torch.no_grad():
+            logits = model(batch["images"])
+        model.train()
+        idx = batch["indices"]
+        teacher_logits = trainer.teacher_train_logits()[idx]
+        expect = kf.instance_scores(logits, batch["labels"], teacher_logits,
+                                    temperature=trainer.cfg.loss.temperature)
+        torch.testing.assert_close(scores[idx], expect.float(), rtol=1e-4, atol=1e-4)
+        self.checked.append(phase)
+
+
+@pytest.fixture(scope="module")
+def isl_run(tmp_path_factory, teacher_run):
+    cfg = load_config(None, BASE)
+    out = str(tmp_path_factory.mktemp("isl"))
+    check = ScoreCheck()
+    trainer = Trainer(cfg, out, method="isl", teacher=teacher_run.weights_path, quiet=True,
+                      callbacks=[check], log=lambda m: None)
+    result = trainer.fit()
+    return trainer, result, check
+
+
+def test_teacher_training_outputs(teacher_run):
+    out = teacher_run.out_dir
+    for name in ("teacher.pt", "teacher_best.pt", "metrics.jsonl", "summary.json",
+                 "checkpoint.pt", "config.yaml", "run.json", "accuracy_vs_steps.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    t = teacher_run.summary["teacher"]
+    assert 0.8 <= t["test_acc"] <= 1.0
+    assert t["steps"] == 5 * 23
+    state = torch.load(teacher_run.weights_path, weights_only=True)
+    assert "fc.weight" in state and state["fc.weight"].shape[0] == 10
+
+
+def test_isl_run_writes_every_output(isl_run):
+    trainer, result, check = isl_run
+    out = result.out_dir
+    for name in ("metrics.jsonl", "phase_1_order.npy", "phase_1_scores.npy", "phase_2_order.npy",
+                 "phase_2_scores.npy", "checkpoint.pt", "student.pt", "summary.json",
+                 "accuracy_vs_steps.png", "pacing.png", "difficulty_hist.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        records = [json.loads(line) for line in fh]
+    assert [r["epoch"] for r in records] == list(range(1, 7))
+    assert [r["phase"] for r in records] == [0, 0, 1, 2, 3, 3]
+    for key in ("method", "phase", "epoch", "steps", "lr", "train_loss", "test_acc",
+                "admitted_frac", "images_per_s", "wall_s", "time_data", "time_model",
+                "time_loss", "time_scoring"):
+        assert key in records[0], key
+    assert records[-1]["steps"] == 6 * 23
+    assert records[2]["admitted_frac"] < 1.0 and records[0]["admitted_frac"] == 1.0
+    assert records[2]["time_scoring"] > 0 and records[0]["time_scoring"] == 0
+    assert records[-1]["lr"] == pytest.approx(0.01)
+    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    m = summary["methods"]["isl"]
+    assert set(m) >= {"test_acc", "best_acc", "steps", "steps_to_target", "wall_s"}
+    assert 0.0 <= m["test_acc"] <= m["best_acc"] <= 1.0
+    assert 0.0 < summary["teacher"]["test_acc"] <= 1.0
+
+
+def test_isl_scores_with_the_kernel_and_orders_change(isl_run):
+    trainer, result, check = isl_run
+    assert check.checked == [1, 2]
+    out = result.out_dir
+    o1, o2 = (np.load(os.path.join(out, f"phase_{k}_order.npy")) for k in (1, 2))
+    s1 = np.load(os.path.join(out, "phase_1_scores.npy"))
+    n = trainer.num_items
+    assert s1.shape == (n, len(kf.SCORE_FIELDS)) and s1.dtype == np.float32
+    assert sorted(o1.tolist()) == list(range(n)) and sorted(o2.tolist()) == list(range(n))
+    assert not np.array_equal(o1, o2)
+    # Easy -> hard by the default measure (snapshot cross-entropy), ties by index.
+    ce = s1[:, kf.SCORE_FIELDS.index("ce")]
+    assert np.all(np.diff(ce[o1]) >= 0)
+
+
+def test_isl_reaches_sane_accuracy(isl_run):
+    _, result, _ = isl_run
+    assert result.summary["methods"]["isl"]["test_acc"] >= 0.7
+
+
+def test_same_dir_without_resume_is_refused(isl_run, teacher_run):
+    _, result, _ = isl_run
+    cfg = load_config(None, BASE)
+    with pytest.raises(RunDirError, match="--resume"):
+        Trainer(cfg, result.out_dir, method="isl", teacher=teacher_run.weights_path, quiet=True)
+    with pytest.raises(RunDirError, match="different run"):
+        Trainer(cfg, result.out_dir, method="kd", teacher=teacher_run.weights_path, quiet=True)
+
+
+def test_kd_needs_a_teacher(tmp_path):
+    cfg = load_config(None, BASE)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        Trainer(cfg, str(tmp_path / "kd"), method="kd", quiet=True)
+
+
+def test_steps_to_target():
+    hist = [(10, 0.5), (20, 0.8), (30, 0.79), (40, 0.9)]
+    assert steps_to_target(hist, 0.8) == 20
+    assert steps_to_target(hist, 0.85) == 40
+    assert steps_to_target(hist, 0.95) is None
+    assert steps_to_target(hist, None) is None
+
+
+def test_schedule_and_pacing_curve(isl_run):
+    trainer, _, _ = isl_run
+    phases = [p for p, *_ in trainer.schedule]
+    assert phases == [0, 0, 1, 2, 3, 3]
+    steps, frac = trainer.pacing_curve()
+    assert len(steps) == 6 * 23 and steps[0] == 1
+    in_phase1 = frac[2 * 23:3 * 23]
+    assert in_phase1[0] == pytest.approx(np.ceil(0.2 * trainer.num_items) / trainer.num_items)
+    assert np.all(np.diff(in_phase1) >= 0) and frac[-1] == 1.0
