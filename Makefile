@@ -15,6 +15,8 @@ SOURCES     := setup.py $(wildcard csrc/*.h csrc/*.cuh csrc/*.cpp csrc/*.cu)
 # Defaults for the build (setup.py documents them); CUDA_HOME is found by setup.py.
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export CCACHE_DIR ?= $(HOME)/.cache/ccache
+# Paths inside the clone are hashed relative to it, so a fresh clone elsewhere reuses the cache.
+export CCACHE_BASEDIR ?= $(CURDIR)
 export MAX_JOBS ?= 2
 
 .PHONY: install demo test test-cpu bench clean

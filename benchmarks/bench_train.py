@@ -87,14 +87,18 @@ def main(argv=None) -> int:
             }
     print(f"loader backend: {results['kd']['loader_backend']}")
     hdr = f"{'method':6} {'total s':>8} {'s/epoch':>8} {'img/s':>8}   share of total: " \
-          f"{'data':>6} {'model':>6} {'loss':>6} {'scoring':>8} {'t-cache':>8} {'eval':>6}"
+          f"{'data':>6} {'model':>6} {'loss':>6} {'scoring':>8} {'t-cache':>8} {'eval':>6} {'other':>6}"
     print(hdr)
     for m, r in results.items():
         tot = r["total_s"]
+        # "other": start-up evaluation of the teacher, checkpoints, plots, optimizer bookkeeping.
+        other = tot - sum(r[f"{k}_s"] for k in ("data", "model", "loss", "scoring",
+                                                  "teacher_cache", "eval"))
         print(f"{m:6} {tot:8.2f} {r['train_s'] / r['epochs']:8.2f} {r['images_per_s']:8.0f}   "
               f"{'':15} {r['data_s'] / tot:6.1%} {r['model_s'] / tot:6.1%} "
               f"{r['loss_s'] / tot:6.1%} {r['scoring_s'] / tot:8.1%} "
-              f"{r['teacher_cache_s'] / tot:8.1%} {r['eval_s'] / tot:6.1%}")
+              f"{r['teacher_cache_s'] / tot:8.1%} {r['eval_s'] / tot:6.1%} "
+              f"{other / tot:6.1%}")
     kd, isl = results["kd"], results["isl"]
     ratio = isl["total_s"] / kd["total_s"]
     # Projection to the CIFAR recipe: 240 epochs of training either way, plus isl's one-time
@@ -107,6 +111,7 @@ def main(argv=None) -> int:
     print(f"isl / kd projected to 240 epochs with 3 phases: {projected:.4f}")
     print(f"one scoring pass: {per_scoring:.2f} s = {per_scoring / epoch_cost:.1%} of a kd epoch; "
           f"teacher-logit cache (once per run, reused across runs): {isl['teacher_cache_s']:.2f} s")
+    print("note: wall times on a shared machine vary with its load; compare runs made back to back")
     print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]))
     if args.json:
         with open(args.json, "w") as fh:

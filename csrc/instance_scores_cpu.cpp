@@ -115,7 +115,7 @@ void scores_typed(const at::Tensor& student, const at::Tensor& labels, const at:
   const RowSplit split = plan_row_split(B, C, kChunk);
   const int64_t S = split.segments;
   std::vector<ScoreStats<acc_t>> partial(B * S);
-  at::parallel_for(0, B * S, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * S, task_grain(split.seg_len), [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t r = task / S, seg = task % S;
       const int64_t b = seg * split.seg_len, e = std::max(b, std::min(C, b + split.seg_len));

@@ -85,8 +85,13 @@ acc_t grad_segment(const s_t* s, int64_t s_step, const t_t* t, int64_t t_step, i
     load_chunk(s, s_step, c0, n, bs);
     load_chunk(t, t_step, c0, n, bt);
     acc_t kl = 0;
+    if (with_ce) {
 #pragma omp simd reduction(+ : kl)
-    for (int64_t i = 0; i < n; ++i) bg[i] = kd_elem(bs[i], bt[i], k, with_ce, kl);
+      for (int64_t i = 0; i < n; ++i) bg[i] = kd_elem_t<true>(bs[i], bt[i], k, kl);
+    } else {
+#pragma omp simd reduction(+ : kl)
+      for (int64_t i = 0; i < n; ++i) bg[i] = kd_elem_t<false>(bs[i], bt[i], k, kl);
+    }
     kl_total += kl;
     if (g != nullptr) {
       if (with_ce && label >= c0 && label < c0 + n) bg[label - c0] -= k.ce_coef;
@@ -129,7 +134,7 @@ void kd_loss_rows_typed(const at::Tensor& student, const at::Tensor& teacher, co
   std::vector<acc_t> kl_part(B * S, acc_t(0));
   auto ignored = [&](int64_t r) { return y != nullptr && y[r] == args.ignore_index; };
 
-  at::parallel_for(0, B * S, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * S, task_grain(split.seg_len), [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t r = task / S, seg = task % S;
       if (ignored(r)) continue;
@@ -147,7 +152,7 @@ void kd_loss_rows_typed(const at::Tensor& student, const at::Tensor& teacher, co
     consts[r] = kd_row_consts(st, T, kdw, cew, scale);
   }
 
-  at::parallel_for(0, B * S, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * S, task_grain(split.seg_len), [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t r = task / S, seg = task % S;
       const int64_t b = seg * split.seg_len, e = std::max(b, std::min(C, b + split.seg_len));

@@ -45,4 +45,11 @@ struct RowSplit {
 };
 RowSplit plan_row_split(int64_t rows, int64_t cols, int64_t chunk);
 
+// Tasks per thread chunk so that each parallel chunk streams at least ~32K elements: small
+// batches run on one thread instead of paying OpenMP wake-up (or spinning on a loaded machine).
+inline int64_t task_grain(int64_t elements_per_task) {
+  constexpr int64_t kMinElementsPerChunk = 32768;
+  return elements_per_task >= kMinElementsPerChunk ? 1 : kMinElementsPerChunk / (elements_per_task > 0 ? elements_per_task : 1);
+}
+
 }  // namespace kdseq

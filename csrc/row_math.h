@@ -20,41 +20,59 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define KDSEQ_HD __host__ __device__ __forceinline__
 #else
-#define KDSEQ_HD inline
+// always_inline: in a -fPIC shared object GCC otherwise may emit kd_exp as an out-of-line call
+// (through the PLT), which keeps every loop around it scalar.
+#define KDSEQ_HD inline __attribute__((always_inline))
 #endif
 
 namespace kdseq {
 namespace rowmath {
 
-template <typename T>
-KDSEQ_HD T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
-
-template <typename T>
-KDSEQ_HD T pos_inf() {
-  return std::numeric_limits<T>::infinity();
-}
-
 KDSEQ_HD float bits_to_float(uint32_t b) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(b);
 #else
-  float f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
+  // __builtin_bit_cast, unlike memcpy, keeps loops calling kd_exp vectorizable (GCC 12).
+  return __builtin_bit_cast(float, b);
 #endif
 }
 
+KDSEQ_HD double bits_to_double(uint64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(b));
+#else
+  return __builtin_bit_cast(double, b);
+#endif
+}
+
+// Infinities from bit patterns: std::numeric_limits<>::infinity() calls are folded too late for
+// GCC's if-conversion and stop the kd_exp loops from vectorizing.
+template <typename T>
+KDSEQ_HD T neg_inf();
+template <>
+KDSEQ_HD float neg_inf<float>() { return bits_to_float(0xff800000u); }
+template <>
+KDSEQ_HD double neg_inf<double>() { return bits_to_double(0xfff0000000000000ull); }
+template <typename T>
+KDSEQ_HD T pos_inf();
+template <>
+KDSEQ_HD float pos_inf<float>() { return bits_to_float(0x7f800000u); }
+template <>
+KDSEQ_HD double pos_inf<double>() { return bits_to_double(0x7ff0000000000000ull); }
+
 // exp(x) for float: Cephes-style range reduction x = n*ln2 + r and a degree-6 polynomial, with
 // 2^n assembled from exponent bits. Branch-free apart from selects, so GCC vectorizes loops that
-// call it (AVX2+FMA here) and the GPU runs the same instruction sequence. Max error ~2 ulp.
+// call it (AVX2+FMA here; needs -fno-trapping-math, which setup.py passes, to if-convert the
+// selects) and the GPU runs the same instruction sequence. Max error ~2 ulp.
 // exp(-inf) == 0 exactly (masked classes), NaN propagates.
 KDSEQ_HD float kd_exp(float x) {
   const float kLog2e = 1.44269504088896341f;
   float fx = floorf(fmaf(x, kLog2e, 0.5f));
   // Clamp n so the bit assembly below never overflows; out-of-range x is fixed by the selects.
-  fx = fminf(fmaxf(fx, -126.0f), 127.0f);
+  // Plain selects, not fminf/fmaxf: those are library calls on x86 (NaN rules) and block
+  // vectorization of every loop that calls kd_exp.
+  fx = fx < -126.0f ? -126.0f : fx;
+  fx = fx > 127.0f ? 127.0f : fx;
   float r = fmaf(fx, -0.693359375f, x);
   r = fmaf(fx, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
@@ -186,8 +204,9 @@ KDSEQ_HD KDRowConsts<acc_t> kd_row_consts(const KDStats<acc_t>& st, acc_t T, acc
 
 // Pass 2, one element: adds p_t * (log p_t - log p_s) to kl and returns d loss / d s.
 // The label's -1 in the CE gradient is added by the caller (one element per row).
-template <typename acc_t>
-KDSEQ_HD acc_t kd_elem(acc_t s, acc_t t, const KDRowConsts<acc_t>& k, bool with_ce, acc_t& kl) {
+// WITH_CE is a template parameter so the CPU loops have no branch inside (vectorization).
+template <bool WITH_CE, typename acc_t>
+KDSEQ_HD acc_t kd_elem_t(acc_t s, acc_t t, const KDRowConsts<acc_t>& k, acc_t& kl) {
   const acc_t lps = (s - k.ms) * k.invT - k.log_zsT;
   const acc_t lpt = (t - k.mt) * k.invT - k.log_ztT;
   const acc_t ps = kd_exp(lps);
@@ -195,8 +214,13 @@ KDSEQ_HD acc_t kd_elem(acc_t s, acc_t t, const KDRowConsts<acc_t>& k, bool with_
   // pt == 0: masked teacher class (or underflow) contributes nothing; avoids 0 * inf.
   kl += (pt > acc_t(0)) ? pt * (lpt - lps) : acc_t(0);
   acc_t g = k.kd_coef * (ps - pt);
-  if (with_ce) g += k.ce_coef * kd_exp((s - k.ms) - k.log_zs1);
+  if constexpr (WITH_CE) g += k.ce_coef * kd_exp((s - k.ms) - k.log_zs1);
   return g;
+}
+
+template <typename acc_t>
+KDSEQ_HD acc_t kd_elem(acc_t s, acc_t t, const KDRowConsts<acc_t>& k, bool with_ce, acc_t& kl) {
+  return with_ce ? kd_elem_t<true>(s, t, k, kl) : kd_elem_t<false>(s, t, k, kl);
 }
 
 // Row loss from the accumulated KL and the label logit.

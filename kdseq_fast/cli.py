@@ -162,10 +162,11 @@ def _cmd_score(args, log) -> int:
         cache_dir = cfg.train.teacher_cache_dir or os.path.join(args.out, "cache")
         key = data.key if args.split == "train" else data.key.replace("-train-", "-test-")
         t_logits = TeacherLogitCache(cache_dir, dtype=cfg.train.teacher_cache_dtype).get(
-            teacher, loader, num_items=len(split), key=key)
+            teacher, loader, num_items=len(split), key=key, device=ctx.device,
+            progress=not args.quiet and sys.stderr.isatty())
     scores = score_dataset(model, loader, t_logits, num_items=len(split),
                            temperature=cfg.loss.temperature, device=ctx.device,
-                           progress=not args.quiet)
+                           progress=not args.quiet and sys.stderr.isatty())
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"scores_{args.split}.npy")
     np.save(path, scores.cpu().numpy())

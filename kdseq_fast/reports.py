@@ -111,7 +111,9 @@ def results_table_rows(summary: dict) -> list[list[str]]:
     rows = []
     t = summary.get("teacher") or {}
     if t.get("test_acc") is not None:
-        rows.append([f"teacher ({t.get('arch', '?')})", f"{t['test_acc']:.4f}", "-",
+        best = t.get("best_acc")
+        rows.append([f"teacher ({t.get('arch', '?')})", f"{t['test_acc']:.4f}",
+                     f"{best:.4f}" if best is not None else "-",
                      str(t.get("steps", "-")),
                      f"{t['wall_s']:.1f}" if t.get("wall_s") is not None else "-"])
     for m, e in summary.get("methods", {}).items():

@@ -217,7 +217,7 @@ def teacher_fingerprint(model: torch.nn.Module) -> str:
         if isinstance(value, torch.Tensor):
             v = value.detach().cpu().contiguous()
             h.update(str((tuple(v.shape), str(v.dtype))).encode())
-            h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()
 
 

@@ -307,7 +307,9 @@ class Trainer:
         shard = self.ctx.shard
         self.train_loader = _make_loader(cfg, self.data.train, self.ctx, augment=True,
                                          seed=cfg.seed, shard=shard)
-        self.test_loader = _make_loader(cfg, self.data.test, self.ctx, augment=False, seed=cfg.seed)
+        # Evaluation is sharded too: each rank counts its share and evaluate() sums the counts.
+        self.test_loader = _make_loader(cfg, self.data.test, self.ctx, augment=False, seed=cfg.seed,
+                                        shard=shard)
         self.test_loader.set_order(np.arange(len(self.data.test)))
         self.orders = OrderGenerator(self.num_items, cfg.optim.batch_size, seed=cfg.seed)
         self.steps_per_epoch = self.orders.steps_per_epoch
@@ -509,6 +511,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        # Last, after everything that consumed random numbers while building this trainer.
+        restore_rng_state(state["rng"])
         p = state["progress"]
         self.epoch, self.batch_in_epoch = p["epoch"], p["batch"]
         self.global_step, self.scored_phase = p["global_step"], p["scored_phase"]
@@ -555,10 +559,15 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    @property
+    def _progress(self) -> bool:
+        # Bars only for a person watching: not in logs, not on other ranks, not with --quiet.
+        return not self.quiet and self.ctx.is_main and sys.stderr.isatty()
+
     def _bar(self, total: int, initial: int, desc: str):
         from tqdm.auto import tqdm
 
-        disable = self.quiet or not self.ctx.is_main or not sys.stderr.isatty()
+        disable = not self._progress
         return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=disable,
                     dynamic_ncols=True)
 
@@ -607,7 +616,7 @@ class Trainer:
             cache = TeacherLogitCache(cache_dir, dtype=self.cfg.train.teacher_cache_dtype)
             self._teacher_train_logits = cache.get(
                 self.teacher, self._score_loader(), num_items=self.num_items, key=self.data.key,
-                device=self.device, amp=self.amp_dtype, progress=not self.quiet)
+                device=self.device, amp=self.amp_dtype, progress=self._progress)
         return self._teacher_train_logits
 
     def score_snapshot(self) -> torch.Tensor:
@@ -622,7 +631,7 @@ class Trainer:
             scores = score_dataset(self.model, self._score_loader(), self.teacher_train_logits(),
                                    num_items=self.num_items,
                                    temperature=self.cfg.loss.temperature, device=self.device,
-                                   amp=self.amp_dtype, progress=not self.quiet)
+                                   amp=self.amp_dtype, progress=self._progress)
         finally:
             self.model.train(was_training)
         return scores.detach().cpu().float()
@@ -739,6 +748,10 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Run (or finish) the training; returns the summary. Honors SIGTERM/SIGINT."""
+        with GracefulStop() as stop:
+            return self._fit(stop)
+
+    def _fit(self, stop: GracefulStop) -> TrainResult:
         self._t_start = time.perf_counter()
         self.model.train()
         self._emit("on_train_start")
@@ -753,59 +766,60 @@ class Trainer:
         if self._resume_state is None and self.global_step == 0:
             # A step-0 checkpoint: a run that fails or is killed early still has a good state.
             self.save_checkpoint("start")
-        with GracefulStop() as stop:
-            for e in range(self.epoch, self.total_epochs):
-                phase, kind, eip, plen = self.schedule[e]
-                if kind == "curriculum" and self.scored_phase != phase:
-                    self._start_phase(phase)
-                    if stop.requested:
-                        self._preempt(stop)
-                order, admitted = self._epoch_order(e)
-                self.train_loader.set_epoch(e)
-                self.train_loader.set_order(order, start_batch=self.batch_in_epoch)
-                t_epoch = time.perf_counter()
-                bar = self._bar(self.steps_per_epoch, self.batch_in_epoch,
-                                f"{self.label} ep {e + 1}/{self.total_epochs}")
-                it = iter(self.train_loader)
-                try:
-                    while True:
-                        t0 = self.timer.now()
-                        batch = next(it, None)
-                        if batch is None:
-                            break
-                        self.timer.add("data", self.timer.now() - t0)
-                        value = self._train_step(batch, phase)
-                        b = int(batch["labels"].numel())
-                        if value is not None:
-                            self.accum["loss_sum"] += value * b
-                            self.accum["samples"] += b
-                        self.accum["admitted_sum"] += float(admitted[self.batch_in_epoch]) / self.num_items
-                        self.accum["steps"] += 1
-                        self.batch_in_epoch += 1
-                        self.global_step += 1
-                        bar.update(1)
-                        if value is not None:
-                            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-                        self._emit("on_step_end", self.global_step, value)
-                        saved = False
-                        if every and self.global_step % every == 0:
-                            self._fold_times(t_epoch)
-                            t_epoch = time.perf_counter()
-                            self.save_checkpoint("interval")
-                            saved = True
-                        test_kill_hook("step", self.global_step)
-                        if stop.requested:
-                            # Signals only set a flag; the finished step is checkpointed here.
-                            self._fold_times(t_epoch)
-                            t_epoch = time.perf_counter()
-                            self._preempt(stop, saved=saved)
-                finally:
-                    bar.close()
-                    it.close()
-                self._fold_times(t_epoch)
-                self._end_epoch(e)
+        if stop.requested:
+            self._preempt(stop, saved=True)
+        for e in range(self.epoch, self.total_epochs):
+            phase, kind, eip, plen = self.schedule[e]
+            if kind == "curriculum" and self.scored_phase != phase:
+                self._start_phase(phase)
                 if stop.requested:
                     self._preempt(stop)
+            order, admitted = self._epoch_order(e)
+            self.train_loader.set_epoch(e)
+            self.train_loader.set_order(order, start_batch=self.batch_in_epoch)
+            t_epoch = time.perf_counter()
+            bar = self._bar(self.steps_per_epoch, self.batch_in_epoch,
+                            f"{self.label} ep {e + 1}/{self.total_epochs}")
+            it = iter(self.train_loader)
+            try:
+                while True:
+                    t0 = self.timer.now()
+                    batch = next(it, None)
+                    if batch is None:
+                        break
+                    self.timer.add("data", self.timer.now() - t0)
+                    value = self._train_step(batch, phase)
+                    b = int(batch["labels"].numel())
+                    if value is not None:
+                        self.accum["loss_sum"] += value * b
+                        self.accum["samples"] += b
+                    self.accum["admitted_sum"] += float(admitted[self.batch_in_epoch]) / self.num_items
+                    self.accum["steps"] += 1
+                    self.batch_in_epoch += 1
+                    self.global_step += 1
+                    bar.update(1)
+                    if value is not None:
+                        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                    self._emit("on_step_end", self.global_step, value)
+                    saved = False
+                    if every and self.global_step % every == 0:
+                        self._fold_times(t_epoch)
+                        t_epoch = time.perf_counter()
+                        self.save_checkpoint("interval")
+                        saved = True
+                    test_kill_hook("step", self.global_step)
+                    if stop.requested:
+                        # Signals only set a flag; the finished step is checkpointed here.
+                        self._fold_times(t_epoch)
+                        t_epoch = time.perf_counter()
+                        self._preempt(stop, saved=saved)
+            finally:
+                bar.close()
+                it.close()
+            self._fold_times(t_epoch)
+            self._end_epoch(e)
+            if stop.requested:
+                self._preempt(stop)
         return self._finish()
 
     def _fold_times(self, t_epoch: float) -> None:

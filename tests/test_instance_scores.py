@@ -1,4 +1,6 @@
 """instance_scores against the float64 reference (six separate PyTorch reductions)."""
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +13,14 @@ from _op_cases import make_labels, make_logits
 TOL = {torch.float32: 3e-5, torch.float16: 5e-5, torch.bfloat16: 5e-5, torch.float64: 1e-10}
 
 
+def kd_abs_error_bound(T, C, dtype):
+    """The kd column comes from one pass (T^2 * (u/Z_t - log Z_t + log Z_s)): its absolute error is a
+    few fp32 ulps of the log-partition terms, scaled by T^2 -- independent of how small KL is."""
+    if dtype == torch.float64:
+        return 0.0
+    return 8 * T * T * 1.2e-7 * (1.0 + math.log(C))
+
+
 def compare(s, y, t=None, *, T=4.0, what=""):
     out = kf.instance_scores(s, y, t, temperature=T)
     assert out.shape == (s.shape[0], 6)
@@ -20,7 +30,10 @@ def compare(s, y, t=None, *, T=4.0, what=""):
     ref = ref.cpu()
     for j, name in enumerate(kf.SCORE_FIELDS):
         scale = max(1.0, float(ref[:, j].abs().max())) if ref.numel() else 1.0
-        torch.testing.assert_close(out64[:, j], ref[:, j], atol=TOL[s.dtype] * scale, rtol=TOL[s.dtype],
+        atol = TOL[s.dtype] * scale
+        if name == "kd" and t is not None:
+            atol += kd_abs_error_bound(T, s.shape[1], s.dtype)
+        torch.testing.assert_close(out64[:, j], ref[:, j], atol=atol, rtol=TOL[s.dtype],
                                    msg=lambda m: f"{what} column {name}: {m}")
     return out
 

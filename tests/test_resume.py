@@ -227,3 +227,19 @@ def test_out_dir_holding_a_different_run(tmp_path, teacher, capsys):
     rc = cli.main(_args(out, teacher))
     err = capsys.readouterr().err
     assert rc == 2 and "different run" in err
+
+
+def test_rng_state_roundtrip_through_a_checkpoint(tmp_path):
+    import random
+
+    from kdseq_fast.runtime import capture_rng_state, restore_rng_state
+
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    np.random.normal()  # leaves a cached Gaussian in the legacy state
+    save_checkpoint({"rng": capture_rng_state()}, str(tmp_path))
+    first = (random.random(), np.random.normal(), torch.rand(3))
+    restore_rng_state(load_checkpoint(str(tmp_path / "checkpoint.pt"))["rng"])
+    second = (random.random(), np.random.normal(), torch.rand(3))
+    assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])

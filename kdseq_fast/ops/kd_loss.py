@@ -46,9 +46,15 @@ def _kd_loss_backward(ctx, grad_loss, _grad_of_grad):
         raise RuntimeError(
             "kdseq.kd_loss: backward called but the gradient was not computed in forward "
             "(the op was called with compute_grad=False)")
+    # The usual `loss.backward()` on CPU passes exactly 1: hand back the buffer the forward kernel
+    # wrote, no B x C multiply or allocation. (Autograd does not steal or mutate it: ctx still holds
+    # a reference, so repeated backward passes with retain_graph=True stay correct.) Checking the
+    # value would cost a device sync on CUDA, where the multiply is one cheap kernel instead.
+    if (grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and float(grad_loss) == 1.0):
+        return grad, None, None, None, None, None, None, None, None
     scale = grad_loss.unsqueeze(1) if ctx.reduction == 0 else grad_loss
-    grad_student = grad * scale.to(grad.dtype)
-    return grad_student, None, None, None, None, None, None, None, None
+    return grad * scale.to(grad.dtype), None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("kdseq::kd_loss", _kd_loss_backward, setup_context=_kd_loss_setup_context)
