@@ -4,6 +4,10 @@ Subcommands: ``train-teacher``, ``distill``, ``compare``, ``score``, ``demo``. E
 ``--config``, ``--set key=value`` (repeatable), ``--seed``, ``--device``, ``--resume``, ``--quiet``.
 Exit status: 0 on success and after a SIGTERM/SIGINT checkpoint; 2 for bad input (config,
 paths, checkpoints, a different run in ``--out``); 3 when training hit a non-finite loss.
+
+Multi-process: ``torchrun --nproc_per_node N -m kdseq_fast distill ...`` (or
+``python -m torch.distributed.run``) runs the same command on N ranks with DDP; only rank 0
+prints progress, errors are printed by the rank that hit them, prefixed with its rank.
 """
 from __future__ import annotations
 
@@ -43,6 +47,12 @@ def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start over even if --out already holds a run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dist-backend", choices=("nccl", "gloo", "mpi", "ucc"),
+                   help="under torchrun: process-group backend (default nccl on GPU, gloo on "
+                        "CPU; also KDSEQ_DIST_BACKEND)")
+    p.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="under torchrun: a collective waiting longer fails the job instead of "
+                        "hanging (default 1800; also KDSEQ_DIST_TIMEOUT)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +145,8 @@ def _cmd_score(args, log) -> int:
     from .models import get_model
     from .runtime import _MAGIC, load_checkpoint, setup_run
     from .scoring import SCORE_FIELDS, TeacherLogitCache, score_dataset
-    from .trainer import _make_loader, build_data, load_teacher
+    from .trainer import (_make_loader, build_data, load_teacher, ordered_batch_size,
+                          shared_teacher_logits)
 
     cfg = _load_cfg(args)
     ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
@@ -154,19 +165,25 @@ def _cmd_score(args, log) -> int:
         raise ValueError(f"--checkpoint {args.checkpoint} does not fit --arch {arch} with "
                          f"{data.num_classes} classes: {exc}") from None
     model.to(ctx.device).eval()
-    loader = _make_loader(cfg, split, ctx, augment=False, seed=cfg.seed)
+    # Sharded under torchrun: each rank scores its part, score_dataset sums the parts.
+    loader = _make_loader(cfg, split, ctx, augment=False, seed=cfg.seed, shard=ctx.shard,
+                          batch_size=ordered_batch_size(len(split), cfg.optim.batch_size,
+                                                        ctx.world_size))
     loader.set_order(np.arange(len(split)))
     t_logits = None
     if args.teacher:
         teacher = load_teacher(cfg, args.teacher, data.num_classes, ctx.device)
         cache_dir = cfg.train.teacher_cache_dir or os.path.join(args.out, "cache")
         key = data.key if args.split == "train" else data.key.replace("-train-", "-test-")
-        t_logits = TeacherLogitCache(cache_dir, dtype=cfg.train.teacher_cache_dtype).get(
-            teacher, loader, num_items=len(split), key=key, device=ctx.device,
-            progress=not args.quiet and sys.stderr.isatty())
+        t_logits = shared_teacher_logits(
+            ctx, TeacherLogitCache(cache_dir, dtype=cfg.train.teacher_cache_dtype), teacher,
+            loader, num_items=len(split), key=key, device=ctx.device,
+            progress=not args.quiet and sys.stderr.isatty() and ctx.is_main)
     scores = score_dataset(model, loader, t_logits, num_items=len(split),
                            temperature=cfg.loss.temperature, device=ctx.device,
-                           progress=not args.quiet and sys.stderr.isatty())
+                           progress=not args.quiet and sys.stderr.isatty() and ctx.is_main)
+    if not ctx.is_main:
+        return 0
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"scores_{args.split}.npy")
     np.save(path, scores.cpu().numpy())
@@ -177,29 +194,62 @@ def _cmd_score(args, log) -> int:
     return 0
 
 
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def main(argv=None) -> int:
-    from .runtime import CheckpointError
+    from .runtime import CheckpointError, teardown_distributed
     from .trainer import NonFiniteError, Preempted
 
     args = build_parser().parse_args(argv)
+    # The process group is created later, inside setup_run; the flags travel as the variables
+    # it reads, so every subcommand honours them.
+    if args.dist_backend is not None:
+        os.environ["KDSEQ_DIST_BACKEND"] = args.dist_backend
+    if args.dist_timeout is not None:
+        os.environ["KDSEQ_DIST_TIMEOUT"] = repr(args.dist_timeout)
+    rank = _rank()
+    where = f" (rank {rank})" if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
 
     def log(msg: str) -> None:
-        print(msg, flush=True)
+        if rank == 0:  # the other ranks run the same job; one copy of the log is enough
+            print(msg, flush=True)
+
+    def error(msg: str) -> None:
+        print(f"error{where}: {msg}", file=sys.stderr, flush=True)
 
     handlers = {"train-teacher": _cmd_train_teacher, "distill": _cmd_distill,
                 "compare": _run_compare, "score": _cmd_score,
                 "demo": lambda a, lg: _run_compare(a, lg, default_config="digits_quick")}
+    rc = 1
     try:
-        return handlers[args.command](args, log)
+        rc = handlers[args.command](args, log)
     except Preempted as exc:
         log(str(exc))
-        return 0
+        rc = 0
     except NonFiniteError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 3
+        error(str(exc))
+        rc = 3
     except (ValueError, TypeError, FileNotFoundError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        error(str(exc))
+        rc = 2
+    except BaseException:
+        # Anything else (a failed collective, a bug) propagates with its traceback and a
+        # non-zero exit; torchrun then stops the other ranks.
+        if where:
+            print(f"error{where}: unhandled exception, see the traceback below", file=sys.stderr,
+                  flush=True)
+        raise
+    finally:
+        # Only a clean finish leaves the group quiescent; after a failure the other ranks may
+        # still sit in a collective, and process exit (torchrun stops them) is the safe cleanup.
+        if rc == 0:
+            teardown_distributed()
+    return rc
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
-"""Process-level plumbing for training runs: device, seeding, determinism, signals, checkpoints.
+"""Process-level plumbing for training runs: device, seeding, determinism, signals, checkpoints,
+and the ``torch.distributed`` process group.
 
-Everything that a later multi-GPU version has to touch lives here, behind :class:`RunContext`
-(device, rank, world size, "is main process", metric reduction), so the trainer stays the same
-when torchrun/DDP is added: only :func:`setup_run` and the reduction helpers change.
+Everything multi-process lives behind :class:`RunContext` (device, rank, world size, "is main
+process", metric reduction, broadcasts), so the trainer reads the same with one process or many.
+:func:`setup_run` detects a ``torchrun`` environment (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``),
+initialises the process group once (``nccl`` on GPU, ``gloo`` on CPU; ``KDSEQ_DIST_BACKEND``
+overrides, ``KDSEQ_DIST_TIMEOUT`` sets the collective timeout in seconds) and pins the GPU from
+``LOCAL_RANK``; :func:`teardown_distributed` destroys the group at the end.
 
 Checkpoint files have a small header in front of the ``torch.save`` payload::
 
@@ -14,9 +18,11 @@ file, fsynced and renamed, so a SIGKILL at any moment leaves at least one comple
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import os
+import pickle
 import random
 import signal
 import sys
@@ -31,11 +37,16 @@ __all__ = [
     "RunContext", "setup_run", "resolve_device", "seed_everything", "set_deterministic",
     "capture_rng_state", "restore_rng_state", "CheckpointError", "save_checkpoint",
     "load_checkpoint", "load_latest_checkpoint", "checkpoint_paths", "GracefulStop",
-    "test_kill_hook", "SegmentTimer", "atomic_write_bytes",
+    "test_kill_hook", "SegmentTimer", "atomic_write_bytes", "teardown_distributed",
+    "dist_env", "test_dump_hook", "DEFAULT_DIST_TIMEOUT_S",
 ]
 
 _MAGIC = b"KDSEQCKPT1"
 CHECKPOINT_NAME = "checkpoint.pt"
+# Long enough for the slowest gap between two collectives (rank 0 writing a large teacher-logit
+# cache while the others wait at a barrier), short enough that a wedged job does not sit for hours.
+DEFAULT_DIST_TIMEOUT_S = 1800.0
+_DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc")
 PREV_CHECKPOINT_NAME = "checkpoint.prev.pt"
 
 
@@ -68,52 +79,202 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def dist_env(environ=None) -> tuple[int, int, int] | None:
+    """``(rank, world_size, local_rank)`` when launched by torchrun with more than one process,
+    else None. Reads the variables torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+    env = os.environ if environ is None else environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise ValueError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers, got RANK={env.get('RANK')!r} "
+                         f"WORLD_SIZE={env.get('WORLD_SIZE')!r} LOCAL_RANK={env.get('LOCAL_RANK')!r}") from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ValueError(f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world} "
+                         f"LOCAL_RANK={local}")
+    return None if world == 1 else (rank, world, local)
+
+
+def _dist_timeout(timeout_s) -> float:
+    source = "timeout_s"
+    if timeout_s is None:
+        timeout_s, source = os.environ.get("KDSEQ_DIST_TIMEOUT") or DEFAULT_DIST_TIMEOUT_S, "KDSEQ_DIST_TIMEOUT"
+    try:
+        value = float(timeout_s)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source} must be a number of seconds, got {timeout_s!r}") from None
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{source} must be a positive number of seconds, got {timeout_s!r}")
+    return value
+
+
+def _dist_backend(backend, device: torch.device) -> str:
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get("KDSEQ_DIST_BACKEND") or None, "KDSEQ_DIST_BACKEND"
+    if backend is None:
+        return "nccl" if device.type == "cuda" else "gloo"
+    if not isinstance(backend, str) or backend.lower() not in _DIST_BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(_DIST_BACKENDS)}, got {backend!r}")
+    backend = backend.lower()
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"{source}=nccl needs CUDA devices but this run is on {device}; use gloo "
+                         "(the default on CPU) or --device cuda")
+    return backend
+
+
+_OWNED_GROUP = False  # whether setup_run created the default process group (then we destroy it)
+
+
+def teardown_distributed() -> None:
+    """Destroy the process group that :func:`setup_run` created (no-op otherwise)."""
+    global _OWNED_GROUP
+    if _OWNED_GROUP and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _OWNED_GROUP = False
+
+
 @dataclass
 class RunContext:
     """Where this process runs and what it is responsible for.
 
-    Single process today (rank 0 of 1). A DDP version fills ``rank``/``world_size`` from the
-    environment in :func:`setup_run`; the trainer already routes every file write through
-    ``is_main``, every metric through :meth:`reduce_sum`, and shards its loaders by ``shard``.
+    With one process this is rank 0 of 1 and every collective helper is the identity. Under
+    torchrun :func:`setup_run` fills ``rank``/``world_size``; the trainer routes every file write
+    through ``is_main``, every metric through :meth:`reduce_sum`, decisions that read the run
+    directory through :meth:`run_on_main`, and shards its loaders by ``shard``.
     """
 
     device: torch.device
     rank: int = 0
     world_size: int = 1
     deterministic: bool = False
+    backend: str | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
     def shard(self):
         return None if self.world_size == 1 else (self.rank, self.world_size)
+
+    def _comm_device(self) -> torch.device:
+        # NCCL moves only CUDA tensors; gloo and the others work on host memory.
+        return self.device if self.backend == "nccl" else torch.device("cpu")
 
     def reduce_sum(self, values: list[float]) -> list[float]:
         """Sum per-process metric values over all processes (identity with one process)."""
         if self.world_size == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
         torch.distributed.all_reduce(t)
         return t.tolist()
+
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (all ranks must call it)."""
+        if self.world_size == 1:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._comm_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast_object(self, obj, src: int = 0):
+        """``obj`` from rank ``src`` on every rank (pickled; for small control data)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.rank == src else None]
+        torch.distributed.broadcast_object_list(box, src=src, device=self._comm_device())
+        return box[0]
+
+    def broadcast_tensor(self, tensor: torch.Tensor | None, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s CPU tensor on every rank (others pass None; shape/dtype travel too)."""
+        if self.world_size == 1:
+            return tensor
+        meta = self.broadcast_object(None if tensor is None else (tuple(tensor.shape), tensor.dtype), src)
+        shape, dtype = meta
+        dev = self._comm_device()
+        buf = tensor.contiguous().to(dev) if self.rank == src else torch.empty(shape, dtype=dtype, device=dev)
+        torch.distributed.broadcast(buf, src=src)
+        return buf.cpu()
+
+    def run_on_main(self, fn):
+        """Run ``fn()`` on rank 0 only and give every rank its result, or raise its exception on
+        every rank. For decisions read from the run directory (is it a finished run, which
+        checkpoint to resume): other ranks must not race rank 0's writes or see another file
+        system (multi-node jobs without a shared disk)."""
+        if self.world_size == 1:
+            return fn()
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = ("ok", fn())
+            except Exception as exc:  # re-raised below on every rank, rank 0 included
+                try:
+                    pickle.dumps(exc)
+                    outcome = ("err", exc)
+                except Exception:
+                    outcome = ("err", RuntimeError(f"{type(exc).__name__}: {exc}"))
+        kind, value = self.broadcast_object(outcome)
+        if kind == "err":
+            raise value
+        return value
 
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
 
 
-def setup_run(device: str = "auto", *, seed: int = 0, deterministic: bool = False) -> RunContext:
-    """Resolve the device, seed every generator and apply the determinism switches."""
+def setup_run(device: str = "auto", *, seed: int = 0, deterministic: bool = False,
+              backend: str | None = None, timeout_s: float | None = None) -> RunContext:
+    """Resolve the device, join the process group under torchrun, seed every generator and apply
+    the determinism switches.
+
+    Under torchrun (``WORLD_SIZE`` > 1) ``device="auto"``/``"cuda"`` becomes ``cuda:LOCAL_RANK``;
+    ``backend`` (default ``KDSEQ_DIST_BACKEND``, else ``nccl`` on GPU and ``gloo`` on CPU) and
+    ``timeout_s`` (default ``KDSEQ_DIST_TIMEOUT``, else 1800 s: a collective that waits longer
+    raises instead of hanging) go to ``init_process_group``. A group that already exists (an
+    earlier call, or one the caller created) is reused. Every rank gets the same seed: the
+    student starts identical everywhere and epoch orders are pure functions of the seed.
+    """
+    global _OWNED_GROUP
     if deterministic:
         # cuBLAS reads this when its handle is created; it must be set before the first matmul.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    env = dist_env()
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if env is not None and not initialized and (device in (None, "auto", "cuda")) \
+            and torch.cuda.is_available():
+        local = env[2]
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local} but this node has {torch.cuda.device_count()} "
+                             "CUDA device(s); lower --nproc_per_node")
+        device = f"cuda:{local}"
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    rank, world, used_backend = 0, 1, None
+    if initialized:
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        used_backend = str(torch.distributed.get_backend())
+    elif env is not None:
+        if not torch.distributed.is_available():
+            raise RuntimeError("launched by torchrun but this PyTorch build has no torch.distributed")
+        used_backend = _dist_backend(backend, dev)
+        timeout = datetime.timedelta(seconds=_dist_timeout(timeout_s))
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        torch.distributed.init_process_group(used_backend, timeout=timeout, **kwargs)
+        _OWNED_GROUP = True
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     set_deterministic(deterministic)
     seed_everything(seed)
-    return RunContext(device=dev, deterministic=deterministic)
+    return RunContext(device=dev, rank=rank, world_size=world, deterministic=deterministic,
+                      backend=used_backend)
 
 
 def seed_everything(seed: int) -> None:
@@ -311,22 +472,49 @@ class GracefulStop:
         return False
 
 
+def _hook_applies() -> bool:
+    # KDSEQ_TEST_HOOK_RANK restricts the hooks to one torchrun rank (a failure on one rank only).
+    want = os.environ.get("KDSEQ_TEST_HOOK_RANK")
+    return not (want and want.strip()) or int(want) == int(os.environ.get("RANK", "0"))
+
+
+def _env_matches(name: str, value: int) -> bool:
+    want = os.environ.get(name)
+    return want is not None and bool(want.strip()) and int(want) == int(value) and _hook_applies()
+
+
 def test_kill_hook(event: str, value: int) -> None:
     """Test-only crash injection: SIGKILL this process when ``KDSEQ_TEST_KILL_AT_<EVENT>`` matches.
 
     Events: ``STEP`` (after optimizer step N and any checkpoint it triggers) and ``SCORING``
     (after phase K was scored, before its boundary checkpoint). ``KDSEQ_TEST_SIGTERM_AT_<EVENT>``
-    sends SIGTERM instead, to test preemption at an exact point. Unset in normal use.
+    sends SIGTERM instead, to test preemption at an exact point; ``KDSEQ_TEST_RAISE_AT_<EVENT>``
+    raises a RuntimeError (an ordinary failure). ``KDSEQ_TEST_HOOK_RANK=r`` limits all three to
+    torchrun rank r. Unset in normal use.
     """
-    want = os.environ.get(f"KDSEQ_TEST_KILL_AT_{event.upper()}")
-    if want is not None and want.strip() and int(want) == int(value):
+    event = event.upper()
+    if _env_matches(f"KDSEQ_TEST_KILL_AT_{event}", value):
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     # Preemption at an exact step: the handler sets the flag, the loop checkpoints and exits.
-    want = os.environ.get(f"KDSEQ_TEST_SIGTERM_AT_{event.upper()}")
-    if want is not None and want.strip() and int(want) == int(value):
+    if _env_matches(f"KDSEQ_TEST_SIGTERM_AT_{event}", value):
         os.kill(os.getpid(), signal.SIGTERM)
+    if _env_matches(f"KDSEQ_TEST_RAISE_AT_{event}", value):
+        raise RuntimeError(f"test failure injected by KDSEQ_TEST_RAISE_AT_{event}={value} on rank "
+                           f"{os.environ.get('RANK', '0')}")
+
+
+def test_dump_hook(name: str, **arrays) -> None:
+    """Test-only: save ``arrays`` as ``$KDSEQ_TEST_DUMP_DIR/rank<R>_<name>.npz`` when that
+    variable is set, so a test can compare what each rank actually used. Unset in normal use."""
+    directory = os.environ.get("KDSEQ_TEST_DUMP_DIR")
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and \
+        torch.distributed.is_initialized() else 0
+    np.savez(os.path.join(directory, f"rank{rank}_{name}.npz"), **arrays)
 
 
 # --------------------------------------------------------------------------------------------

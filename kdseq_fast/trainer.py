@@ -11,6 +11,12 @@ phase's scores and instance sequence, the running sums of the epoch's metrics an
 config. Epoch orders are pure functions of (seed, phase, epoch, sequence), so they are regenerated
 rather than stored.
 
+Under ``torchrun`` the same code runs on every rank with the student wrapped in
+``DistributedDataParallel``: ``optim.batch_size`` is the *global* batch (each rank trains on its
+``numpy.array_split`` share of every global batch; the LR is never rescaled), scoring and the
+teacher-logit pass are split across ranks and summed into the full matrices, every rank builds the
+identical instance sequence, and evaluation counts are summed over ranks.
+
 Outputs in ``out_dir`` (main process only): ``metrics.jsonl``, ``phase_K_order.npy``,
 ``phase_K_scores.npy``, ``checkpoint.pt`` (+ ``checkpoint.prev.pt``), ``student.pt`` (or
 ``teacher.pt`` for teacher training), ``summary.json``, ``config.yaml``, ``run.json`` and plots.
@@ -23,6 +29,7 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -37,12 +44,14 @@ from .config import Config, config_hash, phase_epochs as _phase_epochs, save_con
 from .curriculum import InstanceSequence, OrderGenerator, Pacing
 from .runtime import (CheckpointError, GracefulStop, RunContext, SegmentTimer,
                       atomic_write_bytes, capture_rng_state, load_latest_checkpoint,
-                      restore_rng_state, save_checkpoint, setup_run, test_kill_hook)
+                      restore_rng_state, save_checkpoint, setup_run, test_dump_hook,
+                      test_kill_hook)
 
 __all__ = [
     "Trainer", "TrainResult", "Callback", "ConsoleLogger", "TensorBoardLogger", "Preempted",
     "NonFiniteError", "RunDirError", "METHODS", "RESUME_IGNORED_KEYS", "build_data",
-    "load_teacher", "train_teacher", "distill", "compare",
+    "load_teacher", "train_teacher", "distill", "compare", "ordered_batch_size",
+    "rank_loss_weight", "shared_teacher_logits",
 ]
 
 METHODS = ("ce", "kd", "isl")
@@ -155,8 +164,35 @@ def build_data(cfg: Config) -> DataBundle:
     return DataBundle(train, test, int(train.num_classes), key)
 
 
+def ordered_batch_size(num_items: int, batch_size: int, world: int) -> int:
+    """Batch size for an ordered pass (scoring, teacher logits, evaluation) that covers every
+    item on ``world`` ranks: the sharded loader drops a last global batch with fewer rows than
+    ranks (so every rank steps together), which would lose items here, so shrink the batch until
+    the remainder is zero or at least ``world``."""
+    if world <= 1:
+        return batch_size
+    if num_items < world:
+        raise ValueError(f"a split of {num_items} items cannot be spread over {world} ranks "
+                         "(every rank needs at least one row); use fewer processes")
+    if num_items == world:
+        return world
+    b = max(int(batch_size), world)
+    while 0 < num_items % b < world:
+        b -= 1
+    return b
+
+
+def rank_loss_weight(local_rows: int, global_rows: int, world: int) -> float:
+    """Factor on a rank's mean loss so that DDP's *average* of the ranks' gradients equals the
+    gradient of the mean loss over the whole global batch: ``local_rows * world / global_rows``
+    (exactly 1.0 when the batch splits evenly)."""
+    if world <= 1 or local_rows * world == global_rows:
+        return 1.0
+    return local_rows * world / global_rows
+
+
 def _make_loader(cfg: Config, split, ctx: RunContext, *, augment: bool, seed: int,
-                 shard=None):
+                 shard=None, batch_size: int | None = None):
     from .data import CurriculumLoader
 
     files = isinstance(split.images, (list, tuple))
@@ -164,7 +200,7 @@ def _make_loader(cfg: Config, split, ctx: RunContext, *, augment: bool, seed: in
     if augment and cfg.data.augment != "none":
         aug = "rrc" if files else "cifar"
     return CurriculumLoader(
-        split.images, split.labels, cfg.optim.batch_size, backend=cfg.data.loader_backend,
+        split.images, split.labels, batch_size or cfg.optim.batch_size, backend=cfg.data.loader_backend,
         device=ctx.device.type, augment=aug, mean=split.mean, std=split.std, drop_last=False,
         num_threads=cfg.data.num_threads, seed=seed, shard=shard,
         image_size=cfg.data.image_size if files else None)
@@ -190,6 +226,44 @@ def load_teacher(cfg: Config, path: str, num_classes: int, device=None) -> torch
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device) if device is not None else model
+
+
+def shared_teacher_logits(ctx: RunContext, cache, teacher: torch.nn.Module, loader, *,
+                          num_items: int, key: str, device, amp=None,
+                          progress: bool = False) -> torch.Tensor:
+    """``cache.get(...)`` that every rank agrees on under torch.distributed.
+
+    Rank 0 alone decides whether a stored cache file is usable; on a hit it reads the file and
+    broadcasts the matrix (the other ranks need not see rank 0's disk), on a miss every rank
+    scores its shard and the pass sums them (``compute_logits``), then rank 0 stores the result.
+    Letting each rank decide would deadlock when only some of them find the file.
+    """
+    if not ctx.distributed:
+        return cache.get(teacher, loader, num_items=num_items, key=key, device=device, amp=amp,
+                         progress=progress)
+    from .scoring import TeacherLogitCache
+
+    path = cache.path_for(cache.key_for(teacher, key, num_items))
+
+    def usable() -> bool:
+        if path is None or not os.path.exists(path):
+            return False
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, OSError):
+            return False
+        return arr.shape[0] == num_items and str(arr.dtype) == cache.dtype
+
+    if ctx.run_on_main(usable):
+        logits = None
+        if ctx.is_main:
+            logits = cache.get(teacher, loader, num_items=num_items, key=key, device=device,
+                               amp=amp, progress=progress)
+        return ctx.broadcast_tensor(logits)
+    # Only rank 0 may write the file; the others keep their copy in memory.
+    local = cache if ctx.is_main else TeacherLogitCache(None, dtype=cache.dtype)
+    return local.get(teacher, loader, num_items=num_items, key=key, device=device, amp=amp,
+                     progress=progress)
 
 
 @dataclass
@@ -298,9 +372,14 @@ class Trainer:
             self.arch = cfg.student.arch
         self.schedule = self._build_schedule()
 
-        self._check_run_dir(resume, overwrite)
+        # Rank 0 alone reads the directory (the others would race its writes) and shares the
+        # verdict, so a refused directory stops every rank with the same error.
+        self.ctx.run_on_main(lambda: self._check_run_dir(resume, overwrite))
 
         # Data ------------------------------------------------------------------------------
+        if cfg.optim.batch_size < self.ctx.world_size:
+            raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is the global batch and must "
+                             f"be at least the number of processes ({self.ctx.world_size})")
         self.data = data or build_data(cfg)
         self.num_items = len(self.data.train)
         self.num_classes = self.data.num_classes
@@ -308,8 +387,10 @@ class Trainer:
         self.train_loader = _make_loader(cfg, self.data.train, self.ctx, augment=True,
                                          seed=cfg.seed, shard=shard)
         # Evaluation is sharded too: each rank counts its share and evaluate() sums the counts.
-        self.test_loader = _make_loader(cfg, self.data.test, self.ctx, augment=False, seed=cfg.seed,
-                                        shard=shard)
+        self.test_loader = _make_loader(
+            cfg, self.data.test, self.ctx, augment=False, seed=cfg.seed, shard=shard,
+            batch_size=ordered_batch_size(len(self.data.test), cfg.optim.batch_size,
+                                          self.ctx.world_size))
         self.test_loader.set_order(np.arange(len(self.data.test)))
         self.orders = OrderGenerator(self.num_items, cfg.optim.batch_size, seed=cfg.seed)
         self.steps_per_epoch = self.orders.steps_per_epoch
@@ -328,7 +409,17 @@ class Trainer:
                               (cfg.train.channels_last == "auto" and self.device.type == "cuda"))
         mf = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=mf)
-        self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
+        net = self.model
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Construction broadcasts rank 0's weights and buffers; every forward re-broadcasts
+            # the BatchNorm running statistics, so the ranks' models stay identical. Batch
+            # statistics are per rank (no SyncBatchNorm), as in torchvision's reference recipes.
+            net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ddp = net if self.ctx.distributed else None
+        self.train_model = torch.compile(net) if cfg.train.compile else net
         self._buffers = list(self.model.buffers())
         self._buffer_backup = [b.detach().clone() for b in self._buffers]
 
@@ -487,7 +578,9 @@ class Trainer:
         self._last_checkpoint_step = self.global_step
 
     def _load_resume_state(self) -> None:
-        found = load_latest_checkpoint(self.out_dir, log=self.log)
+        # Rank 0 reads the checkpoint and sends it to the others: one consistent state even if
+        # rank 0 falls back to checkpoint.prev.pt, and no shared disk needed across nodes.
+        found = self.ctx.run_on_main(lambda: load_latest_checkpoint(self.out_dir, log=self.log))
         if found is None:
             self.log(f"[{self.label}] no checkpoint in {self.out_dir}; starting from scratch")
             return
@@ -601,8 +694,12 @@ class Trainer:
 
     def _score_loader(self):
         if self._score_loader_obj is None:
+            # Sharded: each rank scores its part and score_dataset/compute_logits sum the parts.
             loader = _make_loader(self.cfg, self.data.train, self.ctx, augment=False,
-                                  seed=self.cfg.seed)
+                                  seed=self.cfg.seed, shard=self.ctx.shard,
+                                  batch_size=ordered_batch_size(self.num_items,
+                                                                self.cfg.optim.batch_size,
+                                                                self.ctx.world_size))
             loader.set_order(np.arange(self.num_items))
             self._score_loader_obj = loader
         return self._score_loader_obj
@@ -614,9 +711,10 @@ class Trainer:
 
             cache_dir = self.cfg.train.teacher_cache_dir or os.path.join(self.out_dir, "cache")
             cache = TeacherLogitCache(cache_dir, dtype=self.cfg.train.teacher_cache_dtype)
-            self._teacher_train_logits = cache.get(
-                self.teacher, self._score_loader(), num_items=self.num_items, key=self.data.key,
-                device=self.device, amp=self.amp_dtype, progress=self._progress)
+            self._teacher_train_logits = shared_teacher_logits(
+                self.ctx, cache, self.teacher, self._score_loader(), num_items=self.num_items,
+                key=self.data.key, device=self.device, amp=self.amp_dtype,
+                progress=self._progress)
         return self._teacher_train_logits
 
     def score_snapshot(self) -> torch.Tensor:
@@ -649,6 +747,7 @@ class Trainer:
             _save_npy(seq.sequence, os.path.join(self.out_dir, f"phase_{phase}_order.npy"))
             _save_npy(scores.numpy(), os.path.join(self.out_dir, f"phase_{phase}_scores.npy"))
         self._emit("on_phase_start", phase, seq.sequence, scores)
+        test_dump_hook(f"phase{phase}_sequence", sequence=seq.sequence)
         test_kill_hook("scoring", phase)
         self.save_checkpoint("phase boundary")
 
@@ -687,7 +786,14 @@ class Trainer:
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         return torch.isfinite(norm)
 
-    def _train_step(self, batch: dict, phase: int) -> float | None:
+    def _train_step(self, batch: dict, phase: int, weight: float = 1.0) -> float | None:
+        """One optimizer step; returns the batch's mean loss (None when the batch was rejected).
+
+        ``weight`` scales the loss for the backward pass only. Under DDP it is
+        ``local_rows * world / global_rows``: DDP averages the ranks' gradients, and with this
+        weight the average equals the gradient of the global batch's mean loss exactly, also when
+        the batch does not split evenly over the ranks (1.0 when it does, and with one process).
+        """
         images = self._to_input(batch["images"])
         self.optimizer.zero_grad(set_to_none=True)
         # The forward pass updates BatchNorm running statistics before the loss can be checked;
@@ -699,13 +805,18 @@ class Trainer:
         with self._autocast():
             logits = self.train_model(images)
         loss = self._loss(logits, batch, images)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
         finite = torch.isfinite(loss.detach())
         if not self.scaler.is_enabled():
             # With fp16 the scaler itself skips steps with inf gradients (normal while it
             # calibrates); otherwise a non-finite gradient is a real divergence.
             finite = finite & self._grads_finite()
-        if not bool(finite):
+        finite = bool(finite)
+        if self.ctx.distributed:
+            # Every rank must take the same branch (step, skip or stop) or the next collective
+            # pairs different operations; one rank's bad loss rejects the batch everywhere.
+            finite = not self.ctx.any_true(not finite)
+        if not finite:
             self._non_finite(batch, phase, float(loss.detach()))
             self.timer.add("model", self.timer.now() - t0)
             return None
@@ -766,15 +877,18 @@ class Trainer:
         if self._resume_state is None and self.global_step == 0:
             # A step-0 checkpoint: a run that fails or is killed early still has a good state.
             self.save_checkpoint("start")
-        if stop.requested:
+        if self._stop_agreed(stop):
             self._preempt(stop, saved=True)
+        bs, world = self.cfg.optim.batch_size, self.ctx.world_size
+        dump = bool(os.environ.get("KDSEQ_TEST_DUMP_DIR"))
         for e in range(self.epoch, self.total_epochs):
             phase, kind, eip, plen = self.schedule[e]
             if kind == "curriculum" and self.scored_phase != phase:
                 self._start_phase(phase)
-                if stop.requested:
+                if self._stop_agreed(stop):
                     self._preempt(stop)
             order, admitted = self._epoch_order(e)
+            seen = []
             self.train_loader.set_epoch(e)
             self.train_loader.set_order(order, start_batch=self.batch_in_epoch)
             t_epoch = time.perf_counter()
@@ -788,8 +902,12 @@ class Trainer:
                     if batch is None:
                         break
                     self.timer.add("data", self.timer.now() - t0)
-                    value = self._train_step(batch, phase)
                     b = int(batch["labels"].numel())
+                    weight = rank_loss_weight(
+                        b, min(bs, len(order) - self.batch_in_epoch * bs), world)
+                    if dump:
+                        seen.append(batch["indices"].cpu().numpy())
+                    value = self._train_step(batch, phase, weight)
                     if value is not None:
                         self.accum["loss_sum"] += value * b
                         self.accum["samples"] += b
@@ -808,7 +926,7 @@ class Trainer:
                         self.save_checkpoint("interval")
                         saved = True
                     test_kill_hook("step", self.global_step)
-                    if stop.requested:
+                    if self._stop_agreed(stop):
                         # Signals only set a flag; the finished step is checkpointed here.
                         self._fold_times(t_epoch)
                         t_epoch = time.perf_counter()
@@ -817,10 +935,25 @@ class Trainer:
                 bar.close()
                 it.close()
             self._fold_times(t_epoch)
+            if dump:
+                test_dump_hook(f"epoch{e}", order=order, phase=np.int64(phase),
+                               indices=np.concatenate(seen) if seen else np.zeros(0, np.int64),
+                               lengths=np.array([len(x) for x in seen], dtype=np.int64))
             self._end_epoch(e)
-            if stop.requested:
+            if self._stop_agreed(stop):
                 self._preempt(stop)
         return self._finish()
+
+    def _stop_agreed(self, stop: GracefulStop) -> bool:
+        """Whether to stop now, agreed by all ranks: a signal seen by one rank after step k and
+        by another after step k+1 must not leave one of them waiting in step k+1's all-reduce."""
+        if not self.ctx.distributed:
+            return stop.requested is not None
+        if self.ctx.any_true(stop.requested is not None):
+            if stop.requested is None:
+                stop.requested = signal.SIGTERM  # stopped on another rank's signal
+            return True
+        return False
 
     def _fold_times(self, t_epoch: float) -> None:
         self.accum["train_time"] += time.perf_counter() - t_epoch
@@ -962,8 +1095,9 @@ def _callbacks(cfg: Config, out_dir: str, log, extra=()) -> list:
 def train_teacher(cfg: Config, out_dir: str, *, resume=False, overwrite=False, quiet=False,
                   log=print, data: DataBundle | None = None, ctx=None) -> TrainResult:
     """Train ``cfg.teacher.arch`` with cross-entropy; writes ``out_dir/teacher.pt``."""
-    if resume and _is_complete(out_dir, "teacher", "ce", cfg):
-        return _completed_result(out_dir, "teacher.pt", log, "teacher")
+    ctx = ctx or setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
+    if resume and ctx.run_on_main(lambda: _is_complete(out_dir, "teacher", "ce", cfg)):
+        return ctx.run_on_main(lambda: _completed_result(out_dir, "teacher.pt", log, "teacher"))
     t = Trainer(cfg, out_dir, role="teacher", resume=resume, overwrite=overwrite, quiet=quiet,
                 callbacks=_callbacks(cfg, out_dir, log), log=log, data=data, ctx=ctx)
     return t.fit()
@@ -974,8 +1108,9 @@ def distill(cfg: Config, out_dir: str, *, method: str | None = None, teacher=Non
             ctx=None) -> TrainResult:
     """Train the student with ``method`` (``ce``, ``kd`` or ``isl``) into ``out_dir``."""
     method = method or cfg.method
-    if resume and _is_complete(out_dir, "student", method, cfg):
-        return _completed_result(out_dir, "student.pt", log, method)
+    ctx = ctx or setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
+    if resume and ctx.run_on_main(lambda: _is_complete(out_dir, "student", method, cfg)):
+        return ctx.run_on_main(lambda: _completed_result(out_dir, "student.pt", log, method))
     t = Trainer(cfg, out_dir, method=method, teacher=teacher, resume=resume, overwrite=overwrite,
                 quiet=quiet, callbacks=_callbacks(cfg, out_dir, log), log=log, data=data, ctx=ctx)
     return t.fit()
@@ -1045,6 +1180,9 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
         summary["methods"][m] = dict(r.summary["methods"][m])
     if teacher_entry is None and teacher is not None:
         summary["teacher"].setdefault("checkpoint", os.path.abspath(os.fspath(teacher)))
+    if not ctx.is_main:
+        # The combined files and plots come from rank 0; the other ranks only trained.
+        return {**summary, "plots": []}
     target = cfg.train.target_acc
     if target is not None and target > 1:
         target /= 100.0

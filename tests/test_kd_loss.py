@@ -204,6 +204,8 @@ BAD_INPUTS = [
     (lambda s, t, y: kf.kd_loss(s, t, y, temperature=math.inf), ValueError, "temperature"),
     (lambda s, t, y: kf.kd_loss(s, t, y, temperature=math.nan), ValueError, "temperature"),
     (lambda s, t, y: kf.kd_loss(s, t, y, temperature="4"), TypeError, "temperature"),
+    (lambda s, t, y: kf.kd_loss(s, t, y, temperature=1e200), ValueError, "temperature"),
+    (lambda s, t, y: kf.kd_loss(s, t, y, temperature=1e-300), ValueError, "temperature"),
     (lambda s, t, y: kf.kd_loss(s.long(), t, y), TypeError, "student_logits"),
     (lambda s, t, y: kf.kd_loss(s, t.int(), y), TypeError, "teacher_logits"),
     (lambda s, t, y: kf.kd_loss(s, t, y, reduction="avg"), ValueError, "reduction"),

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+TEMPERATURE_RANGE = (1e-6, 1e6)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -66,6 +67,10 @@ def check_temperature(temperature) -> float:
     t = float(temperature)
     if not math.isfinite(t) or t <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    # The kernels work in fp32: T^2 and 1/T must stay representable.
+    if not TEMPERATURE_RANGE[0] <= t <= TEMPERATURE_RANGE[1]:
+        raise ValueError(f"temperature must be in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}] "
+                         f"(fp32 kernels), got {temperature}")
     return t
 
 

@@ -50,8 +50,9 @@ def _kd_loss_backward(ctx, grad_loss, _grad_of_grad):
     # wrote, no B x C multiply or allocation. (Autograd does not steal or mutate it: ctx still holds
     # a reference, so repeated backward passes with retain_graph=True stay correct.) Checking the
     # value would cost a device sync on CUDA, where the multiply is one cheap kernel instead.
-    if (grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active() and float(grad_loss) == 1.0):
+    if (grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and type(grad_loss) is torch.Tensor
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and torch._C._len_torch_dispatch_stack() == 0 and float(grad_loss) == 1.0):
         return grad, None, None, None, None, None, None, None, None
     scale = grad_loss.unsqueeze(1) if ctx.reduction == 0 else grad_loss
     return grad * scale.to(grad.dtype), None, None, None, None, None, None, None, None
