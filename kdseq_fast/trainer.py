@@ -573,8 +573,23 @@ class Trainer:
         return time.perf_counter() - self._t_start if getattr(self, "_t_start", None) else 0.0
 
     def save_checkpoint(self, reason: str = "") -> None:
+        # Every rank calls this at the same points. The epoch's running loss sums are per rank:
+        # the checkpoint keeps each rank's pair (an exact resume with the same world size) and
+        # their totals (what a resume with another world size gives rank 0).
+        per_rank = None
+        if self.ctx.distributed:
+            w, r = self.ctx.world_size, self.ctx.rank
+            slots = [0.0] * (2 * w)
+            slots[2 * r], slots[2 * r + 1] = self.accum["loss_sum"], float(self.accum["samples"])
+            slots = self.ctx.reduce_sum(slots)  # a sum of one-hot slots: an all-gather
+            per_rank = [[slots[2 * k], int(slots[2 * k + 1])] for k in range(w)]
         if self.ctx.is_main:
-            save_checkpoint(self.state_dict(), self.out_dir)
+            state = self.state_dict()
+            if per_rank is not None:
+                state["accum"]["rank_sums"] = per_rank
+                state["accum"]["loss_sum"] = math.fsum(p[0] for p in per_rank)
+                state["accum"]["samples"] = sum(p[1] for p in per_rank)
+            save_checkpoint(state, self.out_dir)
         self._last_checkpoint_step = self.global_step
 
     def _load_resume_state(self) -> None:
@@ -614,7 +629,13 @@ class Trainer:
         seq = state["curriculum"]["sequence"]
         self.sequence = None if seq is None else seq.numpy().astype(np.int64)
         self.scores = state["curriculum"]["scores"]
-        self.accum = {**self._new_accum(), **state["accum"]}
+        accum = dict(state["accum"])
+        per_rank = accum.pop("rank_sums", None)
+        self.accum = {**self._new_accum(), **accum}
+        if per_rank is not None and len(per_rank) == self.ctx.world_size:
+            self.accum["loss_sum"], self.accum["samples"] = per_rank[self.ctx.rank]
+        elif not self.ctx.is_main:
+            self.accum["loss_sum"], self.accum["samples"] = 0.0, 0  # rank 0 holds the totals
         self.history = [(int(s), float(a)) for s, a in state["history"]]
         self.best_acc, self.best_state = state["best_acc"], state["best_state"]
         self.teacher_acc = state["teacher_acc"]

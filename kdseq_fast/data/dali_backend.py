@@ -1,0 +1,196 @@
+"""NVIDIA DALI backend: the trainer's order is fed through a batch ``external_source`` callback.
+
+Design notes (why, not what):
+- The callback is in batch mode (``batch=True, batch_info=True``): batch ``i`` of the pass is the
+  rank's span ``i`` of the order, gathered with one numpy fancy-index. Per-sample callbacks cost a
+  Python call per image, and a per-sample source cannot emit the last partial batch of an order;
+  the batch callback can (DALI accepts variable batch sizes from external_source).
+- The parallel (multi-process) external source is not used: its workers hold a pickled copy of the
+  callback, so the order the trainer sets each epoch would not reach them, and on in-memory data
+  the gather is a memcpy that a worker process cannot beat.
+- Random decisions are made on the host (``augment.py``) and passed to DALI as per-sample
+  arguments (slice start, mirror, resize ROI), so DALI and torch backends draw identical crops and
+  flips, and a resumed pass reproduces the uninterrupted one exactly.
+- DALI prefetches as soon as an iterator is reset, so the pipeline is reset only when the next pass
+  starts (after ``set_order``), never at the end of the previous one.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import augment as aug
+
+
+_IMPORT_ERROR: Optional[str] = None
+try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+except Exception as exc:  # ImportError, or a broken install failing on load
+    _IMPORT_ERROR = f"nvidia-dali not importable ({type(exc).__name__}: {exc})"
+
+
+def dali_import_error() -> Optional[str]:
+    """None when DALI imports, else a one-line reason."""
+    return _IMPORT_ERROR
+
+
+def _image_hw_from_bytes(data: np.ndarray):
+    from PIL import Image
+    with Image.open(io.BytesIO(data.tobytes())) as im:  # parses the header only
+        w, h = im.size
+    return h, w
+
+
+class DaliBackend:
+    name = "dali"
+
+    def __init__(self, loader):
+        if _IMPORT_ERROR is not None:
+            raise RuntimeError(_IMPORT_ERROR)
+        self.L = loader
+        self.device = loader.device
+        self.gpu = loader.device.type == "cuda"
+        self._pass = None
+        self._pipe = None
+        self._iter = None
+        self._needs_rebuild = False
+        self._io_pool = None
+        self._build()
+
+    # ---------------------------------------------------------------- host side
+    def _callback(self, info):
+        p = self._pass
+        i = info.iteration
+        if p is None or i >= len(p.spans):
+            raise StopIteration
+        s, e = p.spans[i]
+        idx = p.order[s:e]
+        outs = []
+        if self.L._is_files:
+            paths = [self.L._images[k] for k in idx]
+            pool = self._io_pool
+            encoded = list(pool.map(lambda f: np.fromfile(f, dtype=np.uint8), paths)) if pool \
+                else [np.fromfile(f, dtype=np.uint8) for f in paths]
+            outs.append(encoded)
+        else:
+            outs.append(self.L._images[idx])
+        outs.append(self.L._labels[idx])
+        outs.append(idx)
+        if p.augment == "cifar":
+            oy, ox, flip = (t[s:e].numpy() for t in p.crop_params)
+            start = (np.stack([oy, ox], axis=1) - p.padding).astype(np.int32)
+            outs += [start, flip.astype(np.int32)]
+        elif p.augment == "rrc":
+            boxes = np.array([aug.rrc_params(*_image_hw_from_bytes(enc), p.seed, p.epoch, pos)
+                              for enc, pos in zip(outs[0], range(s, e))], dtype=np.float32)
+            outs += [boxes[:, :2].copy(), (boxes[:, :2] + boxes[:, 2:]).copy(),
+                     p.flips[s:e].numpy().astype(np.int32)]
+        return tuple(outs)
+
+    # ---------------------------------------------------------------- pipeline
+    def _build(self):
+        L = self.L
+        files = L._is_files
+        if files and self._io_pool is None:
+            self._io_pool = ThreadPoolExecutor(max_workers=L.num_threads, thread_name_prefix="kdseq-io")
+        n_out = 3 + {"cifar": 2, "rrc": 3, None: 0}[L.augment]
+        layouts = ["" if files else "HWC"] + [""] * (n_out - 1)
+        mean = L.mean.tolist()
+        std = L.std.tolist()
+        gpu = self.gpu
+        size = L.image_size
+        padding = L.padding
+        augment = L.augment
+
+        @pipeline_def
+        def graph():
+            outs = fn.external_source(source=self._callback, num_outputs=n_out, batch=True,
+                                      batch_info=True, layout=layouts)
+            images, labels, indices = outs[:3]
+            mirror = 0
+            if files:
+                images = fn.decoders.image(images, device="mixed" if gpu else "cpu",
+                                           output_type=types.RGB)
+                if augment == "rrc":
+                    roi_start, roi_end, mirror = outs[3:]
+                    images = fn.resize(images, roi_start=roi_start, roi_end=roi_end,
+                                       roi_relative=False, size=[size, size], antialias=True)
+                elif size is not None:
+                    images = fn.resize(images, resize_shorter=size, antialias=True)
+                    images = fn.crop(images, crop=[size, size])
+            elif gpu:
+                images = images.gpu()
+            if augment == "cifar":
+                start, mirror = outs[3:]
+                images = self._pad_crop(images, start)
+            images = fn.crop_mirror_normalize(images, mirror=mirror, mean=mean, std=std,
+                                              dtype=types.FLOAT, output_layout="CHW")
+            return images, labels, indices
+
+        device_id = self.device.index if gpu else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._pipe = graph(batch_size=L.max_local_batch, num_threads=L.num_threads,
+                               device_id=device_id, prefetch_queue_depth=2,
+                               seed=L.seed & 0x7FFFFFFF)
+            self._pipe.build()
+        self._iter = None
+        self._needs_rebuild = False
+
+    def _pad_crop(self, images, start):
+        """Window of the input's own size at ``start`` (may be negative): the pad-and-crop."""
+        if self.L._is_files:
+            side = self.L.image_size
+            if side is None:
+                raise ValueError("augment='cifar' on a file dataset needs image_size "
+                                 "(the crop window size)")
+            shape = [side, side]
+        else:
+            shape = list(self.L._images.shape[1:3])
+        return fn.slice(images, start=start, shape=shape, axis_names="HW",
+                        out_of_bounds_policy="pad", fill_values=0)
+
+    # ---------------------------------------------------------------- iteration
+    def iterate(self, p):
+        if self._needs_rebuild:
+            # The previous pass was abandoned with batches in flight; a DALI iterator cannot be
+            # reset mid-epoch, so start from a fresh pipeline.
+            self._teardown()
+            self._build()
+        self._pass = p
+        if self._iter is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._iter = DALIGenericIterator(
+                    self._pipe, ["images", "labels", "indices"],
+                    last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False,
+                    prepare_first_batch=False)
+        else:
+            self._iter.reset()
+        self._needs_rebuild = True
+        dev = self.device
+        for out in self._iter:
+            d = out[0]
+            yield {"images": d["images"],
+                   "labels": d["labels"].reshape(-1).to(dev, non_blocking=True),
+                   "indices": d["indices"].reshape(-1).to(dev, non_blocking=True)}
+        self._needs_rebuild = False
+
+    def _teardown(self):
+        self._iter = None
+        self._pipe = None
+
+    def close(self):
+        self._teardown()
+        self._pass = None
+        if self._io_pool is not None:
+            self._io_pool.shutdown(wait=False)
+            self._io_pool = None
