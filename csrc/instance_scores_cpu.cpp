@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu_rows.h"
 #include "kdseq.h"
 #include "row_math.h"
 
@@ -15,26 +16,9 @@ using namespace rowmath;
 
 namespace {
 
-constexpr int64_t kChunk = 256;
-
-template <typename in_t, typename acc_t>
-inline void load_chunk(const in_t* base, int64_t step, int64_t c0, int64_t n, acc_t* buf) {
-  if (step == 1) {
-    const in_t* p = base + c0;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(p[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(base[(c0 + i) * step]);
-  }
-}
-
-template <typename acc_t>
-inline acc_t chunk_max(const acc_t* buf, int64_t n) {
-  acc_t m = neg_inf<acc_t>();
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = buf[i] > m ? buf[i] : m;
-  return m;
-}
+using cpu_rows::chunk_max;
+using cpu_rows::kChunk;
+using cpu_rows::load_chunk;
 
 template <typename s_t, typename t_t, typename acc_t>
 ScoreStats<acc_t> score_segment(const s_t* s, int64_t s_step, const t_t* t, int64_t t_step,

@@ -32,7 +32,12 @@ def run_and_compare(s, t, y=None, *, what="", **kw):
         rows = s.shape[0] if kw.get("reduction", "mean") == "sum" else 1
         atol += kw.get("kd_weight", 1.0) * T * T * (1 + math.log(s.shape[1])) * 1e-6 * rows
     assert_close(loss, ref, (atol, rtol), f"{what} loss")
-    assert_close(grad, ref_grad, GRAD_TOL[s.dtype], f"{what} grad")
+    # Gradient = kd_weight*T*(p_s - p_t) + ce_weight*(...): fp32 probabilities carry ~1e-7 absolute
+    # error, scaled by kd_weight*T (the reduction's 1/B scales expected and error alike).
+    g_atol, g_rtol = GRAD_TOL[s.dtype]
+    if s.dtype != torch.float64:
+        g_atol += (kw.get("kd_weight", 1.0) * kw.get("temperature", 4.0) + kw.get("ce_weight", 0.0)) * 5e-7
+    assert_close(grad, ref_grad, (g_atol, g_rtol), f"{what} grad")
     return loss, grad
 
 
