@@ -64,9 +64,8 @@ def _infer_num_items(loader, num_items: Optional[int]) -> int:
         if int(num_items) <= 0:
             raise ValueError(f"num_items must be > 0, got {num_items}")
         return int(num_items)
-    for attr in ("num_items",):
-        if hasattr(loader, attr):
-            return int(getattr(loader, attr))
+    if hasattr(loader, "num_items"):
+        return int(loader.num_items)
     dataset = getattr(loader, "dataset", None)
     if dataset is not None:
         return len(dataset)

@@ -281,18 +281,6 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def _fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over a model's state dict (names, shapes, bytes): identifies a teacher exactly."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def write_json(obj, path: str) -> None:
     atomic_write_bytes(json.dumps(obj, indent=2, default=_json_default).encode() + b"\n", path)
 
@@ -467,7 +455,9 @@ class Trainer:
         self._score_loader_obj = None
         self._resume_state = None
         self._last_checkpoint_step = None
-        self.teacher_fingerprint = _fingerprint(self.teacher) if self.teacher is not None else None
+        from .scoring import teacher_fingerprint
+
+        self.teacher_fingerprint = teacher_fingerprint(self.teacher) if self.teacher is not None else None
 
         if self.ctx.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
