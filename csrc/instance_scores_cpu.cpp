@@ -18,7 +18,7 @@ namespace {
 
 using cpu_rows::chunk_max;
 using cpu_rows::kChunk;
-using cpu_rows::load_chunk;
+using cpu_rows::chunk_view;
 
 template <typename s_t, typename t_t, typename acc_t>
 ScoreStats<acc_t> score_segment(const s_t* s, int64_t s_step, const t_t* t, int64_t t_step,
@@ -28,17 +28,14 @@ ScoreStats<acc_t> score_segment(const s_t* s, int64_t s_step, const t_t* t, int6
   alignas(64) acc_t bt[kChunk];
   for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
     const int64_t n = std::min(kChunk, end - c0);
-    load_chunk(s, s_step, c0, n, bs);
-    const acc_t cms = chunk_max(bs, n);
-    acc_t cmt = st.mt;
-    if (with_teacher) {
-      load_chunk(t, t_step, c0, n, bt);
-      cmt = kd_max(cmt, chunk_max(bt, n));
-    }
+    const acc_t* vs = chunk_view(s, s_step, c0, n, bs);
+    const acc_t* vt = with_teacher ? chunk_view(t, t_step, c0, n, bt) : nullptr;
+    const acc_t cms = chunk_max(vs, n);
+    const acc_t cmt = with_teacher ? kd_max(st.mt, chunk_max(vt, n)) : st.mt;
     // First maximum wins: earlier chunks keep ties, inside a chunk the first equal index wins.
     if (cms > st.ms || st.amax == INT64_MAX) {
       for (int64_t i = 0; i < n; ++i) {
-        if (bs[i] == cms) {
+        if (vs[i] == cms) {
           st.amax = c0 + i;
           break;
         }
@@ -46,7 +43,7 @@ ScoreStats<acc_t> score_segment(const s_t* s, int64_t s_step, const t_t* t, int6
     }
     if (y >= c0 && y < c0 + n) {
       for (int64_t i = 0; i < n; ++i)
-        if (c0 + i != y) st.m_noty = kd_max(st.m_noty, bs[i]);
+        if (c0 + i != y) st.m_noty = kd_max(st.m_noty, vs[i]);
     } else {
       st.m_noty = kd_max(st.m_noty, cms);
     }
@@ -56,7 +53,7 @@ ScoreStats<acc_t> score_segment(const s_t* s, int64_t s_step, const t_t* t, int6
     if (with_teacher) {
 #pragma omp simd reduction(+ : z1, w1, zsT, ztT, u)
       for (int64_t i = 0; i < n; ++i) {
-        const ScoreTerms<acc_t> tm = score_terms(bs[i], bt[i], ms, mt, invT, true);
+        const ScoreTerms<acc_t> tm = score_terms(vs[i], vt[i], ms, mt, invT, true);
         z1 += tm.z1;
         w1 += tm.w1;
         zsT += tm.zsT;
@@ -66,7 +63,7 @@ ScoreStats<acc_t> score_segment(const s_t* s, int64_t s_step, const t_t* t, int6
     } else {
 #pragma omp simd reduction(+ : z1, w1)
       for (int64_t i = 0; i < n; ++i) {
-        const ScoreTerms<acc_t> tm = score_terms(bs[i], acc_t(0), ms, mt, invT, false);
+        const ScoreTerms<acc_t> tm = score_terms(vs[i], acc_t(0), ms, mt, invT, false);
         z1 += tm.z1;
         w1 += tm.w1;
       }

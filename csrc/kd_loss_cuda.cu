@@ -6,9 +6,10 @@
 // always needs the gradient, and the caller skips it (compute_grad=false) under no_grad/eval.
 // The memory cost is the gradient itself, which autograd would allocate anyway.
 //
-// Per row: pass 1 streams the row once for the online softmax statistics of s/T, s (CE) and t/T;
-// pass 2 streams it again (served from L2 for the row sizes that matter) for the KL terms and the
-// gradient. Small C: a warp per row, several rows per block. Large C: a block per row.
+// Per row: pass 1 streams the row once for the online softmax statistics of s/T, s (CE) and t/T and
+// the KL numerator, which give the row loss (row_math.h); pass 2, only when the gradient is wanted,
+// streams it again (served from L2 for the row sizes that matter) and writes the gradient.
+// Small C: a warp per row, several rows per block. Large C: a block per row.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -35,6 +36,7 @@ struct KDShfl {
     o.zs1 = __shfl_xor_sync(kFullMask, s.zs1, off);
     o.mt = __shfl_xor_sync(kFullMask, s.mt, off);
     o.ztT = __shfl_xor_sync(kFullMask, s.ztT, off);
+    o.u = __shfl_xor_sync(kFullMask, s.u, off);
     return o;
   }
 };
@@ -48,15 +50,6 @@ struct KDMerge {
   }
 };
 
-template <typename acc_t>
-struct SumShfl {
-  __device__ __forceinline__ acc_t operator()(acc_t v, int off) const { return __shfl_xor_sync(kFullMask, v, off); }
-};
-template <typename acc_t>
-struct SumMerge {
-  __device__ __forceinline__ acc_t operator()(acc_t a, acc_t b) const { return a + b; }
-};
-
 template <typename s_t, typename t_t, typename acc_t, int GROUP, int VEC, bool VECTOR>
 __global__ void __launch_bounds__(kBlockThreads) kd_loss_kernel(
     const s_t* __restrict__ s, int64_t s_row, int64_t s_col, const t_t* __restrict__ t, int64_t t_row,
@@ -65,7 +58,6 @@ __global__ void __launch_bounds__(kBlockThreads) kd_loss_kernel(
     acc_t* __restrict__ row_loss, s_t* __restrict__ grad) {
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   __shared__ KDStats<acc_t> smem_stats[32];
-  __shared__ acc_t smem_sum[32];
 
   const bool with_ce = labels != nullptr && ce_weight != acc_t(0);
   const acc_t invT = acc_t(1) / T;
@@ -106,24 +98,23 @@ __global__ void __launch_bounds__(kBlockThreads) kd_loss_kernel(
     }
     st = group_allmerge<GROUP>(st, kd_stats_init<acc_t>(), smem_stats, KDShfl<acc_t>(), merge);
     const KDRowConsts<acc_t> k = kd_row_consts(st, T, kd_weight, ce_weight, scale);
+    if (lane == 0) {
+      const acc_t s_label = with_ce ? static_cast<acc_t>(srow[y * s_col]) : acc_t(0);
+      row_loss[r] = kd_row_loss(st, k, T, kd_weight, ce_weight, with_ce, s_label);
+    }
+    if (grow == nullptr) continue;
 
-    acc_t kl = acc_t(0);
     for (int64_t j = int64_t(lane) * VEC; j < C; j += int64_t(GROUP) * VEC) {
       acc_t sv[VEC], tv[VEC], gv[VEC];
       load_row<VECTOR, VEC>(srow, s_col, j, C, neg_inf<acc_t>(), sv);
       load_row<VECTOR, VEC>(trow, t_col, j, C, neg_inf<acc_t>(), tv);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        // Padding lanes past C carry -inf in both rows and contribute exactly zero.
-        gv[i] = kd_elem(sv[i], tv[i], k, with_ce, kl);
+        // Padding lanes past C carry -inf in both rows and are not stored.
+        gv[i] = kd_grad_elem(sv[i], tv[i], k, with_ce);
         if (with_ce && j + i == y) gv[i] -= k.ce_coef;
       }
-      if (grow != nullptr) store_row<VECTOR, VEC>(grow, j, C, gv);
-    }
-    kl = group_allmerge<GROUP>(kl, acc_t(0), smem_sum, SumShfl<acc_t>(), SumMerge<acc_t>());
-    if (lane == 0) {
-      const acc_t s_label = with_ce ? static_cast<acc_t>(srow[y * s_col]) : acc_t(0);
-      row_loss[r] = kd_row_loss(kl, k, T, kd_weight, ce_weight, with_ce, s_label);
+      store_row<VECTOR, VEC>(grow, j, C, gv);
     }
   }
 }

@@ -23,6 +23,10 @@ struct KDLossArgs {
   bool mean;
 };
 
+// The CPU gradient buffer: reuses the calling thread's previous gradient storage when nothing else
+// references it any more (see kd_loss_cpu.cpp), else a fresh contiguous tensor.
+at::Tensor cpu_grad_buffer(const at::Tensor& student);
+
 void kd_loss_rows_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
                       const at::Tensor& n_valid, const KDLossArgs& args, at::Tensor& row_loss,
                       at::Tensor& grad);

@@ -34,12 +34,18 @@ namespace {
 
 using KDRowsFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const KDLossArgs&, at::Tensor&, at::Tensor&);
+using GradAllocFn = at::Tensor (*)(const at::Tensor&);
 using ScoreRowsFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, at::Tensor&);
 
 void check_logits(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 2, "kdseq: ", name, " must be 2-D (batch, classes), got ", x.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "kdseq: ", name, " must be floating point");
   TORCH_CHECK(x.size(1) >= 2, "kdseq: ", name, " needs at least 2 classes");
+}
+
+// CUDA: the caching allocator already recycles the previous step's gradient.
+[[maybe_unused]] at::Tensor fresh_grad_buffer(const at::Tensor& student) {
+  return at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 at::ScalarType acc_type_for(const at::Tensor& student) {
@@ -49,7 +55,8 @@ at::ScalarType acc_type_for(const at::Tensor& student) {
 std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const at::Tensor& student, const at::Tensor& teacher,
                                                 const std::optional<at::Tensor>& labels, double temperature,
                                                 double kd_weight, double ce_weight, int64_t reduction,
-                                                int64_t ignore_index, bool compute_grad, KDRowsFn rows) {
+                                                int64_t ignore_index, bool compute_grad, KDRowsFn rows,
+                                                GradAllocFn alloc_grad) {
   check_logits(student, "student_logits");
   check_logits(teacher, "teacher_logits");
   TORCH_CHECK(student.sizes() == teacher.sizes(), "kdseq: student_logits and teacher_logits shapes differ");
@@ -69,8 +76,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const at::Tensor& student, const
     n_valid = at::scalar_tensor(B, student.options().dtype(at::kLong));
   }
   at::Tensor row_loss = at::empty({B}, student.options().dtype(acc));
-  at::Tensor grad = compute_grad ? at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous))
-                                 : at::Tensor();
+  at::Tensor grad = compute_grad ? alloc_grad(student) : at::Tensor();
   const KDLossArgs args{temperature, kd_weight, ce_weight, ignore_index, reduction == kMean};
   if (B > 0) rows(student, teacher, y, n_valid, args, row_loss, grad);
 
@@ -109,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student, const 
                                                double kd_weight, double ce_weight, int64_t reduction,
                                                int64_t ignore_index, bool compute_grad) {
   return kd_loss_impl(student, teacher, labels, temperature, kd_weight, ce_weight, reduction, ignore_index,
-                      compute_grad, &kd_loss_rows_cpu);
+                      compute_grad, &kd_loss_rows_cpu, &cpu_grad_buffer);
 }
 
 at::Tensor instance_scores_cpu(const at::Tensor& student, const at::Tensor& labels,
@@ -124,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cuda(const at::Tensor& student, const
                                                 int64_t ignore_index, bool compute_grad) {
   const c10::cuda::CUDAGuard guard(student.device());
   return kd_loss_impl(student, teacher, labels, temperature, kd_weight, ce_weight, reduction, ignore_index,
-                      compute_grad, &kd_loss_rows_cuda);
+                      compute_grad, &kd_loss_rows_cuda, &fresh_grad_buffer);
 }
 
 at::Tensor instance_scores_cuda(const at::Tensor& student, const at::Tensor& labels,

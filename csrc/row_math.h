@@ -61,18 +61,19 @@ template <>
 KDSEQ_HD double pos_inf<double>() { return bits_to_double(0x7ff0000000000000ull); }
 
 // exp(x) for float: Cephes-style range reduction x = n*ln2 + r and a degree-6 polynomial, with
-// 2^n assembled from exponent bits. Branch-free apart from selects, so GCC vectorizes loops that
-// call it (AVX2+FMA here; needs -fno-trapping-math, which setup.py passes, to if-convert the
-// selects) and the GPU runs the same instruction sequence. Max error ~2 ulp.
-// exp(-inf) == 0 exactly (masked classes), NaN propagates.
+// 2^n assembled from exponent bits. Max error ~2 ulp; exp(-inf) == 0 exactly (masked classes),
+// exp(+inf) == +inf, NaN propagates.
+// Branch- and blend-free so GCC vectorizes the loops that call it (AVX2+FMA here) and the GPU runs
+// the same instruction sequence: the two clamps are written `(c > v) ? c : v` / `(c < v) ? c : v`,
+// which is exactly x86's maxps/minps (NaN in v passes through), and the range ends need no select:
+// n is clamped to [-127, 128], and 2^-127 / 2^128 assembled from exponent bits are 0 / +inf.
+// Inputs below -88 give 0 instead of a denormal, inputs above 88.37 +inf (the true value is then
+// within a factor of 1.3 of FLT_MAX); every caller passes x <= 0.
 KDSEQ_HD float kd_exp(float x) {
   const float kLog2e = 1.44269504088896341f;
+  x = (-88.0f > x) ? -88.0f : x;  // also maps -inf to a finite value: no inf - inf below
   float fx = floorf(fmaf(x, kLog2e, 0.5f));
-  // Clamp n so the bit assembly below never overflows; out-of-range x is fixed by the selects.
-  // Plain selects, not fminf/fmaxf: those are library calls on x86 (NaN rules) and block
-  // vectorization of every loop that calls kd_exp.
-  fx = fx < -126.0f ? -126.0f : fx;
-  fx = fx > 127.0f ? 127.0f : fx;
+  fx = (128.0f < fx) ? 128.0f : fx;
   float r = fmaf(fx, -0.693359375f, x);
   r = fmaf(fx, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
@@ -81,13 +82,9 @@ KDSEQ_HD float kd_exp(float x) {
   p = fmaf(p, r, 4.1665795894e-2f);
   p = fmaf(p, r, 1.6666665459e-1f);
   p = fmaf(p, r, 5.0000001201e-1f);
-  float y = fmaf(p, r * r, r) + 1.0f;
+  const float y = fmaf(p, r * r, r) + 1.0f;
   const int32_t n = static_cast<int32_t>(fx);
-  const float scale = bits_to_float(static_cast<uint32_t>(n + 127) << 23);
-  float res = y * scale;
-  res = (x < -87.33654f) ? 0.0f : res;
-  res = (x > 88.72283f) ? pos_inf<float>() : res;
-  return res;
+  return y * bits_to_float(static_cast<uint32_t>(n + 127) << 23);
 }
 
 KDSEQ_HD double kd_exp(double x) { return exp(x); }
@@ -106,9 +103,14 @@ KDSEQ_HD acc_t rebase(acc_t m_old, acc_t m_new, acc_t scale) {
 // ------------------------------------------------------------------------------------------------
 // KD loss: per row, kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T)) + ce_weight * CE(s, y).
 //
-// Pass 1 (online) gathers KDStats; pass 2 re-reads the row with the final log-sum-exps, computes
-// the KL terms from centred log-probabilities (accurate even for logits of +-1e4), and writes the
-// gradient. Two reads, one write per element.
+// One read of the row gathers KDStats online: the maxima, the three sums of exponentials and the
+// KL numerator u. With xs = (s - ms)/T, xt = (t - mt)/T the log-probabilities are
+// xs - log zsT and xt - log ztT, so
+//     KL = sum pt (lpt - lps) = u / ztT - log ztT + log zsT,   u = sum exp(xt) (xt - xs),
+// and u follows a change of maxima exactly (kd_stats_raise). No second pass is needed for the loss;
+// the gradient kd_coef * (ps - pt) + ce_coef * (softmax(s) - onehot) either re-reads the row
+// (kd_grad_elem: the GPU, and CPU rows split across threads) or reuses the exponentials of the
+// first read, rescaled per chunk (kd_chunk_coefs: the CPU).
 // ------------------------------------------------------------------------------------------------
 template <typename acc_t>
 struct KDStats {
@@ -117,6 +119,7 @@ struct KDStats {
   acc_t zs1;  // sum exp(s - ms)            (only when the CE term is on)
   acc_t mt;   // running max of the teacher logits
   acc_t ztT;  // sum exp((t - mt) / T)
+  acc_t u;    // sum exp((t - mt) / T) * ((t - mt) / T - (s - ms) / T): the KL numerator
 };
 
 template <typename acc_t>
@@ -127,58 +130,101 @@ KDSEQ_HD KDStats<acc_t> kd_stats_init() {
   st.zs1 = acc_t(0);
   st.mt = neg_inf<acc_t>();
   st.ztT = acc_t(0);
+  st.u = acc_t(0);
   return st;
 }
 
 // Raise the running maxima to at least (cms, cmt), rescaling the sums. Called once per chunk with
-// the chunk's maxima, so the per-element work below is a plain (vectorizable) sum.
+// the chunk's maxima (CPU) or per element (GPU lanes), so the per-element work is a plain sum.
+// u: every accumulated term's weight exp(xt) scales by exp(da) and its (xt - xs) shifts by da - db,
+// with da, db the (non-positive) changes of the scaled maxima.
 template <typename acc_t>
 KDSEQ_HD void kd_stats_raise(KDStats<acc_t>& st, acc_t cms, acc_t cmt, acc_t invT, bool with_ce) {
-  if (cms > st.ms) {
-    st.zsT *= rebase(st.ms, cms, invT);
-    if (with_ce) st.zs1 *= rebase(st.ms, cms, acc_t(1));
-    st.ms = cms;
+  const acc_t ms_new = kd_max(st.ms, cms);
+  const acc_t mt_new = kd_max(st.mt, cmt);
+  if (st.ztT > acc_t(0) && (ms_new > st.ms || mt_new > st.mt)) {
+    const acc_t da = (st.mt - mt_new) * invT;
+    // A student max still at -inf with teacher mass accumulated: those classes have ps = 0 < pt,
+    // the KL is +inf, and db = -inf carries that through.
+    const acc_t db = ms_new > st.ms ? (st.ms - ms_new) * invT : acc_t(0);
+    st.u = rebase(st.mt, mt_new, invT) * (st.u + st.ztT * (da - db));
   }
-  if (cmt > st.mt) {
-    st.ztT *= rebase(st.mt, cmt, invT);
-    st.mt = cmt;
+  if (ms_new > st.ms) {
+    st.zsT *= rebase(st.ms, ms_new, invT);
+    if (with_ce) st.zs1 *= rebase(st.ms, ms_new, acc_t(1));
+    st.ms = ms_new;
+  }
+  if (mt_new > st.mt) {
+    st.ztT *= rebase(st.mt, mt_new, invT);
+    st.mt = mt_new;
   }
 }
 
-// Per-element contributions to the sums, relative to the current maxima.
+// One element's exponentials relative to maxima (ms, mt) that already cover it.
 template <typename acc_t>
-KDSEQ_HD acc_t kd_student_term_T(acc_t s, acc_t ms, acc_t invT) { return kd_exp((s - ms) * invT); }
-template <typename acc_t>
-KDSEQ_HD acc_t kd_student_term_1(acc_t s, acc_t ms) { return kd_exp(s - ms); }
-template <typename acc_t>
-KDSEQ_HD acc_t kd_teacher_term_T(acc_t t, acc_t mt, acc_t invT) { return kd_exp((t - mt) * invT); }
+struct KDTerms {
+  acc_t esT;  // exp((s - ms) / T)
+  acc_t es1;  // exp(s - ms)     (WITH_CE only)
+  acc_t etT;  // exp((t - mt) / T)
+  acc_t u;    // etT * ((t - mt) / T - (s - ms) / T), 0 where the teacher class is masked
+};
 
-// Single-element online update (GPU lanes with small strides).
+// Element terms from the scaled, max-relative logits xs = (s - ms) / T, xt = (t - mt) / T
+// (ds = s - ms for the CE sum).
+template <bool WITH_CE, typename acc_t>
+KDSEQ_HD KDTerms<acc_t> kd_terms_scaled(acc_t xs, acc_t xt, acc_t ds) {
+  KDTerms<acc_t> r;
+  r.esT = kd_exp(xs);
+  r.etT = kd_exp(xt);
+  // etT == 0: masked teacher class (or underflow) contributes nothing; avoids 0 * inf.
+  r.u = (r.etT > acc_t(0)) ? r.etT * (xt - xs) : acc_t(0);
+  r.es1 = WITH_CE ? kd_exp(ds) : acc_t(0);
+  return r;
+}
+
+// Finite maxima (the common case; the CPU checks once per chunk and keeps the loop select-free).
+template <bool WITH_CE, typename acc_t>
+KDSEQ_HD KDTerms<acc_t> kd_terms_finite(acc_t s, acc_t t, acc_t ms, acc_t mt, acc_t invT) {
+  return kd_terms_scaled<WITH_CE>((s - ms) * invT, (t - mt) * invT, s - ms);
+}
+
+template <bool WITH_CE, typename acc_t>
+KDSEQ_HD KDTerms<acc_t> kd_terms(acc_t s, acc_t t, acc_t ms, acc_t mt, acc_t invT) {
+  // A maximum of -inf means every value so far was -inf (masked): the element is -inf too.
+  const acc_t ds = (ms == neg_inf<acc_t>()) ? neg_inf<acc_t>() : s - ms;
+  const acc_t xt = (mt == neg_inf<acc_t>()) ? neg_inf<acc_t>() : (t - mt) * invT;
+  return kd_terms_scaled<WITH_CE>(ds * invT, xt, ds);
+}
+
+template <typename acc_t>
+KDSEQ_HD void kd_stats_add(KDStats<acc_t>& st, const KDTerms<acc_t>& tm) {
+  st.zsT += tm.esT;
+  st.zs1 += tm.es1;
+  st.ztT += tm.etT;
+  st.u += tm.u;
+}
+
+// Single-element online update (GPU lanes).
 template <typename acc_t>
 KDSEQ_HD void kd_stats_push(KDStats<acc_t>& st, acc_t s, acc_t t, acc_t invT, bool with_ce) {
   kd_stats_raise(st, s, t, invT, with_ce);
-  if (st.ms != neg_inf<acc_t>()) {
-    st.zsT += kd_student_term_T(s, st.ms, invT);
-    if (with_ce) st.zs1 += kd_student_term_1(s, st.ms);
-  }
-  if (st.mt != neg_inf<acc_t>()) st.ztT += kd_teacher_term_T(t, st.mt, invT);
+  kd_stats_add(st, with_ce ? kd_terms<true>(s, t, st.ms, st.mt, invT)
+                           : kd_terms<false>(s, t, st.ms, st.mt, invT));
 }
 
 // Combine two partial states (threads of a warp, warps of a block, segments of a long row).
 template <typename acc_t>
-KDSEQ_HD KDStats<acc_t> kd_stats_merge(const KDStats<acc_t>& a, const KDStats<acc_t>& b, acc_t invT,
-                                       bool with_ce) {
-  KDStats<acc_t> r;
-  r.ms = kd_max(a.ms, b.ms);
-  r.mt = kd_max(a.mt, b.mt);
-  r.zsT = a.zsT * rebase(a.ms, r.ms, invT) + b.zsT * rebase(b.ms, r.ms, invT);
-  r.zs1 = with_ce ? a.zs1 * rebase(a.ms, r.ms, acc_t(1)) + b.zs1 * rebase(b.ms, r.ms, acc_t(1))
-                  : acc_t(0);
-  r.ztT = a.ztT * rebase(a.mt, r.mt, invT) + b.ztT * rebase(b.mt, r.mt, invT);
-  return r;
+KDSEQ_HD KDStats<acc_t> kd_stats_merge(KDStats<acc_t> a, KDStats<acc_t> b, acc_t invT, bool with_ce) {
+  kd_stats_raise(a, b.ms, b.mt, invT, with_ce);
+  kd_stats_raise(b, a.ms, a.mt, invT, with_ce);
+  a.zsT += b.zsT;
+  a.zs1 += b.zs1;
+  a.ztT += b.ztT;
+  a.u += b.u;
+  return a;
 }
 
-// Everything pass 2 needs about a row, derived once from its final KDStats.
+// Everything the gradient needs about a row, derived once from its final KDStats.
 template <typename acc_t>
 struct KDRowConsts {
   acc_t ms, log_zsT, log_zs1, mt, log_ztT;
@@ -202,31 +248,50 @@ KDSEQ_HD KDRowConsts<acc_t> kd_row_consts(const KDStats<acc_t>& st, acc_t T, acc
   return k;
 }
 
-// Pass 2, one element: adds p_t * (log p_t - log p_s) to kl and returns d loss / d s.
-// The label's -1 in the CE gradient is added by the caller (one element per row).
-// WITH_CE is a template parameter so the CPU loops have no branch inside (vectorization).
+// d loss / d s of one element, recomputed from the logits. The label's -1 in the CE gradient is
+// added by the caller (one element per row). WITH_CE is a template parameter so the CPU loops have
+// no branch inside (vectorization).
 template <bool WITH_CE, typename acc_t>
-KDSEQ_HD acc_t kd_elem_t(acc_t s, acc_t t, const KDRowConsts<acc_t>& k, acc_t& kl) {
-  const acc_t lps = (s - k.ms) * k.invT - k.log_zsT;
-  const acc_t lpt = (t - k.mt) * k.invT - k.log_ztT;
-  const acc_t ps = kd_exp(lps);
-  const acc_t pt = kd_exp(lpt);
-  // pt == 0: masked teacher class (or underflow) contributes nothing; avoids 0 * inf.
-  kl += (pt > acc_t(0)) ? pt * (lpt - lps) : acc_t(0);
+KDSEQ_HD acc_t kd_grad_elem_t(acc_t s, acc_t t, const KDRowConsts<acc_t>& k) {
+  const acc_t ps = kd_exp((s - k.ms) * k.invT - k.log_zsT);
+  const acc_t pt = kd_exp((t - k.mt) * k.invT - k.log_ztT);
   acc_t g = k.kd_coef * (ps - pt);
   if constexpr (WITH_CE) g += k.ce_coef * kd_exp((s - k.ms) - k.log_zs1);
   return g;
 }
 
 template <typename acc_t>
-KDSEQ_HD acc_t kd_elem(acc_t s, acc_t t, const KDRowConsts<acc_t>& k, bool with_ce, acc_t& kl) {
-  return with_ce ? kd_elem_t<true>(s, t, k, kl) : kd_elem_t<false>(s, t, k, kl);
+KDSEQ_HD acc_t kd_grad_elem(acc_t s, acc_t t, const KDRowConsts<acc_t>& k, bool with_ce) {
+  return with_ce ? kd_grad_elem_t<true>(s, t, k) : kd_grad_elem_t<false>(s, t, k);
 }
 
-// Row loss from the accumulated KL and the label logit.
+// Gradient from exponentials kept from the stats read, taken relative to that chunk's running
+// maxima (cms, cmt): g = a * esT - b * etT + c * es1.
 template <typename acc_t>
-KDSEQ_HD acc_t kd_row_loss(acc_t kl, const KDRowConsts<acc_t>& k, acc_t T, acc_t kd_weight,
+struct KDChunkCoefs {
+  acc_t a, b, c;
+};
+
+template <typename acc_t>
+KDSEQ_HD KDChunkCoefs<acc_t> kd_chunk_coefs(acc_t cms, acc_t cmt, const KDRowConsts<acc_t>& k, bool with_ce) {
+  KDChunkCoefs<acc_t> r;
+  // A chunk maximum of -inf: the chunk's exponentials are all 0, any finite factor will do.
+  r.a = cms == neg_inf<acc_t>() ? acc_t(0) : k.kd_coef * kd_exp((cms - k.ms) * k.invT - k.log_zsT);
+  r.b = cmt == neg_inf<acc_t>() ? acc_t(0) : k.kd_coef * kd_exp((cmt - k.mt) * k.invT - k.log_ztT);
+  r.c = (!with_ce || cms == neg_inf<acc_t>()) ? acc_t(0) : k.ce_coef * kd_exp((cms - k.ms) - k.log_zs1);
+  return r;
+}
+
+template <typename acc_t>
+KDSEQ_HD acc_t kd_grad_from_terms(acc_t esT, acc_t etT, acc_t es1, const KDChunkCoefs<acc_t>& c) {
+  return c.a * esT - c.b * etT + c.c * es1;
+}
+
+// Row loss from the final statistics and the label logit.
+template <typename acc_t>
+KDSEQ_HD acc_t kd_row_loss(const KDStats<acc_t>& st, const KDRowConsts<acc_t>& k, acc_t T, acc_t kd_weight,
                            acc_t ce_weight, bool with_ce, acc_t s_label) {
+  const acc_t kl = st.u / st.ztT - k.log_ztT + k.log_zsT;
   acc_t loss = kd_weight * T * T * kl;
   if (with_ce) loss += ce_weight * (k.log_zs1 - (s_label - k.ms));
   return loss;

@@ -195,6 +195,59 @@ def test_very_long_rows_split_across_threads():
                         what=f"C={C}")
 
 
+def test_nan_logits_give_nan_loss():
+    # The trainer's non-finite guard relies on NaN inputs never producing a finite loss.
+    for where in ("student", "teacher"):
+        for C in (10, 3000):
+            s, t = make_logits(4, C), make_logits(4, C, seed=1)
+            (s if where == "student" else t)[2, C // 3] = math.nan
+            rows = kf.kd_loss(s, t, reduction="none")
+            assert torch.isnan(rows[2]), (where, C)
+            assert torch.isfinite(rows[[0, 1, 3]]).all(), (where, C)
+
+
+def test_cpu_gradient_buffer_is_reused_only_when_unreferenced():
+    # >= 1 MiB gradients reuse the previous step's storage once nothing references it; anything
+    # still holding it (the tensor, a view, a leaf's .grad) must never see it overwritten.
+    B, C = 128, 4096
+
+    def step(seed):
+        s = make_logits(B, C, seed=seed).requires_grad_()
+        t = make_logits(B, C, seed=seed + 1)
+        (g,) = torch.autograd.grad(kf.kd_loss(s, t), s)
+        return s, t, g
+
+    _, _, g1 = step(0)
+    kept = g1.clone()
+    s2, t2, g2 = step(10)
+    assert g2.data_ptr() != g1.data_ptr()
+    assert torch.equal(g1, kept)
+    view, view_kept = g2[5], g2[5].clone()
+    del g2
+    step(20)
+    assert torch.equal(view, view_kept)
+    del view, g1
+
+    _, _, g = step(30)
+    ptr = g.data_ptr()
+    del g
+    s, t, g = step(40)
+    assert g.data_ptr() == ptr  # the released buffer came back
+    s64 = s.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(kf.kd_loss_reference(s64, t), s64)
+    assert_close(g, ref, GRAD_TOL[torch.float32], "reused buffer")
+    del g
+
+    # Leaf .grad accumulation across steps.
+    s = make_logits(B, C, seed=50).requires_grad_()
+    t = make_logits(B, C, seed=51)
+    kf.kd_loss(s, t).backward()
+    first = s.grad.clone()
+    kf.kd_loss(s, t).backward()
+    step(60)
+    assert_close(s.grad, 2 * first, (1e-9, 1e-6), "accumulated .grad")
+
+
 BAD_INPUTS = [
     (lambda s, t, y: kf.kd_loss(s[0], t, y), ValueError, "student_logits"),
     (lambda s, t, y: kf.kd_loss(s, t[:, :5], y), ValueError, "teacher_logits"),

@@ -37,11 +37,16 @@ def _kd_loss_fake(student, teacher, labels, temperature, kd_weight, ce_weight, r
 def _kd_loss_setup_context(ctx, inputs, output):
     reduction = inputs[6]
     ctx.reduction = reduction
+    # Nothing flows back through the gradient output; without this autograd would materialize a
+    # zero B x C tensor for it on every backward (measured: as long as the whole fused kernel).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 
 def _kd_loss_backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:  # only the gradient output was used: the loss gets no gradient
+        return None, None, None, None, None, None, None, None, None
     if grad.numel() == 0 and grad.dim() == 1:
         raise RuntimeError(
             "kdseq.kd_loss: backward called but the gradient was not computed in forward "
