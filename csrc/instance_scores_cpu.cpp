@@ -34,40 +34,52 @@ ScoreStats<acc_t> score_segment(const s_t* s, int64_t s_step, const t_t* t, int6
     const acc_t cmt = with_teacher ? kd_max(st.mt, chunk_max(vt, n)) : st.mt;
     // First maximum wins: earlier chunks keep ties, inside a chunk the first equal index wins.
     if (cms > st.ms || st.amax == INT64_MAX) {
-      for (int64_t i = 0; i < n; ++i) {
-        if (vs[i] == cms) {
-          st.amax = c0 + i;
-          break;
-        }
-      }
+      // First index equal to the chunk max, as a vectorized min-reduction (a scalar search with
+      // an early exit was 8% of the kernel). No match (an all-NaN chunk) leaves amax as it was.
+      int32_t first = static_cast<int32_t>(n);
+#pragma omp simd reduction(min : first)
+      for (int32_t i = 0; i < static_cast<int32_t>(n); ++i) first = (vs[i] == cms && i < first) ? i : first;
+      if (first < n) st.amax = c0 + first;
     }
     if (y >= c0 && y < c0 + n) {
-      for (int64_t i = 0; i < n; ++i)
-        if (c0 + i != y) st.m_noty = kd_max(st.m_noty, vs[i]);
+      // Select form, not kd_max: fmaxf is a libm call per element here. Both skip NaN.
+      const int64_t yi = y - c0;
+      acc_t m = st.m_noty;
+#pragma omp simd reduction(max : m)
+      for (int64_t i = 0; i < n; ++i) m = (i != yi && vs[i] > m) ? vs[i] : m;
+      st.m_noty = m;
     } else {
       st.m_noty = kd_max(st.m_noty, cms);
     }
     score_stats_rebase(st, kd_max(st.ms, cms), cmt, invT, with_teacher);
     const acc_t ms = st.ms, mt = st.mt;
     acc_t z1 = 0, w1 = 0, zsT = 0, ztT = 0, u = 0;
+    // Four copies of one loop so that none has a select it does not need.
+#define KDSEQ_SCORE_LOOP(TERMS, TEACHER, TV)                                   \
+  _Pragma("omp simd reduction(+ : z1, w1, zsT, ztT, u)")                        \
+  for (int64_t i = 0; i < n; ++i) {                                            \
+    const ScoreTerms<acc_t> tm = TERMS(vs[i], TV, ms, mt, invT, TEACHER);      \
+    z1 += tm.z1;                                                               \
+    w1 += tm.w1;                                                               \
+    zsT += tm.zsT;                                                             \
+    ztT += tm.ztT;                                                             \
+    u += tm.u;                                                                 \
+  }
+    const bool finite = ms != neg_inf<acc_t>() && (!with_teacher || mt != neg_inf<acc_t>());
     if (with_teacher) {
-#pragma omp simd reduction(+ : z1, w1, zsT, ztT, u)
-      for (int64_t i = 0; i < n; ++i) {
-        const ScoreTerms<acc_t> tm = score_terms(vs[i], vt[i], ms, mt, invT, true);
-        z1 += tm.z1;
-        w1 += tm.w1;
-        zsT += tm.zsT;
-        ztT += tm.ztT;
-        u += tm.u;
+      if (finite) {
+        KDSEQ_SCORE_LOOP(score_terms_finite, true, vt[i])
+      } else {
+        KDSEQ_SCORE_LOOP(score_terms, true, vt[i])
       }
     } else {
-#pragma omp simd reduction(+ : z1, w1)
-      for (int64_t i = 0; i < n; ++i) {
-        const ScoreTerms<acc_t> tm = score_terms(vs[i], acc_t(0), ms, mt, invT, false);
-        z1 += tm.z1;
-        w1 += tm.w1;
+      if (finite) {
+        KDSEQ_SCORE_LOOP(score_terms_finite, false, acc_t(0))
+      } else {
+        KDSEQ_SCORE_LOOP(score_terms, false, acc_t(0))
       }
     }
+#undef KDSEQ_SCORE_LOOP
     st.z1 += z1;
     st.w1 += w1;
     st.zsT += zsT;

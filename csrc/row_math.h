@@ -367,17 +367,15 @@ struct ScoreTerms {
   acc_t z1, w1, zsT, ztT, u;
 };
 
+// From xs = s - ms and a = (t - mt) / T (either may be -inf).
 template <typename acc_t>
-KDSEQ_HD ScoreTerms<acc_t> score_terms(acc_t s, acc_t t, acc_t ms, acc_t mt, acc_t invT,
-                                       bool with_teacher) {
+KDSEQ_HD ScoreTerms<acc_t> score_terms_shifted(acc_t xs, acc_t a, acc_t invT, bool with_teacher) {
   ScoreTerms<acc_t> r;
-  const acc_t xs = (ms == neg_inf<acc_t>()) ? neg_inf<acc_t>() : s - ms;
   const acc_t e = kd_exp(xs);
   r.z1 = e;
   r.w1 = (e > acc_t(0)) ? e * xs : acc_t(0);
   if (with_teacher) {
     r.zsT = kd_exp(xs * invT);
-    const acc_t a = (mt == neg_inf<acc_t>()) ? neg_inf<acc_t>() : (t - mt) * invT;
     const acc_t ea = kd_exp(a);
     r.ztT = ea;
     r.u = (ea > acc_t(0)) ? ea * (a - xs * invT) : acc_t(0);
@@ -385,6 +383,21 @@ KDSEQ_HD ScoreTerms<acc_t> score_terms(acc_t s, acc_t t, acc_t ms, acc_t mt, acc
     r.zsT = r.ztT = r.u = acc_t(0);
   }
   return r;
+}
+
+template <typename acc_t>
+KDSEQ_HD ScoreTerms<acc_t> score_terms(acc_t s, acc_t t, acc_t ms, acc_t mt, acc_t invT,
+                                       bool with_teacher) {
+  const acc_t xs = (ms == neg_inf<acc_t>()) ? neg_inf<acc_t>() : s - ms;
+  const acc_t a = (!with_teacher || mt == neg_inf<acc_t>()) ? neg_inf<acc_t>() : (t - mt) * invT;
+  return score_terms_shifted(xs, a, invT, with_teacher);
+}
+
+// Finite maxima (the CPU checks once per chunk and keeps the loop select-free).
+template <typename acc_t>
+KDSEQ_HD ScoreTerms<acc_t> score_terms_finite(acc_t s, acc_t t, acc_t ms, acc_t mt, acc_t invT,
+                                              bool with_teacher) {
+  return score_terms_shifted(s - ms, with_teacher ? (t - mt) * invT : acc_t(0), invT, with_teacher);
 }
 
 template <typename acc_t>
