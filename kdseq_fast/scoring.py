@@ -251,22 +251,25 @@ class TeacherLogitCache:
 
     def get(self, teacher: torch.nn.Module, loader: Iterable, *, num_items: Optional[int] = None,
             key: str = "", device=None, amp=None, progress: bool = True) -> torch.Tensor:
+        """The teacher's logits for every item of ``loader``: from memory, the stored file, or one
+        pass of the teacher. Under torch.distributed every rank must call it (a collective): the
+        ranks agree whether all of them can reuse stored logits, else all of them recompute
+        together (each its shard), so a file seen by only some ranks cannot deadlock the job."""
         num_items = _infer_num_items(loader, num_items)
         cache_key = self.key_for(teacher, key, num_items)
-        if cache_key in self._memory:
-            self.last_hit = True
-            return self._memory[cache_key]
         path = self.path_for(cache_key)
-        if path is not None and os.path.exists(path):
-            try:
-                arr = np.load(path, mmap_mode="c")  # copy-on-write: writable view, file untouched
-                if arr.shape[0] == num_items and str(arr.dtype) == self.dtype:
-                    logits = torch.from_numpy(arr)
-                    self._memory[cache_key] = logits
-                    self.last_hit = True
-                    return logits
-            except (ValueError, OSError):
-                pass  # unreadable (e.g. truncated by a crash): recompute and overwrite below
+        found = self._memory.get(cache_key)
+        if found is None:
+            found = self._load(path, num_items)
+        if _dist_active():
+            hits = torch.tensor([int(found is not None)], dtype=torch.int64)
+            _sum_across_ranks(hits)
+            if int(hits) != torch.distributed.get_world_size():
+                found = None
+        if found is not None:
+            self._memory[cache_key] = found
+            self.last_hit = True
+            return found
         torch_dtype = torch.float16 if self.dtype == "float16" else torch.float32
         logits = compute_logits(teacher, loader, num_items=num_items, device=device, amp=amp,
                                 progress=progress, dtype=torch_dtype)
@@ -278,6 +281,18 @@ class TeacherLogitCache:
             torch.distributed.barrier()
         self._memory[cache_key] = logits
         return logits
+
+    def _load(self, path: Optional[str], num_items: int) -> Optional[torch.Tensor]:
+        """The stored matrix if ``path`` holds a readable one of the right size and dtype."""
+        if path is None or not os.path.exists(path):
+            return None
+        try:
+            arr = np.load(path, mmap_mode="c")  # copy-on-write: writable view, file untouched
+        except (ValueError, OSError):
+            return None  # unreadable (e.g. truncated by a crash): recompute and overwrite
+        if arr.shape[0] != num_items or str(arr.dtype) != self.dtype:
+            return None
+        return torch.from_numpy(arr)
 
     @staticmethod
     def _write(path: str, array: np.ndarray, meta: dict) -> None:

@@ -78,6 +78,35 @@ def test_compute_logits_matches_model():
         torch.testing.assert_close(logits, model(x))
 
 
+def _cache_rank_main(rank, world, init_file, dirs, out_dir):
+    import datetime
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        x, y, teacher = small_problem(n=25)
+        shard = loader_for(x, y, batch_size=4, indices=torch.arange(rank, 25, world))
+        cache = TeacherLogitCache(dirs[rank])
+        logits = cache.get(teacher, shard, num_items=25, key="digits/train", progress=False)
+        torch.save({"logits": logits.clone(), "hit": cache.last_hit}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_teacher_cache_ranks_agree_when_only_one_sees_the_file(tmp_path):
+    # Rank 0's cache directory holds the logits, rank 1's does not: if each rank decided alone,
+    # rank 1 would wait in the scoring all-reduce for a rank 0 that never joins it.
+    x, y, teacher = small_problem(n=25)
+    dirs = [str(tmp_path / "rank0"), str(tmp_path / "rank1")]
+    stored = TeacherLogitCache(dirs[0]).get(teacher, loader_for(x, y), num_items=25, key="digits/train",
+                                            progress=False)
+    torch.multiprocessing.spawn(_cache_rank_main, args=(2, str(tmp_path / "init"), dirs, str(tmp_path)),
+                                nprocs=2, join=True)
+    for rank in (0, 1):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        assert res["hit"] is False  # not every rank could reuse it: all recomputed, together
+        torch.testing.assert_close(res["logits"], stored)
+
+
 def test_teacher_cache_memory_disk_and_key(tmp_path):
     x, y, teacher = small_problem(n=25)
     loader = loader_for(x, y, batch_size=10)
