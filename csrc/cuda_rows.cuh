@@ -10,11 +10,32 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace kdseq {
 namespace cuda_rows {
 
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarpRowsMaxC = 1024;  // up to here a warp per row (<= 32 elements per lane)
+constexpr int kBlockThreads = 256;   // threads per block in both modes
+
+template <typename T>
+inline bool aligned16(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// Calls go(GroupTag, VectorTag) with the row-group size (a warp for C <= kWarpRowsMaxC, else the
+// whole block) and the load mode as compile-time constants (std::integral_constant / bool_constant).
+template <typename Go>
+inline void dispatch_row_layout(int64_t cols, bool vector, Go&& go) {
+  using Warp = std::integral_constant<int, 32>;
+  using Block = std::integral_constant<int, kBlockThreads>;
+  if (cols <= kWarpRowsMaxC) {
+    vector ? go(Warp{}, std::true_type{}) : go(Warp{}, std::false_type{});
+  } else {
+    vector ? go(Block{}, std::true_type{}) : go(Block{}, std::false_type{});
+  }
+}
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) AlignedVec {

@@ -14,8 +14,6 @@ namespace {
 using namespace rowmath;
 using namespace cuda_rows;
 
-constexpr int kWarpRowsMaxC = 1024;
-constexpr int kBlockThreads = 256;
 
 template <typename acc_t>
 struct ScoreShfl {
@@ -85,11 +83,6 @@ __global__ void __launch_bounds__(kBlockThreads) instance_scores_kernel(
   }
 }
 
-template <typename T>
-bool aligned16(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
 template <typename s_t, typename t_t, typename acc_t>
 void launch(const at::Tensor& student, const at::Tensor& labels, const at::Tensor& teacher, double temperature,
             at::Tensor& out) {
@@ -115,13 +108,7 @@ void launch(const at::Tensor& student, const at::Tensor& labels, const at::Tenso
             out.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  using Warp = std::integral_constant<int, 32>;
-  using Block = std::integral_constant<int, kBlockThreads>;
-  if (C <= kWarpRowsMaxC) {
-    vector ? go(Warp{}, std::true_type{}) : go(Warp{}, std::false_type{});
-  } else {
-    vector ? go(Block{}, std::true_type{}) : go(Block{}, std::false_type{});
-  }
+  dispatch_row_layout(C, vector, go);
 }
 
 }  // namespace

@@ -24,8 +24,6 @@ namespace {
 using namespace rowmath;
 using namespace cuda_rows;
 
-constexpr int kWarpRowsMaxC = 1024;  // up to here a warp per row (<= 32 elements per lane)
-constexpr int kBlockThreads = 256;   // threads per block in both modes
 
 template <typename acc_t>
 struct KDShfl {
@@ -119,11 +117,6 @@ __global__ void __launch_bounds__(kBlockThreads) kd_loss_kernel(
   }
 }
 
-template <typename T>
-bool aligned16(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
 template <typename s_t, typename t_t, typename acc_t>
 void launch(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
             const at::Tensor& n_valid, const KDLossArgs& args, at::Tensor& row_loss, at::Tensor& grad) {
@@ -154,15 +147,7 @@ void launch(const at::Tensor& student, const at::Tensor& teacher, const at::Tens
         loss, g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  using Warp = std::integral_constant<int, 32>;
-  using Block = std::integral_constant<int, kBlockThreads>;
-  using Vec = std::true_type;
-  using Scalar = std::false_type;
-  if (C <= kWarpRowsMaxC) {
-    vector ? go(Warp{}, Vec{}) : go(Warp{}, Scalar{});
-  } else {
-    vector ? go(Block{}, Vec{}) : go(Block{}, Scalar{});
-  }
+  dispatch_row_layout(C, vector, go);
 }
 
 }  // namespace
