@@ -258,9 +258,7 @@ class TeacherLogitCache:
         num_items = _infer_num_items(loader, num_items)
         cache_key = self.key_for(teacher, key, num_items)
         path = self.path_for(cache_key)
-        found = self._memory.get(cache_key)
-        if found is None:
-            found = self._load(path, num_items)
+        found = self.load(teacher, num_items=num_items, key=key)
         if _dist_active():
             hits = torch.tensor([int(found is not None)], dtype=torch.int64)
             _sum_across_ranks(hits)
@@ -282,8 +280,13 @@ class TeacherLogitCache:
         self._memory[cache_key] = logits
         return logits
 
-    def _load(self, path: Optional[str], num_items: int) -> Optional[torch.Tensor]:
-        """The stored matrix if ``path`` holds a readable one of the right size and dtype."""
+    def load(self, teacher: torch.nn.Module, *, num_items: int, key: str = "") -> Optional[torch.Tensor]:
+        """The logits kept for this teacher and dataset key (in memory or a readable stored file of
+        the right size and dtype), or None. Local: no collective, never computes."""
+        cache_key = self.key_for(teacher, key, num_items)
+        if cache_key in self._memory:
+            return self._memory[cache_key]
+        path = self.path_for(cache_key)
         if path is None or not os.path.exists(path):
             return None
         try:

@@ -246,19 +246,16 @@ def shared_teacher_logits(ctx: RunContext, cache, teacher: torch.nn.Module, load
     path = cache.path_for(cache.key_for(teacher, key, num_items))
 
     def usable() -> bool:
-        if path is None or not os.path.exists(path):
-            return False
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (ValueError, OSError):
-            return False
-        return arr.shape[0] == num_items and str(arr.dtype) == cache.dtype
+        return cache.load(teacher, num_items=num_items, key=key) is not None
 
     if ctx.run_on_main(usable):
         logits = None
         if ctx.is_main:
-            logits = cache.get(teacher, loader, num_items=num_items, key=key, device=device,
-                               amp=amp, progress=progress)
+            # load(), not get(): get() is a collective, and only rank 0 is here.
+            logits = cache.load(teacher, num_items=num_items, key=key)
+            if logits is None:  # the file went away between the check and now
+                raise RuntimeError(f"teacher-logit cache file {path} became unreadable")
+            cache.last_hit = True
         return ctx.broadcast_tensor(logits)
     # Only rank 0 may write the file; the others keep their copy in memory.
     local = cache if ctx.is_main else TeacherLogitCache(None, dtype=cache.dtype)

@@ -123,6 +123,11 @@ def test_teacher_cache_memory_disk_and_key(tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len([f for f in files if f.endswith(".npy")]) == 1
 
+    # load(): local lookup only (memory or a stored file), never computes.
+    torch.testing.assert_close(TeacherLogitCache(tmp_path).load(teacher, num_items=25, key="digits/train"), b)
+    assert TeacherLogitCache(tmp_path).load(teacher, num_items=25, key="never/stored") is None
+    assert TeacherLogitCache(tmp_path).load(teacher, num_items=24, key="digits/train") is None
+
     second_run = TeacherLogitCache(tmp_path)
     c = second_run.get(teacher, loader, num_items=25, key="digits/train", progress=False)
     assert second_run.last_hit is True
