@@ -2,7 +2,10 @@
 // Argument validation with user-facing messages happens in Python (kdseq_fast/ops); the checks here
 // are the last line of defence for direct torch.ops.kdseq calls.
 #include <Python.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include <sstream>
 #include <string>
@@ -67,11 +70,22 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const at::Tensor& student, const
   const int64_t B = student.size(0);
   const auto acc = acc_type_for(student);
 
+  // On the CPU the valid-row count and the reduction are plain loops: as ATen ops (ne, sum,
+  // clamp_min, to, div) they cost more than the whole kernel for CIFAR-sized batches.
+  const bool host = student.device().is_cpu();
   at::Tensor y, n_valid;
+  int64_t n_valid_host = B;
   if (has_labels) {
     TORCH_CHECK(labels->dim() == 1 && labels->size(0) == B, "kdseq: labels must have shape (B,)");
     y = labels->to(at::kLong).contiguous();
-    n_valid = y.ne(ignore_index).sum();
+    if (host) {
+      n_valid_host = 0;
+      const int64_t* yp = y.data_ptr<int64_t>();
+      for (int64_t r = 0; r < B; ++r) n_valid_host += yp[r] != ignore_index;
+      n_valid = at::scalar_tensor(n_valid_host, student.options().dtype(at::kLong));
+    } else {
+      n_valid = y.ne(ignore_index).sum();  // stays on the device: no host sync
+    }
   } else {
     n_valid = at::scalar_tensor(B, student.options().dtype(at::kLong));
   }
@@ -83,10 +97,18 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const at::Tensor& student, const
   at::Tensor loss;
   if (reduction == kNone) {
     loss = row_loss;
+  } else if (host) {
+    double total = 0.0;
+    AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "kd_loss_reduce", [&] {
+      const scalar_t* lp = row_loss.data_ptr<scalar_t>();
+      for (int64_t r = 0; r < B; ++r) total += static_cast<double>(lp[r]);
+    });
+    // Mean over non-ignored rows; an all-ignored batch gives 0 (the sum is 0, the divisor 1).
+    if (reduction == kMean) total /= static_cast<double>(std::max<int64_t>(n_valid_host, 1));
+    loss = at::scalar_tensor(total, student.options().dtype(acc));
   } else if (reduction == kSum) {
     loss = row_loss.sum();
   } else {
-    // Mean over non-ignored rows; an all-ignored batch gives 0 (sum is 0, divisor clamped to 1).
     loss = row_loss.sum() / n_valid.clamp_min(1).to(acc);
   }
   if (!grad.defined()) grad = at::empty({0}, student.options());
