@@ -5,8 +5,8 @@
 One kernel (``torch.ops.kdseq.kd_loss``; CPU and CUDA) gets each row's loss from one read of the
 student and teacher rows (online softmax statistics plus the KL numerator) and writes the student
 gradient once: the CPU reuses the exponentials of that read, the GPU re-reads the row from L2.
-Backward only scales the stored gradient by ``grad_output``. ``kd_loss_reference`` is the same math in plain PyTorch, used by the
-tests and as documentation.
+Backward only scales the stored gradient by ``grad_output``. ``kd_loss_reference`` is the same
+math in plain PyTorch, used by the tests and as documentation.
 """
 from __future__ import annotations
 
