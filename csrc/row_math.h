@@ -53,12 +53,6 @@ template <>
 KDSEQ_HD float neg_inf<float>() { return bits_to_float(0xff800000u); }
 template <>
 KDSEQ_HD double neg_inf<double>() { return bits_to_double(0xfff0000000000000ull); }
-template <typename T>
-KDSEQ_HD T pos_inf();
-template <>
-KDSEQ_HD float pos_inf<float>() { return bits_to_float(0x7f800000u); }
-template <>
-KDSEQ_HD double pos_inf<double>() { return bits_to_double(0x7ff0000000000000ull); }
 
 // exp(x) for float, x <= 88: Cephes-style range reduction x = n*ln2 + r and a degree-6 polynomial,
 // with 2^n assembled from exponent bits. Max error ~2 ulp; exp(-inf) == 0 exactly (masked classes),

@@ -258,7 +258,7 @@ class TeacherLogitCache:
         num_items = _infer_num_items(loader, num_items)
         cache_key = self.key_for(teacher, key, num_items)
         path = self.path_for(cache_key)
-        found = self.load(teacher, num_items=num_items, key=key)
+        found = self._stored(cache_key, num_items)
         if _dist_active():
             hits = torch.tensor([int(found is not None)], dtype=torch.int64)
             _sum_across_ranks(hits)
@@ -283,7 +283,9 @@ class TeacherLogitCache:
     def load(self, teacher: torch.nn.Module, *, num_items: int, key: str = "") -> Optional[torch.Tensor]:
         """The logits kept for this teacher and dataset key (in memory or a readable stored file of
         the right size and dtype), or None. Local: no collective, never computes."""
-        cache_key = self.key_for(teacher, key, num_items)
+        return self._stored(self.key_for(teacher, key, num_items), num_items)
+
+    def _stored(self, cache_key: str, num_items: int) -> Optional[torch.Tensor]:
         if cache_key in self._memory:
             return self._memory[cache_key]
         path = self.path_for(cache_key)

@@ -243,20 +243,18 @@ def shared_teacher_logits(ctx: RunContext, cache, teacher: torch.nn.Module, load
                          progress=progress)
     from .scoring import TeacherLogitCache
 
-    path = cache.path_for(cache.key_for(teacher, key, num_items))
+    stored = None
 
-    def usable() -> bool:
-        return cache.load(teacher, num_items=num_items, key=key) is not None
+    def usable() -> bool:  # runs on rank 0 only; the matrix it finds is what rank 0 broadcasts
+        nonlocal stored
+        stored = cache.load(teacher, num_items=num_items, key=key)
+        return stored is not None
 
     if ctx.run_on_main(usable):
-        logits = None
         if ctx.is_main:
-            # load(), not get(): get() is a collective, and only rank 0 is here.
-            logits = cache.load(teacher, num_items=num_items, key=key)
-            if logits is None:  # the file went away between the check and now
-                raise RuntimeError(f"teacher-logit cache file {path} became unreadable")
             cache.last_hit = True
-        return ctx.broadcast_tensor(logits)
+        # load(), not get(): get() is a collective, and only rank 0 read the file.
+        return ctx.broadcast_tensor(stored)
     # Only rank 0 may write the file; the others keep their copy in memory.
     local = cache if ctx.is_main else TeacherLogitCache(None, dtype=cache.dtype)
     return local.get(teacher, loader, num_items=num_items, key=key, device=device, amp=amp,
