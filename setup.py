@@ -102,6 +102,22 @@ def cpu_arch_flags():
     return [f"-march={arch}"], arch
 
 
+def gcc_scheduling_flags():
+    """GCC's pre-register-allocation scheduler is off by default on x86. The row-math loops are long
+    chains of dependent FMAs (two exponentials an element) and interleaving independent ones
+    measured ~10% faster; clang schedules by default and does not know -fsched-pressure."""
+    import subprocess
+
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if "clang" in version.lower() or "Free Software Foundation" not in version:
+        return []
+    return ["-fschedule-insns", "-fsched-pressure"]
+
+
 def make_extension():
     with_cuda, why = want_cuda()
     arch_flags, isa = cpu_arch_flags()
@@ -110,6 +126,8 @@ def make_extension():
     # -fno-trapping-math: lets GCC if-convert the selects in the row math so the exp loops
     # vectorize (we never rely on floating-point exception flags).
     cxx = opt + ["-fopenmp", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"] + arch_flags
+    if not debug:
+        cxx += gcc_scheduling_flags()
     cxx.append(f'-DKDSEQ_CPU_ISA="{isa}"')
     sources = ["csrc/ops.cpp", "csrc/kd_loss_cpu.cpp", "csrc/instance_scores_cpu.cpp"]
     extra = {"cxx": cxx}

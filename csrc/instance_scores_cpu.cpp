@@ -19,6 +19,7 @@ namespace {
 using cpu_rows::chunk_max;
 using cpu_rows::kChunk;
 using cpu_rows::chunk_view;
+using cpu_rows::prefetch_ahead;
 
 template <typename s_t, typename t_t, typename acc_t>
 ScoreStats<acc_t> score_segment(const s_t* s, int64_t s_step, const t_t* t, int64_t t_step,
@@ -28,6 +29,8 @@ ScoreStats<acc_t> score_segment(const s_t* s, int64_t s_step, const t_t* t, int6
   alignas(64) acc_t bt[kChunk];
   for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
     const int64_t n = std::min(kChunk, end - c0);
+    prefetch_ahead(s, s_step, c0, end);
+    if (with_teacher) prefetch_ahead(t, t_step, c0, end);
     const acc_t* vs = chunk_view(s, s_step, c0, n, bs);
     const acc_t* vt = with_teacher ? chunk_view(t, t_step, c0, n, bt) : nullptr;
     const acc_t cms = chunk_max(vs, n);

@@ -54,6 +54,14 @@ KDSEQ_HD float neg_inf<float>() { return bits_to_float(0xff800000u); }
 template <>
 KDSEQ_HD double neg_inf<double>() { return bits_to_double(0xfff0000000000000ull); }
 
+KDSEQ_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  return __builtin_bit_cast(uint32_t, f);
+#endif
+}
+
 // exp(x) for float, x <= 88: Cephes-style range reduction x = n*ln2 + r and a degree-6 polynomial,
 // with 2^n assembled from exponent bits. Max error ~2 ulp; exp(-inf) == 0 exactly (masked classes),
 // NaN propagates. Every caller passes x <= 0 (logits minus their running maximum, log-probabilities),
@@ -62,10 +70,15 @@ KDSEQ_HD double neg_inf<double>() { return bits_to_double(0xfff0000000000000ull)
 // the GPU runs the same instruction sequence. Clamping x at -88 maps -inf to a finite value (no
 // inf - inf below) and gives n = -127, whose 2^n assembled from exponent bits is exactly 0: inputs
 // below about -87.9 give 0 instead of a denormal. (A second, upper clamp cost 30% of the loop.)
+// The rounding of x*log2(e) to n is one add of 1.5*2^23 + 127, which also leaves the biased
+// exponent n + 127 in the low mantissa bits (no float->int conversion), and the polynomial is one
+// Horner chain of fmas: 14 operations a value, 3 fewer than floor/convert and Cephes' r*r form.
 KDSEQ_HD float kd_exp(float x) {
   const float kLog2e = 1.44269504088896341f;
+  const float kRoundBias = 12583039.0f;  // 1.5 * 2^23 + 127
   x = (-88.0f > x) ? -88.0f : x;  // NaN compares false and passes through
-  const float fx = floorf(fmaf(x, kLog2e, 0.5f));
+  const float nb = fmaf(x, kLog2e, kRoundBias);
+  const float fx = nb - kRoundBias;  // n, exactly
   float r = fmaf(fx, -0.693359375f, x);
   r = fmaf(fx, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
@@ -74,9 +87,9 @@ KDSEQ_HD float kd_exp(float x) {
   p = fmaf(p, r, 4.1665795894e-2f);
   p = fmaf(p, r, 1.6666665459e-1f);
   p = fmaf(p, r, 5.0000001201e-1f);
-  const float y = fmaf(p, r * r, r) + 1.0f;
-  const int32_t n = static_cast<int32_t>(fx);
-  return y * bits_to_float(static_cast<uint32_t>(n + 127) << 23);
+  p = fmaf(p, r, 1.0f);
+  p = fmaf(p, r, 1.0f);
+  return p * bits_to_float(float_to_bits(nb) << 23);
 }
 
 KDSEQ_HD double kd_exp(double x) { return exp(x); }
