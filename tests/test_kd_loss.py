@@ -248,6 +248,40 @@ def test_cpu_gradient_buffer_is_reused_only_when_unreferenced():
     assert_close(s.grad, 2 * first, (1e-9, 1e-6), "accumulated .grad")
 
 
+def test_autograd_paths_agree():
+    # The C++ backward hands back the stored gradient for a plain grad_output of 1 and multiplies
+    # otherwise; every path must give the same gradient.
+    s0, t, y = make_logits(16, 300, seed=3), make_logits(16, 300, seed=4), make_labels(16, 300)
+    kw = dict(temperature=3.0, kd_weight=0.8, ce_weight=0.2)
+    s64 = s0.double().requires_grad_()
+    (ref,) = torch.autograd.grad(kf.kd_loss_reference(s64, t.double(), y, **kw), s64)
+
+    s = s0.clone().requires_grad_()
+    loss = kf.kd_loss(s, t, y, **kw)
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    assert_close(first, ref, GRAD_TOL[torch.float32], "backward()")
+    loss.backward()  # the retained graph gives the same gradient again
+    assert_close(s.grad, 2 * first, (1e-9, 1e-6), "retain_graph")
+
+    (g_one,) = torch.autograd.grad(kf.kd_loss(s, t, y, **kw), s, grad_outputs=torch.tensor(1.0))
+    (g_half,) = torch.autograd.grad(kf.kd_loss(s, t, y, **kw), s, grad_outputs=torch.tensor(0.5))
+    (g_graph,) = torch.autograd.grad(kf.kd_loss(s, t, y, **kw), s, create_graph=True)
+    assert_close(g_one, first, (0, 0), "grad_outputs=1")
+    assert_close(g_half, 0.5 * first, (1e-9, 1e-6), "grad_outputs=0.5")
+    assert_close(g_graph, first, (1e-9, 1e-6), "create_graph")
+
+    rows = kf.kd_loss(s, t, y, reduction="none", **kw)
+    w = torch.linspace(0.0, 2.0, 16)
+    (g_rows,) = torch.autograd.grad((rows * w).sum(), s)
+    (g_sum,) = torch.autograd.grad(kf.kd_loss(s, t, y, reduction="sum", **kw), s)
+    assert_close(g_rows, g_sum * w[:, None], (1e-7, 1e-5), "reduction='none' weighted")
+
+    # functorch transforms cannot run C++ autograd functions; torch says so.
+    with pytest.raises(RuntimeError, match="functorch"):
+        torch.func.grad(lambda a: kf.kd_loss(a, t))(s0.clone())
+
+
 BAD_INPUTS = [
     (lambda s, t, y: kf.kd_loss(s[0], t, y), ValueError, "student_logits"),
     (lambda s, t, y: kf.kd_loss(s, t[:, :5], y), ValueError, "teacher_logits"),
