@@ -106,11 +106,12 @@ def gcc_scheduling_flags():
     """GCC's pre-register-allocation scheduler is off by default on x86. The row-math loops are long
     chains of dependent FMAs (two exponentials an element) and interleaving independent ones
     measured ~10% faster; clang schedules by default and does not know -fsched-pressure."""
+    import shlex
     import subprocess
 
-    cxx = os.environ.get("CXX", "c++")
+    cxx = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]
     try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run(cxx + ["--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     if "clang" in version.lower() or "Free Software Foundation" not in version:
