@@ -66,7 +66,7 @@ inline void store_chunk(const acc_t* buf, int64_t n, out_t* out) {
     uint16_t* p = reinterpret_cast<uint16_t*>(out);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const uint32_t b = __builtin_bit_cast(uint32_t, buf[i]);
+      const uint32_t b = rowmath::float_to_bits(buf[i]);
       const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
       p[i] = static_cast<uint16_t>(buf[i] != buf[i] ? 0x7fc0u : rounded);
     }

@@ -14,7 +14,6 @@ namespace {
 using namespace rowmath;
 using namespace cuda_rows;
 
-
 template <typename acc_t>
 struct ScoreShfl {
   __device__ __forceinline__ ScoreStats<acc_t> operator()(const ScoreStats<acc_t>& s, int off) const {

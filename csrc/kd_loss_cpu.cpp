@@ -61,8 +61,8 @@ RowStash<acc_t>& thread_stash() {
 }
 
 // Statistics of columns [begin, end) in one read. With a stash, every exponential and the running
-// maxima of each chunk are kept for the gradient; the student's in es_row when it is given (the
-// fp32 gradient row), else in the stash.
+// maxima of each chunk are kept for the gradient: the student's at es_row (the stash's esT or the
+// fp32 gradient row), the others in the stash.
 template <bool WITH_CE, typename s_t, typename t_t, typename acc_t>
 KDStats<acc_t> stats_segment(const s_t* s, int64_t s_step, const t_t* t, int64_t t_step, int64_t begin,
                              int64_t end, acc_t invT, RowStash<acc_t>* stash, acc_t* es_row) {
@@ -78,9 +78,7 @@ KDStats<acc_t> stats_segment(const s_t* s, int64_t s_step, const t_t* t, int64_t
     kd_stats_raise(st, chunk_max(vs, n), chunk_max(vt, n), invT, WITH_CE);
     const acc_t ms = st.ms, mt = st.mt;
     acc_t zsT = 0, zs1 = 0, ztT = 0, u = 0;
-    acc_t* es = stash == nullptr ? nullptr
-                : es_row != nullptr ? es_row + (c0 - begin)
-                                    : stash->esT.data() + (c0 - begin);
+    acc_t* es = stash != nullptr ? es_row + (c0 - begin) : nullptr;
     acc_t* et = stash != nullptr ? stash->etT.data() + (c0 - begin) : nullptr;
     acc_t* e1 = stash != nullptr && WITH_CE ? stash->es1.data() + (c0 - begin) : nullptr;
     // Four copies of one loop so that none has a branch or a select it does not need.
@@ -116,29 +114,21 @@ KDStats<acc_t> stats_segment(const s_t* s, int64_t s_step, const t_t* t, int64_t
       }
     }
 #undef KDSEQ_STATS_LOOP
-    st.zsT += zsT;
-    st.zs1 += zs1;
-    st.ztT += ztT;
-    st.u += u;
+    kd_stats_add(st, KDTerms<acc_t>{zsT, zs1, ztT, u});
   }
   return st;
 }
 
-// Gradient of a whole row from its stash (and, for an fp32 gradient, the student's exponentials
-// already in g, overwritten in place).
+// Gradient of a whole row from its stash and the student's exponentials at es_row (which may be g
+// itself, overwritten in place).
 template <bool WITH_CE, typename s_t, typename acc_t>
-void grad_from_stash(const RowStash<acc_t>& stash, int64_t C, const KDRowConsts<acc_t>& k, int64_t label,
-                     s_t* g) {
+void grad_from_stash(const RowStash<acc_t>& stash, const acc_t* es_row, int64_t C, const KDRowConsts<acc_t>& k,
+                     int64_t label, s_t* g) {
   alignas(64) acc_t bg[kChunk];
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
     const KDChunkCoefs<acc_t> cf = kd_chunk_coefs(stash.cms[c0 / kChunk], stash.cmt[c0 / kChunk], k, WITH_CE);
-    const acc_t* es;
-    if constexpr (std::is_same_v<s_t, acc_t>) {
-      es = g + c0;
-    } else {
-      es = stash.esT.data() + c0;
-    }
+    const acc_t* es = es_row + c0;
     const acc_t* et = stash.etT.data() + c0;
     const acc_t* e1 = WITH_CE ? stash.es1.data() + c0 : nullptr;
     // Same-type output is written in place; others go through bg and one rounding.
@@ -214,12 +204,18 @@ void kd_loss_rows_typed(const at::Tensor& student, const at::Tensor& teacher, co
           continue;
         }
         acc_t* es_row = nullptr;
-        if constexpr (kEsInGrad) es_row = g != nullptr ? g + r * C : nullptr;
+        if (g != nullptr) {
+          if constexpr (kEsInGrad) {
+            es_row = g + r * C;
+          } else {
+            es_row = stash->esT.data();
+          }
+        }
         const KDStats<acc_t> st = stats_segment<WITH_CE>(s + r * s_row, s_col, t + r * t_row, t_col, int64_t(0), C,
                                                          invT, stash, es_row);
         const KDRowConsts<acc_t> k = kd_row_consts(st, T, kdw, cew, scale);
         finish_row(r, st, k);
-        if (g != nullptr) grad_from_stash<WITH_CE>(*stash, C, k, label_of(r), g + r * C);
+        if (g != nullptr) grad_from_stash<WITH_CE>(*stash, es_row, C, k, label_of(r), g + r * C);
       }
     });
     return;
@@ -310,13 +306,13 @@ at::Tensor cpu_grad_buffer(const at::Tensor& student) {
   const size_t bytes = static_cast<size_t>(student.numel()) * student.element_size();
   if (bytes < kMinCachedBytes || bytes > kMaxCachedBytes) {
     if (cached.defined()) cached = at::Tensor();
-    return at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
+    return fresh_grad_buffer(student);
   }
   const bool reusable = cached.defined() && cached.use_count() == 1 && cached.storage().use_count() == 1 &&
                         cached.sizes() == student.sizes() && cached.scalar_type() == student.scalar_type() &&
                         cached.is_inference() == c10::InferenceMode::is_enabled();
   if (!reusable) {
-    cached = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
+    cached = fresh_grad_buffer(student);
     advise_huge_pages(cached);
   }
   // A new TensorImpl on the same storage: no autograd or view metadata carried over from the

@@ -24,7 +24,6 @@ namespace {
 using namespace rowmath;
 using namespace cuda_rows;
 
-
 template <typename acc_t>
 struct KDShfl {
   __device__ __forceinline__ KDStats<acc_t> operator()(const KDStats<acc_t>& s, int off) const {

@@ -23,6 +23,12 @@ struct KDLossArgs {
   bool mean;
 };
 
+// A new contiguous student-shaped gradient. CUDA uses it as it is: the caching allocator already
+// recycles the previous step's gradient.
+inline at::Tensor fresh_grad_buffer(const at::Tensor& student) {
+  return at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
 // The CPU gradient buffer: reuses the calling thread's previous gradient storage when nothing else
 // references it any more (see kd_loss_cpu.cpp), else a fresh contiguous tensor.
 at::Tensor cpu_grad_buffer(const at::Tensor& student);

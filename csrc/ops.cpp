@@ -49,11 +49,6 @@ void check_logits(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.size(1) >= 2, "kdseq: ", name, " needs at least 2 classes");
 }
 
-// CUDA: the caching allocator already recycles the previous step's gradient.
-[[maybe_unused]] at::Tensor fresh_grad_buffer(const at::Tensor& student) {
-  return at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
-}
-
 at::ScalarType acc_type_for(const at::Tensor& student) {
   return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
