@@ -1,4 +1,11 @@
-"""Build script for kdseq-fast: the Python package plus the ``kdseq_fast._C`` extension.
+"""Build script for kdseq-fast's ``kdseq_fast._C`` extension (C++ CPU kernels + CUDA kernels).
+
+The project metadata (name, version, dependencies, extras, entry points) lives in pyproject.toml;
+this file only decides how the extension is compiled. torch is not a build requirement: the
+extension compiles against the torch already installed, so build without isolation:
+
+    pip install torch                          # first: the torch you will run with
+    pip install --no-build-isolation .         # or -e . for development
 
 Environment switches
 --------------------
@@ -10,15 +17,17 @@ KDSEQ_CPU_ARCH=native|portable|<march>
                          (baseline x86-64 / aarch64, for wheels that travel), or any -march value
 KDSEQ_DEBUG=1            -O0 -g builds
 CUDA_HOME                CUDA toolkit; defaults to /usr/local/cuda when unset and nvcc is there
-Build with ``pip install --no-build-isolation .`` (or ``-e .``) so it compiles against the
-installed torch. ``ccache`` is used automatically when it is on PATH.
+``ccache`` is used automatically when it is on PATH.
 """
 import os
 import re
 import shutil
 import subprocess
+import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # torch.utils.cpp_extension reads CUDA_HOME at import time and may guess /usr/local otherwise.
 if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
@@ -32,15 +41,37 @@ if shutil.which("ccache"):
     if os.path.exists(nvcc_path):
         os.environ.setdefault("PYTORCH_NVCC", f"ccache {nvcc_path}")
 
-import torch  # noqa: E402
-from torch.utils import cpp_extension  # noqa: E402
+# Commands that only describe the project (metadata, source distributions) need no compiler and
+# no torch; every command that builds the extension does.
+METADATA_ONLY = {"egg_info", "dist_info", "sdist", "check", "clean", "--name", "--version",
+                 "--help", "-h", "--help-commands"}
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+TORCH_MISSING = """
+kdseq-fast: torch is not importable in this build environment ({error}).
+
+kdseq-fast compiles its C++/CUDA extension against the torch you will run it with, so torch is
+not a build requirement, and pip must not build it in an isolated environment (which has no
+torch). Install torch first, then build without isolation:
+
+    pip install torch
+    pip install --no-build-isolation kdseq-fast      # from a checkout: --no-build-isolation -e .
+
+With python -m build, add --no-isolation.
+"""
 
 
-def read_version():
-    with open(os.path.join(HERE, "kdseq_fast", "_version.py")) as f:
-        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+def _metadata_only(argv):
+    commands = [a for a in argv if not a.startswith("-") or a in METADATA_ONLY]
+    return bool(commands) and all(c in METADATA_ONLY for c in commands)
+
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as exc:
+    if not _metadata_only(sys.argv[1:]):
+        sys.exit(TORCH_MISSING.format(error=exc))
+    torch = cpp_extension = None
 
 
 def nvcc_version(cuda_home):
@@ -107,7 +138,6 @@ def gcc_scheduling_flags():
     chains of dependent FMAs (two exponentials an element) and interleaving independent ones
     measured ~10% faster; clang schedules by default and does not know -fsched-pressure."""
     import shlex
-    import subprocess
 
     cxx = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]
     try:
@@ -155,25 +185,10 @@ def make_extension():
     )
 
 
-setup(
-    name="kdseq-fast",
-    version=read_version(),
-    description="Fast curriculum knowledge distillation via instance-level sequence learning (ISL-KD)",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.9",
-    packages=find_packages(include=["kdseq_fast", "kdseq_fast.*"]),
-    package_data={"kdseq_fast": ["configs/*.yaml"]},
-    include_package_data=True,
-    ext_modules=[make_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.4", "torchvision", "numpy", "pyyaml", "tqdm", "matplotlib"],
-    extras_require={
-        "dali": ["nvidia-dali-cuda130"],
-        "demo": ["scikit-learn"],
-        "tensorboard": ["tensorboard"],
-        "test": ["pytest", "pytest-timeout", "hypothesis", "scikit-learn", "scipy"],
-    },
-    entry_points={"console_scripts": ["kdseq-fast=kdseq_fast.cli:main"]},
-    zip_safe=False,
-)
+
+if torch is None:
+    # Metadata or an sdist without torch: nothing is compiled, no extension objects are needed.
+    setup()
+else:
+    setup(ext_modules=[make_extension()],
+          cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)})

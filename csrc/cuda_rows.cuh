@@ -1,40 +1,34 @@
-// Row traversal and cross-thread merging shared by the CUDA kernels.
+// Row access and reductions shared by the CUDA kernels (and, through cuda_compat.cuh, by their CPU
+// emulation in tests).
 //
-// A "group" of GROUP threads owns one row: a warp (GROUP == 32) for small C, so a block carries
-// several rows, or a whole block for large C. Each thread walks the row with stride GROUP * VEC,
-// loading VEC consecutive elements at a time (one 128-bit load for fp32 / 8 x 16-bit, when the rows
-// are contiguous and aligned), and partial states are merged with the row math's merge rules.
+// Every dtype is read four elements at a time: one 16-byte load for fp32, 8 bytes for fp16/bf16,
+// 32 bytes (two loads) for fp64. The element type is a runtime code, not a template parameter: the
+// switch is uniform across a warp and costs nothing next to the memory access, and it keeps the
+// number of kernel instantiations (compile time, binary size) independent of the 9 student/teacher
+// dtype pairs.
 #pragma once
 
-#include <c10/macros/Macros.h>
-#include <cuda_runtime.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
-#include <type_traits>
+
+#include "cuda_compat.cuh"
+#include "row_math.h"
 
 namespace kdseq {
 namespace cuda_rows {
 
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kWarpRowsMaxC = 1024;  // up to here a warp per row (<= 32 elements per lane)
-constexpr int kBlockThreads = 256;   // threads per block in both modes
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+constexpr int kVec = 4;             // elements per vector access
+constexpr int kBlockThreads = 256;  // threads of every CTA
 
-template <typename T>
-inline bool aligned16(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
+struct LaunchDims {
+  unsigned grid = 1, block = kBlockThreads, cluster = 1;
+};
 
-// Calls go(GroupTag, VectorTag) with the row-group size (a warp for C <= kWarpRowsMaxC, else the
-// whole block) and the load mode as compile-time constants (std::integral_constant / bool_constant).
-template <typename Go>
-inline void dispatch_row_layout(int64_t cols, bool vector, Go&& go) {
-  using Warp = std::integral_constant<int, 32>;
-  using Block = std::integral_constant<int, kBlockThreads>;
-  if (cols <= kWarpRowsMaxC) {
-    vector ? go(Warp{}, std::true_type{}) : go(Warp{}, std::false_type{});
-  } else {
-    vector ? go(Block{}, std::true_type{}) : go(Block{}, std::false_type{});
-  }
+__host__ __device__ inline int dtype_size(int dtype) {
+  return dtype == kF32 ? 4 : dtype == kF64 ? 8 : 2;
 }
 
 template <typename T, int N>
@@ -42,81 +36,205 @@ struct alignas(sizeof(T) * N) AlignedVec {
   T v[N];
 };
 
-// Elements per vector load: 16 bytes of the wider of the two input types.
-template <typename A, typename B>
-constexpr int vec_width() {
-  return 16 / (sizeof(A) > sizeof(B) ? sizeof(A) : sizeof(B));
+template <typename acc_t>
+__device__ __forceinline__ acc_t load_one(const void* row, int dtype, int64_t j) {
+  switch (dtype) {
+    case kF32: return static_cast<acc_t>(static_cast<const float*>(row)[j]);
+    case kF16: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::Half*>(row)[j]));
+    case kBF16: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::BFloat16*>(row)[j]));
+    default: return static_cast<acc_t>(static_cast<const double*>(row)[j]);
+  }
 }
 
-// Loads elements [j, j + VEC) of a row into acc_t registers. VECTOR: contiguous, aligned, in range.
-// Otherwise strided loads, elements past `cols` get `fill`.
-template <bool VECTOR, int VEC, typename in_t, typename acc_t>
-__device__ __forceinline__ void load_row(const in_t* row, int64_t col_step, int64_t j, int64_t cols,
-                                         acc_t fill, acc_t (&out)[VEC]) {
-  if constexpr (VECTOR) {
-    if constexpr (sizeof(in_t) * VEC == 16 || sizeof(in_t) * VEC == 8 || sizeof(in_t) * VEC == 4) {
-      const AlignedVec<in_t, VEC> v = *reinterpret_cast<const AlignedVec<in_t, VEC>*>(row + j);
+template <typename T, typename acc_t>
+__device__ __forceinline__ void load_vec(const void* row, int64_t j, acc_t (&out)[kVec]) {
+  const AlignedVec<T, kVec> v = *reinterpret_cast<const AlignedVec<T, kVec>*>(static_cast<const T*>(row) + j);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) out[i] = static_cast<acc_t>(v.v[i]);
-    } else {
+  for (int i = 0; i < kVec; ++i) out[i] = static_cast<acc_t>(static_cast<float>(v.v[i]));
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void load_vec_f64(const void* row, int64_t j, acc_t (&out)[kVec]) {
+  const AlignedVec<double, kVec> v = *reinterpret_cast<const AlignedVec<double, kVec>*>(static_cast<const double*>(row) + j);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) out[i] = static_cast<acc_t>(row[j + i]);
+  for (int i = 0; i < kVec; ++i) out[i] = static_cast<acc_t>(v.v[i]);
+}
+
+// Elements [j, j + 4) of a row of `cols` elements; past the end: `fill`. VECTOR: the row start is
+// aligned to 4 elements and cols % 4 == 0, so a vector is either wholly inside or wholly outside.
+template <bool VECTOR, typename acc_t>
+__device__ __forceinline__ void load4(const void* row, int dtype, int64_t j, int64_t cols, acc_t fill,
+                                      acc_t (&out)[kVec]) {
+  if (VECTOR) {
+    if (j >= cols) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) out[i] = fill;
+      return;
+    }
+    switch (dtype) {
+      case kF32: load_vec<float>(row, j, out); return;
+      case kF16: load_vec<c10::Half>(row, j, out); return;
+      case kBF16: load_vec<c10::BFloat16>(row, j, out); return;
+      default: load_vec_f64(row, j, out); return;
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const int64_t c = j + i;
-      out[i] = c < cols ? static_cast<acc_t>(row[c * col_step]) : fill;
+    for (int i = 0; i < kVec; ++i) out[i] = j + i < cols ? load_one<acc_t>(row, dtype, j + i) : fill;
+  }
+}
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ void store_vec(void* row, int64_t j, const acc_t (&val)[kVec]) {
+  AlignedVec<T, kVec> v;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) v.v[i] = static_cast<T>(val[i]);
+  *reinterpret_cast<AlignedVec<T, kVec>*>(static_cast<T*>(row) + j) = v;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void store_one(void* row, int dtype, int64_t j, acc_t v) {
+  switch (dtype) {
+    case kF32: static_cast<float*>(row)[j] = static_cast<float>(v); return;
+    case kF16: static_cast<c10::Half*>(row)[j] = c10::Half(static_cast<float>(v)); return;
+    case kBF16: static_cast<c10::BFloat16*>(row)[j] = c10::BFloat16(static_cast<float>(v)); return;
+    default: static_cast<double*>(row)[j] = static_cast<double>(v); return;
+  }
+}
+
+template <bool VECTOR, typename acc_t>
+__device__ __forceinline__ void store4(void* row, int dtype, int64_t j, int64_t cols, const acc_t (&val)[kVec]) {
+  if (VECTOR) {
+    if (j >= cols) return;
+    switch (dtype) {
+      case kF32: store_vec<float>(row, j, val); return;
+      case kF16: store_vec<c10::Half>(row, j, val); return;
+      case kBF16: store_vec<c10::BFloat16>(row, j, val); return;
+      default: store_vec<double>(row, j, val); return;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i)
+      if (j + i < cols) store_one(row, dtype, j + i, val[i]);
+  }
+}
+
+// Reduction operators with their identities.
+template <typename acc_t>
+struct MaxOp {
+  __device__ __forceinline__ acc_t operator()(acc_t a, acc_t b) const { return rowmath::kd_max(a, b); }
+  __device__ __forceinline__ static acc_t identity() { return rowmath::neg_inf<acc_t>(); }
+};
+
+template <typename acc_t>
+struct SumOp {
+  __device__ __forceinline__ acc_t operator()(acc_t a, acc_t b) const { return a + b; }
+  __device__ __forceinline__ static acc_t identity() { return acc_t(0); }
+};
+
+// N values reduced over a group of GROUP threads: lanes of a warp (GROUP <= 32, aligned sub-groups)
+// or the whole CTA (GROUP == kBlockThreads). Every thread of the group ends with the same bits:
+// butterfly steps combine a and b in both lanes (IEEE max and + are commutative), and the CTA step
+// reads the warps' values in one fixed order. `smem` holds 32 * N values (CTA groups only).
+template <int GROUP, int N, typename acc_t, typename Op>
+__device__ __forceinline__ void group_allreduce(acc_t (&v)[N], Op op, acc_t* smem) {
+  constexpr int kWarpSpan = GROUP < 32 ? GROUP : 32;
+#pragma unroll
+  for (int off = kWarpSpan / 2; off > 0; off >>= 1) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = op(v[i], dev::shfl_xor(v[i], off));
+  }
+  if constexpr (GROUP > 32) {
+    constexpr int kWarps = GROUP / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();  // the previous reduction's readers are done with smem
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) smem[warp * N + i] = v[i];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      acc_t r = smem[i];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) r = op(r, smem[w * N + i]);
+      v[i] = r;
     }
   }
 }
 
-template <bool VECTOR, int VEC, typename out_t, typename acc_t>
-__device__ __forceinline__ void store_row(out_t* row, int64_t j, int64_t cols, const acc_t (&val)[VEC]) {
-  if constexpr (VECTOR) {
-    AlignedVec<out_t, VEC> v;
+#if KDSEQ_HAS_CLUSTERS
+// CTA-reduced values (the same in every thread of each CTA) reduced over the CTAs of a cluster
+// through distributed shared memory. Warp 0 reads the cluster's slots, lane k from CTA k, and
+// butterflies them: every CTA computes the same bits in the same order. `slot` (N values) must not
+// be written again before a later cluster_sync(); `bcast` (N values) is CTA-local.
+template <int N, typename acc_t, typename Op>
+__device__ __forceinline__ void cluster_allreduce(acc_t (&v)[N], Op op, acc_t* slot, acc_t* bcast) {
+  if (threadIdx.x == 0) {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) v.v[i] = static_cast<out_t>(val[i]);
-    *reinterpret_cast<AlignedVec<out_t, VEC>*>(row + j) = v;
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i)
-      if (j + i < cols) row[j + i] = static_cast<out_t>(val[i]);
+    for (int i = 0; i < N; ++i) slot[i] = v[i];
   }
-}
-
-// Butterfly merge inside a warp: every lane ends with the merged state of the warp.
-// `shfl(state, offset)` returns a copy of the state with each field shuffled.
-template <typename State, typename Shfl, typename Merge>
-__device__ __forceinline__ State warp_allmerge(State st, Shfl shfl, Merge merge) {
+  dev::cluster_sync();
+  const unsigned ctas = dev::cluster_size();
+  if (threadIdx.x < 32) {
+    acc_t w[N];
+    const unsigned lane = threadIdx.x;
+    const acc_t* remote = lane < ctas ? dev::cluster_map(slot, lane) : nullptr;
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) st = merge(st, shfl(st, off));
+    for (int i = 0; i < N; ++i) w[i] = remote != nullptr ? remote[i] : Op::identity();
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) w[i] = op(w[i], dev::shfl_xor(w[i], off));
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) bcast[i] = w[i];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = bcast[i];
+}
+#endif
+
+// A state merged with `merge` over a group, like group_allreduce (for states that are not a list of
+// independent values: the scores' running maxima, argmax and re-based sums). `shfl(state, off)`
+// shuffles every field; `smem` holds 32 states (CTA groups only).
+template <int GROUP, typename State, typename Shfl, typename Merge>
+__device__ __forceinline__ State group_allmerge(State st, State* smem, Shfl shfl, Merge merge) {
+  constexpr int kWarpSpan = GROUP < 32 ? GROUP : 32;
+#pragma unroll
+  for (int off = kWarpSpan / 2; off > 0; off >>= 1) st = merge(st, shfl(st, off));
+  if constexpr (GROUP > 32) {
+    constexpr int kWarps = GROUP / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) smem[warp] = st;
+    __syncthreads();
+    State r = smem[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) r = merge(r, smem[w]);
+    st = r;
+  }
   return st;
 }
 
-// Merge across a group: a warp (GROUP == 32) or the whole block (GROUP == blockDim.x).
-// `smem` must hold 32 States; `identity` is the merge identity (the init state); every thread of the
-// group returns the merged state.
-template <int GROUP, typename State, typename Shfl, typename Merge>
-__device__ __forceinline__ State group_allmerge(State st, State identity, State* smem, Shfl shfl,
-                                                Merge merge) {
-  st = warp_allmerge(st, shfl, merge);
-  if constexpr (GROUP == 32) {
-    return st;
-  } else {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    constexpr int kWarps = GROUP / 32;
-    __syncthreads();  // smem may still be read from a previous merge
-    if (lane == 0) smem[warp] = st;
-    __syncthreads();
-    if (warp == 0) {
-      State w = lane < kWarps ? smem[lane] : identity;
-      w = warp_allmerge(w, shfl, merge);
-      if (lane == 0) smem[0] = w;
-    }
-    __syncthreads();
-    return smem[0];
-  }
+// The loss of a reduced call: every CTA takes a ticket after its row losses are written, and the CTA
+// that takes the last one sums all rows in one fixed order (deterministic, no atomics on floats).
+// `counter` is zeroed by the prologue kernel of the same call. Returns in every thread.
+template <typename acc_t>
+__device__ __forceinline__ void last_cta_reduce(const acc_t* row_loss, int64_t rows, unsigned* counter, acc_t scale,
+                                                acc_t* loss, acc_t* smem /* 32 */, unsigned* flag /* 1 */) {
+  dev::fence();
+  __syncthreads();
+  if (threadIdx.x == 0) *flag = dev::atomic_add(counter, 1u) == gridDim.x - 1 ? 1u : 0u;
+  __syncthreads();
+  if (*flag == 0u) return;
+  dev::fence();
+  acc_t part[1] = {acc_t(0)};
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) part[0] += dev::load_volatile(row_loss + r);
+  group_allreduce<kBlockThreads>(part, SumOp<acc_t>(), smem);
+  if (threadIdx.x == 0) *loss = part[0] * scale;
 }
 
 }  // namespace cuda_rows

@@ -124,6 +124,10 @@ void scores_typed(const at::Tensor& student, const at::Tensor& labels, const at:
     for (int64_t r = lo; r < hi; ++r) {
       ScoreStats<acc_t> st = partial[r * S];
       for (int64_t seg = 1; seg < S; ++seg) st = score_stats_merge(st, partial[r * S + seg], invT, with_teacher);
+      if (label_out_of_range(y[r], C)) {
+        std::fill(o + r * kNumScoreFields, o + (r + 1) * kNumScoreFields, quiet_nan<acc_t>());
+        continue;
+      }
       const acc_t s_y = static_cast<acc_t>(s[r * s_row + y[r] * s_col]);
       score_finalize(st, s_y, y[r], T, with_teacher, o + r * kNumScoreFields);
     }

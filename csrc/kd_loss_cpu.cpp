@@ -182,10 +182,19 @@ void kd_loss_rows_typed(const at::Tensor& student, const at::Tensor& teacher, co
     scale = nv > 0 ? acc_t(1) / static_cast<acc_t>(nv) : acc_t(0);
   }
   auto ignored = [&](int64_t r) { return y != nullptr && y[r] == args.ignore_index; };
+  // Not ignored and outside [0, C): NaN loss and gradient row (row_math.h, label_out_of_range).
+  auto bad_label = [&](int64_t r) { return y != nullptr && !ignored(r) && label_out_of_range(y[r], C); };
   auto label_of = [&](int64_t r) { return WITH_CE ? y[r] : int64_t(-1); };
   auto finish_row = [&](int64_t r, const KDStats<acc_t>& st, const KDRowConsts<acc_t>& k) {
+    if (bad_label(r)) {
+      loss[r] = quiet_nan<acc_t>();
+      return;
+    }
     const acc_t s_label = WITH_CE ? static_cast<acc_t>(s[r * s_row + y[r] * s_col]) : acc_t(0);
     loss[r] = kd_row_loss(st, k, T, kdw, cew, WITH_CE, s_label);
+  };
+  auto poison_grad = [&](int64_t r, int64_t b, int64_t e) {
+    if (g != nullptr && bad_label(r)) std::fill(g + r * C + b, g + r * C + e, static_cast<s_t>(quiet_nan<acc_t>()));
   };
 
   const RowSplit split = plan_row_split(B, C, kChunk);
@@ -216,6 +225,7 @@ void kd_loss_rows_typed(const at::Tensor& student, const at::Tensor& teacher, co
         const KDRowConsts<acc_t> k = kd_row_consts(st, T, kdw, cew, scale);
         finish_row(r, st, k);
         if (g != nullptr) grad_from_stash<WITH_CE>(*stash, es_row, C, k, label_of(r), g + r * C);
+        poison_grad(r, 0, C);
       }
     });
     return;
@@ -258,6 +268,7 @@ void kd_loss_rows_typed(const at::Tensor& student, const at::Tensor& teacher, co
         continue;
       }
       grad_segment<WITH_CE>(s + r * s_row, s_col, t + r * t_row, t_col, b, e, consts[r], label_of(r), g + r * C);
+      poison_grad(r, b, e);
     }
   });
 }

@@ -3,15 +3,18 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+#include <tuple>
+
 namespace kdseq {
 
 // Reduction codes, in the order of the Python-side names ("none", "mean", "sum").
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
-// Per-row KD loss (+ optional gradient) for every row of student/teacher logits.
+// Per-row KD loss (+ optional gradient) for every row of student/teacher logits (the CPU rows
+// interface; the CUDA call computes everything on the device, see kd_loss_cuda_forward).
 //   labels:   int64 (B) or undefined (no CE term, no ignore rows)
-//   n_valid:  int64 scalar tensor on the kernel's device with the number of non-ignored rows; the
-//             kernel derives the mean-reduction gradient scale from it (no host sync on CUDA)
+//   n_valid:  int64 CPU scalar tensor with the number of non-ignored rows (the mean's divisor)
 //   row_loss: (B) acc dtype, written for every row (0 for ignored rows)
 //   grad:     student-shaped, contiguous, student dtype; undefined when no gradient is wanted.
 //             Holds d(reduced loss)/d(student) for mean/sum and d(row loss)/d(student) for none.
@@ -40,11 +43,18 @@ void instance_scores_rows_cpu(const at::Tensor& student, const at::Tensor& label
                               const at::Tensor& teacher, double temperature, at::Tensor& out);
 
 #ifdef KDSEQ_WITH_CUDA
-void kd_loss_rows_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
-                       const at::Tensor& n_valid, const KDLossArgs& args, at::Tensor& row_loss,
-                       at::Tensor& grad);
-void instance_scores_rows_cuda(const at::Tensor& student, const at::Tensor& labels,
-                               const at::Tensor& teacher, double temperature, at::Tensor& out);
+// The whole CUDA call (kd_loss_cuda.cu): loss (scalar or (B) for reduction none) and gradient
+// (undefined when compute_grad is false), computed on the device without a host synchronization.
+// labels: int64 contiguous or undefined.
+std::tuple<at::Tensor, at::Tensor> kd_loss_cuda_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                                        const at::Tensor& labels, const KDLossArgs& args,
+                                                        int64_t reduction, bool compute_grad);
+// grad *= factor in place (per row when per_row); blocks return at once where the factor is 1.
+void kd_grad_scale_cuda_(const at::Tensor& grad, const at::Tensor& factor, bool per_row);
+at::Tensor instance_scores_cuda_forward(const at::Tensor& student, const at::Tensor& labels, const at::Tensor& teacher,
+                                        double temperature);
+// Test hook behind torch.ops.kdseq._force_plan: forces the CUDA kernel layout ("" = choose).
+void set_cuda_plan_override(const std::string& spec);
 #endif
 
 // Splits rows into segments when there are fewer rows than threads and the rows are long, so a

@@ -53,11 +53,9 @@ at::ScalarType acc_type_for(const at::Tensor& student) {
   return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const at::Tensor& student, const at::Tensor& teacher,
-                                                const std::optional<at::Tensor>& labels, double temperature,
-                                                double kd_weight, double ce_weight, int64_t reduction,
-                                                int64_t ignore_index, bool compute_grad, KDRowsFn rows,
-                                                GradAllocFn alloc_grad) {
+// Checks shared by the devices; returns the labels as int64 contiguous (undefined when absent).
+at::Tensor check_kd_args(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+                         double temperature, double ce_weight, int64_t reduction) {
   check_logits(student, "student_logits");
   check_logits(teacher, "teacher_logits");
   TORCH_CHECK(student.sizes() == teacher.sizes(), "kdseq: student_logits and teacher_logits shapes differ");
@@ -65,28 +63,31 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const at::Tensor& student, const
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, "kdseq: bad reduction code ", reduction);
   const bool has_labels = labels.has_value() && labels->defined();
   TORCH_CHECK(has_labels || ce_weight == 0.0, "kdseq: labels are required when ce_weight > 0");
+  if (!has_labels) return at::Tensor();
+  TORCH_CHECK(labels->dim() == 1 && labels->size(0) == student.size(0), "kdseq: labels must have shape (B,)");
+  return labels->to(at::kLong).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const at::Tensor& student, const at::Tensor& teacher,
+                                                const std::optional<at::Tensor>& labels, double temperature,
+                                                double kd_weight, double ce_weight, int64_t reduction,
+                                                int64_t ignore_index, bool compute_grad, KDRowsFn rows,
+                                                GradAllocFn alloc_grad) {
+  const at::Tensor y = check_kd_args(student, teacher, labels, temperature, ce_weight, reduction);
+  const bool has_labels = y.defined();
   const int64_t B = student.size(0);
   const auto acc = acc_type_for(student);
 
-  // On the CPU the valid-row count and the reduction are plain loops: as ATen ops (ne, sum,
-  // clamp_min, to, div) they cost more than the whole kernel for CIFAR-sized batches.
-  const bool host = student.device().is_cpu();
-  at::Tensor y, n_valid;
+  // The valid-row count and the reduction are plain loops: as ATen ops (ne, sum, clamp_min, to,
+  // div) they cost more than the whole kernel for CIFAR-sized batches.
+  at::Tensor n_valid;
   int64_t n_valid_host = B;
   if (has_labels) {
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == B, "kdseq: labels must have shape (B,)");
-    y = labels->to(at::kLong).contiguous();
-    if (host) {
-      n_valid_host = 0;
-      const int64_t* yp = y.data_ptr<int64_t>();
-      for (int64_t r = 0; r < B; ++r) n_valid_host += yp[r] != ignore_index;
-      n_valid = at::scalar_tensor(n_valid_host, student.options().dtype(at::kLong));
-    } else {
-      n_valid = y.ne(ignore_index).sum();  // stays on the device: no host sync
-    }
-  } else {
-    n_valid = at::scalar_tensor(B, student.options().dtype(at::kLong));
+    n_valid_host = 0;
+    const int64_t* yp = y.data_ptr<int64_t>();
+    for (int64_t r = 0; r < B; ++r) n_valid_host += yp[r] != ignore_index;
   }
+  n_valid = at::scalar_tensor(n_valid_host, student.options().dtype(at::kLong));
   at::Tensor row_loss = at::empty({B}, student.options().dtype(acc));
   at::Tensor grad = compute_grad ? alloc_grad(student) : at::Tensor();
   const KDLossArgs args{temperature, kd_weight, ce_weight, ignore_index, reduction == kMean};
@@ -95,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const at::Tensor& student, const
   at::Tensor loss;
   if (reduction == kNone) {
     loss = row_loss;
-  } else if (host) {
+  } else {
     double total = 0.0;
     AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "kd_loss_reduce", [&] {
       const scalar_t* lp = row_loss.data_ptr<scalar_t>();
@@ -104,10 +105,6 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const at::Tensor& student, const
     // Mean over non-ignored rows; an all-ignored batch gives 0 (the sum is 0, the divisor 1).
     if (reduction == kMean) total /= static_cast<double>(std::max<int64_t>(n_valid_host, 1));
     loss = at::scalar_tensor(total, student.options().dtype(acc));
-  } else if (reduction == kSum) {
-    loss = row_loss.sum();
-  } else {
-    loss = row_loss.sum() / n_valid.clamp_min(1).to(acc);
   }
   if (!grad.defined()) grad = at::empty({0}, student.options());
   return {loss, grad};
@@ -148,17 +145,37 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cuda(const at::Tensor& student, const
                                                 const std::optional<at::Tensor>& labels, double temperature,
                                                 double kd_weight, double ce_weight, int64_t reduction,
                                                 int64_t ignore_index, bool compute_grad) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  return kd_loss_impl(student, teacher, labels, temperature, kd_weight, ce_weight, reduction, ignore_index,
-                      compute_grad, &kd_loss_rows_cuda, &fresh_grad_buffer);
+  const at::Tensor y = check_kd_args(student, teacher, labels, temperature, ce_weight, reduction);
+  const KDLossArgs args{temperature, kd_weight, ce_weight, ignore_index, reduction == kMean};
+  return kd_loss_cuda_forward(student, teacher, y, args, reduction, compute_grad);
 }
 
 at::Tensor instance_scores_cuda(const at::Tensor& student, const at::Tensor& labels,
                                 const std::optional<at::Tensor>& teacher, double temperature) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  return instance_scores_impl(student, labels, teacher, temperature, &instance_scores_rows_cuda);
+  check_logits(student, "student_logits");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == student.size(0), "kdseq: labels must have shape (B,)");
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "kdseq: temperature must be finite and > 0");
+  at::Tensor t;
+  if (teacher.has_value() && teacher->defined()) {
+    check_logits(*teacher, "teacher_logits");
+    TORCH_CHECK(teacher->sizes() == student.sizes(), "kdseq: student_logits and teacher_logits shapes differ");
+    t = *teacher;
+  }
+  return instance_scores_cuda_forward(student, labels.to(at::kLong).contiguous(), t, temperature);
 }
 #endif
+
+void force_plan(const std::string& spec) {
+#ifdef KDSEQ_WITH_CUDA
+  try {
+    set_cuda_plan_override(spec);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
+#else
+  (void)spec;  // only the CUDA kernels have layouts to force
+#endif
+}
 
 // ------------------------------------------------------------------------------------------------
 // Autograd for kd_loss. The forward kernel already wrote d loss / d student; backward only scales it
@@ -175,20 +192,24 @@ constexpr size_t kKDLossNumArgs = 9;
 // can be handed back as it is. Fake, functional and functorch-wrapped tensors (torch.compile,
 // vmap/grad transforms) and active dispatch modes are excluded: their values cannot be read, or
 // the read would go unrecorded. Under create_graph the multiply is kept so the graph stays whole.
-bool is_plain_cpu_one(const at::Tensor& g) {
-  if (!g.defined() || !g.device().is_cpu() || g.numel() != 1 || at::GradMode::is_enabled()) return false;
+// An ordinary tensor (not fake, functional or functorch-wrapped, no dispatch mode or functorch
+// transform active) outside create_graph: its value may be read (CPU) or used by a raw kernel (CUDA)
+// without escaping a trace or a higher-order graph.
+bool is_plain(const at::Tensor& g) {
+  if (!g.defined() || at::GradMode::is_enabled()) return false;
   const c10::DispatchKeySet wrapped({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
                                      c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper});
   if (g.key_set().has_any(wrapped)) return false;
   // An active functorch transform shows as its dynamic-layer mode key in the thread's included set
   // (what torch._C._are_functorch_transforms_active() reads).
   const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
-  if (c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
-      included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-      included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode)) {
-    return false;
-  }
-  return g.item<double>() == 1.0;
+  return !(c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
+           included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+           included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode));
+}
+
+bool is_plain_cpu_one(const at::Tensor& g) {
+  return is_plain(g) && g.device().is_cpu() && g.numel() == 1 && g.item<double>() == 1.0;
 }
 
 class KDLossFunction : public torch::autograd::Function<KDLossFunction> {
@@ -224,13 +245,32 @@ class KDLossFunction : public torch::autograd::Function<KDLossFunction> {
                 "kdseq.kd_loss: backward called but the gradient was not computed in forward (the op was "
                 "called with compute_grad=False)");
     // Autograd neither steals nor mutates the returned tensor while ctx holds it, so repeated
-    // backward passes (retain_graph=True) stay correct. On CUDA reading the value would be a device
-    // sync; the multiply is one cheap kernel there.
+    // backward passes (retain_graph=True) stay correct.
+    const bool per_row = ctx->saved_data["reduction"].toInt() == kNone;
     if (is_plain_cpu_one(grad_loss)) {
       grads[0] = grad;
       return grads;
     }
-    const at::Tensor scale = ctx->saved_data["reduction"].toInt() == kNone ? grad_loss.unsqueeze(1) : grad_loss;
+#ifdef KDSEQ_WITH_CUDA
+    // On CUDA the value of grad_output cannot be read without a device sync. The first backward
+    // scales the stored gradient in place on the device (its blocks return at once for a factor of
+    // 1: no second pass over B x C, no second gradient in memory) and hands it out; it was never
+    // visible before. A later backward of a retained graph multiplies out of place by the ratio to
+    // the factor already applied (an applied factor of 0 then gives NaN: the values are gone).
+    if (grad.is_cuda() && !ctx->saved_data.count("applied")) {
+      if (is_plain(grad_loss)) {
+        kd_grad_scale_cuda_(grad, grad_loss, per_row);
+        ctx->saved_data["applied"] = grad_loss;
+        grads[0] = grad;
+        return grads;
+      }
+    } else if (grad.is_cuda()) {
+      const at::Tensor ratio = grad_loss / ctx->saved_data["applied"].toTensor();
+      grads[0] = grad * (per_row ? ratio.unsqueeze(1) : ratio).to(grad.scalar_type());
+      return grads;
+    }
+#endif
+    const at::Tensor scale = per_row ? grad_loss.unsqueeze(1) : grad_loss;
     grads[0] = grad * scale.to(grad.scalar_type());
     return grads;
   }
@@ -271,6 +311,9 @@ TORCH_LIBRARY(kdseq, m) {
       "float ce_weight, int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
   m.def("instance_scores(Tensor student, Tensor labels, Tensor? teacher, float temperature) -> Tensor");
   m.def("build_info() -> str", &build_info_json);
+  // Test hook: force the CUDA kernel layout of the calling thread's next calls ("" = choose), e.g.
+  // "mode=cluster,cluster=3,e=8" or "mode=split,segments=4". No effect on the CPU kernels.
+  m.def("_force_plan(str spec) -> ()", &force_plan);
 }
 
 TORCH_LIBRARY_IMPL(kdseq, CPU, m) {

@@ -1,8 +1,11 @@
 // Per-row math shared by the CPU and CUDA kernels.
 //
 // Everything numeric that decides a result lives here, as __host__ __device__ functions, so the
-// CPU tests exercise exactly the arithmetic the GPU runs. Kernels only decide *how* a row is
-// traversed (chunks on the CPU, strided lanes on the GPU) and how partial states are combined.
+// CPU tests exercise the formulas the GPU runs. Kernels only decide *how* a row is traversed
+// (chunks on the CPU, registers of a warp / CTA / cluster on the GPU) and how partial states are
+// combined. Each backend uses its fastest primitives for exp and log (kd_exp / kd_log: a
+// vectorizable polynomial on the CPU, the SFU's ex2.approx / lg2.approx on the GPU); the
+// fp64-reference tests of each backend bound what that costs in accuracy.
 //
 // Conventions
 // - acc_t is float for fp32/fp16/bf16 inputs and double for fp64 inputs (used by gradcheck).
@@ -54,6 +57,18 @@ KDSEQ_HD float neg_inf<float>() { return bits_to_float(0xff800000u); }
 template <>
 KDSEQ_HD double neg_inf<double>() { return bits_to_double(0xfff0000000000000ull); }
 
+template <typename T>
+KDSEQ_HD T quiet_nan();
+template <>
+KDSEQ_HD float quiet_nan<float>() { return bits_to_float(0x7fc00000u); }
+template <>
+KDSEQ_HD double quiet_nan<double>() { return bits_to_double(0x7ff8000000000000ull); }
+
+// Labels are not range-checked on the device path (the check is a host read, done once per dataset
+// by callers that validate): a label outside [0, C) that is not the ignore index makes the row's
+// loss, gradient and scores NaN, and is never used as an index.
+KDSEQ_HD bool label_out_of_range(int64_t y, int64_t cols) { return y < 0 || y >= cols; }
+
 KDSEQ_HD uint32_t float_to_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
@@ -75,6 +90,13 @@ KDSEQ_HD uint32_t float_to_bits(float f) {
 // Horner chain of fmas: 14 operations a value, 3 fewer than floor/convert and Cephes' r*r form.
 KDSEQ_HD float kd_exp(float x) {
   const float kLog2e = 1.44269504088896341f;
+#if defined(__CUDA_ARCH__)
+  // The GPU's own exponential: ex2.approx (the SFU, ~2 ulp) on the pre-scaled argument, as
+  // Triton does. ex2(-inf) = +0 (masked classes), NaN propagates; results below 2^-126 flush to 0.
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * kLog2e));
+  return y;
+#else
   const float kRoundBias = 12583039.0f;  // 1.5 * 2^23 + 127
   x = (-88.0f > x) ? -88.0f : x;  // NaN compares false and passes through
   const float nb = fmaf(x, kLog2e, kRoundBias);
@@ -90,10 +112,17 @@ KDSEQ_HD float kd_exp(float x) {
   p = fmaf(p, r, 1.0f);
   p = fmaf(p, r, 1.0f);
   return p * bits_to_float(float_to_bits(nb) << 23);
+#endif
 }
 
 KDSEQ_HD double kd_exp(double x) { return exp(x); }
-KDSEQ_HD float kd_log(float x) { return logf(x); }
+KDSEQ_HD float kd_log(float x) {
+#if defined(__CUDA_ARCH__)
+  return __logf(x);  // lg2.approx * ln 2: the callers take logs of sums of exponentials, >= 1 mostly
+#else
+  return logf(x);
+#endif
+}
 KDSEQ_HD double kd_log(double x) { return log(x); }
 KDSEQ_HD float kd_max(float a, float b) { return fmaxf(a, b); }
 KDSEQ_HD double kd_max(double a, double b) { return fmax(a, b); }

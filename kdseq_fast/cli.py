@@ -153,7 +153,8 @@ def _cmd_score(args, log) -> int:
     data = build_data(cfg)
     split = data.train if args.split == "train" else data.test
     arch = args.arch or cfg.student.arch
-    model = get_model(arch, data.num_classes, image_size=cfg.data.image_size)
+    model = get_model(arch, data.num_classes, image_size=cfg.data.image_size,
+                      in_channels=data.in_channels)
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint not found: {args.checkpoint}")
     with open(args.checkpoint, "rb") as fh:
@@ -172,7 +173,8 @@ def _cmd_score(args, log) -> int:
     loader.set_order(np.arange(len(split)))
     t_logits = None
     if args.teacher:
-        teacher = load_teacher(cfg, args.teacher, data.num_classes, ctx.device)
+        teacher = load_teacher(cfg, args.teacher, data.num_classes, ctx.device,
+                               in_channels=data.in_channels)
         cache_dir = cfg.train.teacher_cache_dir or os.path.join(args.out, "cache")
         key = data.key if args.split == "train" else data.key.replace("-train-", "-test-")
         t_logits = shared_teacher_logits(

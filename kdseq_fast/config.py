@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "deterministic": False,      # torch.use_deterministic_algorithms + cudnn flags
     "method": "isl",             # ce | kd | isl (what `distill` runs by default)
     "data": {
-        "name": "digits",        # cifar10 | cifar100 | svhn | cinic10 | imagefolder | digits | synthetic
+        "name": "digits",        # cifar10 | cifar100 | svhn | cinic10 | imagefolder | fashion_mnist | digits | synthetic
         "root": "./data",
         "download": False,
         "cinic_merge_valid": False,
@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "synthetic_test": 512,
         "synthetic_classes": 10,
         "image_size": 32,
+        "train_subset": None,      # int: a fixed stratified subset of the training split (seed 0)
     },
     "teacher": {
         "arch": "resnet32x4",
@@ -80,9 +81,10 @@ DEFAULTS: dict[str, Any] = {
         "full_at": 0.8,          # a: fraction of the phase after which g == 1, in (0, 1]
         "strict_order": False,   # True: batches follow the sequence exactly
         "order": "easy",         # easy | anti (hard->easy) | random (ablations)
+        "mix_frac": 0.0,         # easy-first mixing: share of each paced batch from the not-yet-admitted rest
     },
     "train": {
-        "amp": "none",           # none | bf16 | fp16
+        "amp": "auto",           # auto (bf16 on GPUs with bf16, fp32 elsewhere) | none | bf16 | fp16
         "compile": False,
         "channels_last": "auto",  # auto (on for CUDA) | true | false
         "eval_every_epochs": 1,
@@ -389,8 +391,8 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "device": _device,
     "deterministic": _bool,
     "method": _choice("ce", "kd", "isl"),
-    "data.name": _choice("cifar10", "cifar100", "svhn", "cinic10", "imagefolder", "digits",
-                         "synthetic"),
+    "data.name": _choice("cifar10", "cifar100", "svhn", "cinic10", "imagefolder", "fashion_mnist",
+                         "digits", "synthetic"),
     "data.root": _str(),
     "data.download": _bool,
     "data.cinic_merge_valid": _bool,
@@ -401,6 +403,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "data.synthetic_test": _int(1),
     "data.synthetic_classes": _int(2),
     "data.image_size": _int(8),
+    "data.train_subset": _int(1, nullable=True),
     "teacher.arch": _str(),
     "teacher.checkpoint": _str(nullable=True),
     "teacher.epochs": _int(1, nullable=True),
@@ -426,7 +429,8 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "curriculum.full_at": _float(0.0, 1.0, lo_open=True),
     "curriculum.strict_order": _bool,
     "curriculum.order": _choice("easy", "anti", "random"),
-    "train.amp": _choice("none", "bf16", "fp16"),
+    "curriculum.mix_frac": _float(0.0, 1.0, hi_open=True),
+    "train.amp": _choice("auto", "none", "bf16", "fp16"),
     "train.compile": _bool,
     "train.channels_last": _auto_bool,
     "train.eval_every_epochs": _int(1),

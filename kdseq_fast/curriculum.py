@@ -39,6 +39,7 @@ ORDER_KINDS = ("easy", "anti", "random")
 _TAG_UNIFORM = 1
 _TAG_PACED = 2
 _TAG_RANDOM_SEQUENCE = 3
+_TAG_MIX = 4
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -195,7 +196,7 @@ class OrderGenerator:
         return pacing.admitted(t / total, self.num_items, min_items=self.batch_size)
 
     def paced_epoch(self, sequence, pacing: Pacing, *, phase: int, epoch_in_phase: int,
-                    phase_epochs: int, strict_order: bool = False):
+                    phase_epochs: int, strict_order: bool = False, mix_frac: float = 0.0):
         """Order for one epoch of a curriculum phase.
 
         Returns ``(order, admitted)``: the dataset indices (length = one pass) and the admitted
@@ -204,7 +205,15 @@ class OrderGenerator:
         equally often; newly admitted instances join the pool as the prefix grows, and an
         exhausted pool is refilled with the whole prefix. Strict mode walks the admitted prefix
         in sequence order, wrapping to the start of the sequence when it reaches the prefix end.
+
+        ``mix_frac`` (easy-first mixing): that share of every batch, rounded, is drawn uniformly
+        without replacement from the not-yet-admitted rest of the sequence (none once everything
+        is admitted); the other rows come from the admitted prefix as above. 0 keeps the orders
+        (and their random streams) exactly as without mixing.
         """
+        if isinstance(mix_frac, bool) or not isinstance(mix_frac, (int, float, np.floating)) or \
+                not 0.0 <= float(mix_frac) < 1.0:
+            raise ValueError(f"mix_frac must be a number in [0, 1), got {mix_frac!r}")
         seq = np.asarray(sequence, dtype=np.int64)
         if seq.shape != (self.num_items,):
             raise ValueError(f"sequence must have shape ({self.num_items},), got {seq.shape}")
@@ -214,13 +223,19 @@ class OrderGenerator:
         if strict_order:
             # The cursor carries across epochs of the phase: it is where a continuous walk of the
             # sequence under this pacing would be, recomputed from the phase start for determinism.
-            cursor = self._strict_cursor(pacing, epoch_in_phase, phase_epochs)
+            cursor = self._strict_cursor(pacing, epoch_in_phase, phase_epochs, mix_frac)
+            mix_rng = _rng(self.seed, _TAG_MIX, phase, epoch_in_phase) if mix_frac else None
             for n, b in zip(admitted, self.batch_sizes):
+                k = self._mixed_rows(mix_frac, int(n), int(b))
+                a = b - k
                 if cursor >= n:
                     cursor = 0
-                take = np.arange(cursor, cursor + b) % n
-                positions[out:out + b] = take
-                cursor = (cursor + b) if cursor + b <= n else (cursor + b) % n
+                take = np.arange(cursor, cursor + a) % n
+                positions[out:out + a] = take
+                if k:
+                    positions[out + a:out + b] = n + mix_rng.choice(self.num_items - n, size=k,
+                                                                    replace=False)
+                cursor = (cursor + a) if cursor + a <= n else (cursor + a) % n
                 out += b
         else:
             rng = _rng(self.seed, _TAG_PACED, phase, epoch_in_phase)
@@ -228,6 +243,12 @@ class OrderGenerator:
             pool = rng.permutation(current)
             for n, b in zip(admitted, self.batch_sizes):
                 n = int(n)
+                k = self._mixed_rows(mix_frac, n, int(b))
+                if k:
+                    # Drawn before the prefix rows and appended after them, from the same stream.
+                    rest = n + rng.choice(self.num_items - n, size=k, replace=False)
+                    positions[out + b - k:out + b] = rest
+                    b = b - k
                 if n > current:
                     pool = np.concatenate([pool, np.arange(current, n)])
                     current = n
@@ -245,14 +266,23 @@ class OrderGenerator:
                     chosen = pool[pick]
                     pool = np.delete(pool, pick)
                 positions[out:out + b] = chosen
-                out += b
+                out += b + k
         return seq[positions], admitted
 
-    def _strict_cursor(self, pacing: Pacing, epoch_in_phase: int, phase_epochs: int) -> int:
+    def _mixed_rows(self, mix_frac: float, admitted: int, batch: int) -> int:
+        """Rows of a batch drawn from the not-yet-admitted rest: round(mix_frac * batch), at most
+        the rest and at most batch - 1 (every batch keeps at least one admitted row)."""
+        if not mix_frac or admitted >= self.num_items:
+            return 0
+        return int(min(round(mix_frac * batch), self.num_items - admitted, batch - 1))
+
+    def _strict_cursor(self, pacing: Pacing, epoch_in_phase: int, phase_epochs: int,
+                       mix_frac: float = 0.0) -> int:
         cursor = 0
         for e in range(epoch_in_phase):
             for n, b in zip(self.admitted_counts(pacing, e, phase_epochs), self.batch_sizes):
+                a = b - self._mixed_rows(mix_frac, int(n), int(b))
                 if cursor >= n:
                     cursor = 0
-                cursor = (cursor + b) if cursor + b <= n else (cursor + b) % n
+                cursor = (cursor + a) if cursor + a <= n else (cursor + a) % n
         return cursor

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .amp import autocast as amp_autocast
 from .ops import SCORE_FIELDS, instance_scores
 
 __all__ = ["SCORE_FIELDS", "MEASURES", "score_dataset", "compute_logits", "TeacherLogitCache",
@@ -73,14 +74,7 @@ def _infer_num_items(loader, num_items: Optional[int]) -> int:
 
 
 def _autocast(device: torch.device, amp):
-    if amp in (None, "auto"):
-        amp = "bf16" if device.type == "cuda" else "none"
-    if amp in (False, "none"):
-        return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes:
-        raise ValueError(f"amp must be one of None, 'auto', 'none', 'bf16', 'fp16', got {amp!r}")
-    return torch.autocast(device.type, dtype=dtypes[amp])
+    return amp_autocast(device, amp)
 
 
 def _model_device(model: torch.nn.Module, device) -> torch.device:
@@ -160,7 +154,8 @@ def score_dataset(model: torch.nn.Module, loader: Iterable, teacher_logits=None,
         teacher_logits: (N, C) tensor or array indexed by dataset index (see
             :class:`TeacherLogitCache`), or None (then the ``kd`` column is 0).
         num_items: N; taken from ``loader.num_items`` or ``len(loader.dataset)`` when omitted.
-        amp: None/"auto" (bf16 on CUDA, off on CPU), "none", "bf16" or "fp16".
+        amp: ``"auto"``/None (bf16 on GPUs that support it, fp32 elsewhere), ``"none"``,
+            ``"bf16"`` or ``"fp16"`` (see :mod:`kdseq_fast.amp`; torch dtypes are accepted too).
     """
     num_items = _infer_num_items(loader, num_items)
     device = _model_device(model, device)

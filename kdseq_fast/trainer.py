@@ -146,6 +146,7 @@ class DataBundle:
     test: Any            # DatasetSplit
     num_classes: int
     key: str             # identifies the training data for the teacher-logit cache
+    in_channels: int = 3  # image channels the models are built for (1 for Fashion-MNIST)
 
 
 def build_data(cfg: Config) -> DataBundle:
@@ -161,7 +162,8 @@ def build_data(cfg: Config) -> DataBundle:
     key = f"{d.name}-train-n{len(train)}-s{d.image_size}"
     if d.name == "synthetic":
         key += f"-c{d.synthetic_classes}"
-    return DataBundle(train, test, int(train.num_classes), key)
+    channels = 3 if train.is_files else int(train.images.shape[-1])
+    return DataBundle(train, test, int(train.num_classes), key, channels)
 
 
 def ordered_batch_size(num_items: int, batch_size: int, world: int) -> int:
@@ -206,7 +208,8 @@ def _make_loader(cfg: Config, split, ctx: RunContext, *, augment: bool, seed: in
         image_size=cfg.data.image_size if files else None)
 
 
-def load_teacher(cfg: Config, path: str, num_classes: int, device=None) -> torch.nn.Module:
+def load_teacher(cfg: Config, path: str, num_classes: int, device=None,
+                 in_channels: int = 3) -> torch.nn.Module:
     """Build ``cfg.teacher.arch`` and load ``path`` into it (plain, RepDistiller ``{"model": sd}``,
     ours); a checkpoint for another architecture or class count raises ``ValueError`` naming the
     mismatched keys."""
@@ -216,7 +219,8 @@ def load_teacher(cfg: Config, path: str, num_classes: int, device=None) -> torch
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"teacher checkpoint not found: {path!r} (train one with "
                                 "`kdseq-fast train-teacher --out DIR` or pass --teacher PATH)")
-    model = get_model(cfg.teacher.arch, num_classes, image_size=cfg.data.image_size)
+    model = get_model(cfg.teacher.arch, num_classes, image_size=cfg.data.image_size,
+                      in_channels=in_channels)
     try:
         load_model_weights(model, path)
     except ValueError as exc:
@@ -387,7 +391,8 @@ class Trainer:
         # Seed right before initialisation so the initial student depends on the seed alone
         # (not on what dataset loading consumed): every method starts from the same weights.
         seed_everything(cfg.seed)
-        self.model = get_model(self.arch, self.num_classes, image_size=cfg.data.image_size)
+        self.model = get_model(self.arch, self.num_classes, image_size=cfg.data.image_size,
+                               in_channels=self.data.in_channels)
         self.channels_last = (cfg.train.channels_last is True or
                               (cfg.train.channels_last == "auto" and self.device.type == "cuda"))
         mf = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -417,7 +422,8 @@ class Trainer:
                 self.teacher = teacher.eval()
             else:
                 self.teacher_path = os.path.abspath(os.fspath(teacher))
-                self.teacher = load_teacher(cfg, self.teacher_path, self.num_classes)
+                self.teacher = load_teacher(cfg, self.teacher_path, self.num_classes,
+                                            in_channels=self.data.in_channels)
             self.teacher.to(self.device, memory_format=mf)
 
         # Optimization ----------------------------------------------------------------------
@@ -427,8 +433,12 @@ class Trainer:
                                          nesterov=o.nesterov)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=self.milestones, gamma=o.lr_decay_rate)
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
+        from .amp import amp_dtype, resolve_amp
+
+        # One vocabulary ("none"/"bf16"/"fp16") from here to every consumer (scoring, teacher pass).
+        self.amp = resolve_amp(cfg.train.amp, self.device)
+        self.amp_dtype = amp_dtype(self.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.timer = SegmentTimer(self.device, sync=sync_timing)
 
         # Progress state (everything the checkpoint holds) ------------------------------------
@@ -719,7 +729,7 @@ class Trainer:
             cache = TeacherLogitCache(cache_dir, dtype=self.cfg.train.teacher_cache_dtype)
             self._teacher_train_logits = shared_teacher_logits(
                 self.ctx, cache, self.teacher, self._score_loader(), num_items=self.num_items,
-                key=self.data.key, device=self.device, amp=self.amp_dtype,
+                key=self.data.key, device=self.device, amp=self.amp,
                 progress=self._progress)
         return self._teacher_train_logits
 
@@ -735,7 +745,7 @@ class Trainer:
             scores = score_dataset(self.model, self._score_loader(), self.teacher_train_logits(),
                                    num_items=self.num_items,
                                    temperature=self.cfg.loss.temperature, device=self.device,
-                                   amp=self.amp_dtype, progress=self._progress)
+                                   amp=self.amp, progress=self._progress)
         finally:
             self.model.train(was_training)
         return scores.detach().cpu().float()
@@ -762,7 +772,8 @@ class Trainer:
         if kind == "curriculum":
             return self.orders.paced_epoch(self.sequence, self.pacing, phase=phase,
                                            epoch_in_phase=eip, phase_epochs=plen,
-                                           strict_order=self.cfg.curriculum.strict_order)
+                                           strict_order=self.cfg.curriculum.strict_order,
+                                           mix_frac=self.cfg.curriculum.mix_frac)
         full = np.full(self.steps_per_epoch, self.num_items, dtype=np.int64)
         return self.orders.uniform_epoch(phase, e), full
 

@@ -37,7 +37,8 @@ def check_same_shape(student: torch.Tensor, teacher: torch.Tensor) -> None:
                         f"(got {student.dtype} and {teacher.dtype})")
 
 
-def check_labels(labels, student: torch.Tensor, *, ignore_index: Optional[int] = None) -> torch.Tensor:
+def check_labels(labels, student: torch.Tensor, *, ignore_index: Optional[int] = None,
+                 validate: bool = True) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -47,9 +48,10 @@ def check_labels(labels, student: torch.Tensor, *, ignore_index: Optional[int] =
             f"labels must have shape ({student.shape[0]},) to match student_logits, got {tuple(labels.shape)}")
     if labels.device != student.device:
         raise ValueError(f"labels is on {labels.device} but student_logits is on {student.device}")
-    # The range check reads the values (one host sync on CUDA); it is skipped while torch.compile
-    # traces, where values are unknown. Out-of-range labels would otherwise index out of bounds.
-    if labels.numel() and not torch.compiler.is_compiling() and not _is_fake(labels):
+    # The range check reads the values: one host sync on CUDA. validate=False skips it (the
+    # kernels then give an out-of-range row a NaN loss, never an out-of-bounds read); it is also
+    # skipped while torch.compile traces, where values are unknown.
+    if validate and labels.numel() and not torch.compiler.is_compiling() and not _is_fake(labels):
         num_classes = student.shape[1]
         valid = labels if ignore_index is None else labels[labels != ignore_index]
         if valid.numel():
@@ -72,6 +74,12 @@ def check_temperature(temperature) -> float:
         raise ValueError(f"temperature must be in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}] "
                          f"(fp32 kernels), got {temperature}")
     return t
+
+
+def check_validate(validate) -> bool:
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be True or False, got {type(validate).__name__} {validate!r}")
+    return validate
 
 
 def check_weight(value, name: str) -> float:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension  # noqa: F401  (registers torch.ops.kdseq)
-from ._checks import check_labels, check_logits, check_same_shape, check_temperature
+from ._checks import (check_labels, check_logits, check_same_shape, check_temperature,
+                      check_validate)
 
 SCORE_FIELDS = ("ce", "kd", "p_true", "margin", "entropy", "correct")
 
@@ -27,13 +28,16 @@ def _instance_scores_fake(student, labels, teacher, temperature):
 
 def instance_scores(student_logits: torch.Tensor, labels: torch.Tensor,
                     teacher_logits: Optional[torch.Tensor] = None, *,
-                    temperature: float = 4.0) -> torch.Tensor:
+                    temperature: float = 4.0, validate: bool = True) -> torch.Tensor:
     """(B, 6) float32 matrix of the ``SCORE_FIELDS`` for every row (no gradient).
 
     Inputs may be float32/float16/bfloat16 (float64 gives a float64 result); accumulation is fp32.
+    ``validate=True`` checks that labels lie in ``[0, C)`` (a host read on CUDA, ``ValueError``
+    otherwise); with ``validate=False`` the call never synchronizes and a row with an out-of-range
+    label gets NaN scores.
     """
     check_logits(student_logits, "student_logits")
-    check_labels(labels, student_logits)
+    check_labels(labels, student_logits, validate=check_validate(validate))
     if teacher_logits is not None:
         check_logits(teacher_logits, "teacher_logits")
         check_same_shape(student_logits, teacher_logits)

@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _extension  # noqa: F401  (registers torch.ops.kdseq)
-from ._checks import check_labels, check_logits, check_same_shape, check_temperature, check_weight
+from ._checks import (check_labels, check_logits, check_same_shape, check_temperature,
+                      check_validate, check_weight)
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -43,7 +44,7 @@ def _kd_loss_fake(student, teacher, labels, temperature, kd_weight, ce_weight, r
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             labels: Optional[torch.Tensor] = None, *, temperature: float = 4.0,
             kd_weight: float = 1.0, ce_weight: float = 0.0, reduction: str = "mean",
-            ignore_index: int = -100) -> torch.Tensor:
+            ignore_index: int = -100, validate: bool = True) -> torch.Tensor:
     """Temperature-scaled KD loss (plus optional cross-entropy), fused forward and backward.
 
     Args:
@@ -56,6 +57,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         kd_weight, ce_weight: weights of the KD and CE terms (>= 0).
         reduction: ``"mean"`` (sum over non-ignored rows / their count; 0 when none remain),
             ``"sum"`` or ``"none"`` (a (B,) vector).
+        validate: check that every label lies in ``[0, C)`` or is ``ignore_index`` (a
+            ``ValueError`` otherwise). On CUDA this reads the labels: one host synchronization.
+            ``validate=False`` skips it, so the call never waits for the GPU; a row whose label is
+            out of range then gets a NaN loss and a NaN gradient row (never an out-of-bounds
+            read). Training loops validate a dataset's labels once and pass ``False``.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or (B,) for ``reduction="none"``.
@@ -70,11 +76,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_validate(validate)
     if labels is None:
         if cew > 0:
             raise ValueError("labels are required when ce_weight > 0")
     else:
-        check_labels(labels, student_logits, ignore_index=ignore_index)
+        check_labels(labels, student_logits, ignore_index=ignore_index, validate=validate)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     # The teacher never receives a gradient; detaching keeps autograd from tracking it.
     loss, _ = torch.ops.kdseq.kd_loss(student_logits, teacher_logits.detach(), labels, t, kdw, cew,
@@ -123,7 +130,7 @@ class KDLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 4.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
-                 reduction: str = "mean", ignore_index: int = -100):
+                 reduction: str = "mean", ignore_index: int = -100, validate: bool = True):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.kd_weight = check_weight(kd_weight, "kd_weight")
@@ -132,11 +139,12 @@ class KDLoss(nn.Module):
             raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
         self.reduction = reduction
         self.ignore_index = ignore_index
+        self.validate = check_validate(validate)
 
     def forward(self, student_logits, teacher_logits, labels=None):
         return kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
                        kd_weight=self.kd_weight, ce_weight=self.ce_weight, reduction=self.reduction,
-                       ignore_index=self.ignore_index)
+                       ignore_index=self.ignore_index, validate=self.validate)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, kd_weight={self.kd_weight}, "

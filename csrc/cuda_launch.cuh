@@ -1,0 +1,95 @@
+// How the CUDA glue launches the kernels of kd_loss_kernels.cuh / instance_scores_kernels.cuh:
+// plain launches on the current stream, cluster launches through cudaLaunchKernelEx, and a cached
+// check that a cluster size can be scheduled at all on this device for that kernel.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
+
+#include "cuda_rows.cuh"
+#include "kd_loss_kernels.cuh"
+
+namespace kdseq {
+namespace cuda_glue {
+
+struct CudaLauncher {
+  cudaStream_t stream;
+  int device;
+
+  template <typename... KArgs, typename... Args>
+  void operator()(const cuda_rows::LaunchDims& d, void (*kernel)(KArgs...), Args&&... args) {
+    if (d.cluster > 1) {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(d.grid);
+      cfg.blockDim = dim3(d.block);
+      cfg.dynamicSmemBytes = 0;
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = d.cluster;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+    } else {
+      kernel<<<d.grid, d.block, 0, stream>>>(std::forward<Args>(args)...);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+
+  // Whether `ctas`-CTA clusters of `kernel` fit on this device (asked once per kernel, size, device).
+  template <typename... KArgs>
+  bool cluster_ok(void (*kernel)(KArgs...), int ctas) {
+    static std::mutex mu;
+    static std::map<std::tuple<const void*, int, int>, bool> known;
+    const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), ctas, device);
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = known.find(key);
+    if (it != known.end()) return it->second;
+    bool ok = true;
+    if (ctas > 8) {
+      // More than 8 CTAs a cluster is a Hopper extension that each kernel must opt into.
+      ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+    }
+    if (ok) {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(ctas);
+      cfg.blockDim = dim3(cuda_rows::kBlockThreads);
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = ctas;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      int clusters = 0;
+      ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0;
+    }
+    if (!ok) (void)cudaGetLastError();  // a refused query is an answer, not a sticky error
+    known.emplace(key, ok);
+    return ok;
+  }
+};
+
+inline CudaLauncher current_launcher(const at::Tensor& x) {
+  return CudaLauncher{at::cuda::getCurrentCUDAStream().stream(), x.get_device()};
+}
+
+inline kd_kernels::DeviceCaps device_caps(int device) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+  kd_kernels::DeviceCaps caps;
+  caps.sms = prop->multiProcessorCount;
+  // Clusters from sm_90; up to 16 CTAs where the kernel and device allow it (cluster_ok checks).
+  caps.max_cluster = prop->major >= 9 ? 16 : 0;
+  return caps;
+}
+
+}  // namespace cuda_glue
+}  // namespace kdseq

@@ -1,0 +1,621 @@
+// CUDA kernels of the fused KD loss: loss, mean divisor, reduction and student gradient from one read
+// of each logit and one write of the gradient, with no host synchronization.
+//
+// How a row is processed (register rows): each thread loads its elements of the student and
+// teacher rows into registers (E per thread, four at a time), the group finds the two row maxima
+// (one reduction), then the sums of exponentials and the KL numerator relative to those maxima
+// (a second reduction), and writes the gradient from the exponentials it still holds: HBM sees each
+// logit once and each gradient element once. The group is a few lanes of a warp (short rows, several
+// rows per CTA), a CTA (rows up to 256 * E elements), or a thread-block cluster on sm_90 whose CTAs
+// exchange their partial results through distributed shared memory (rows up to 16 CTAs long).
+// Longer rows, fp64 (gradcheck) and GPUs without clusters use the split path: a statistics kernel
+// over (row, segment) tiles and a gradient kernel that merges a row's partial statistics and
+// re-reads its segment.
+//
+// The mean divisor (the number of non-ignored rows) and the loss reduction are computed on the
+// device: a single-CTA launch counts and reduces itself (small problems: one launch); otherwise a
+// one-CTA prologue counts the labels and zeroes a ticket counter, and the CTA that finishes last sums
+// the row losses in a fixed order (deterministic).
+//
+// The math (statistics, merges, loss and gradient formulas, -inf and NaN semantics) is row_math.h's.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "cuda_rows.cuh"
+#include "row_math.h"
+
+namespace kdseq {
+namespace kd_kernels {
+
+using namespace rowmath;
+using namespace cuda_rows;
+
+enum Reduce : int { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
+
+// Per-call device workspace: the last-CTA ticket counter and the gradient/loss scale (1/n_valid for
+// mean, 1 for sum), written by the prologue kernel.
+struct Workspace {
+  unsigned counter;
+  unsigned pad;
+  double scale;
+};
+
+template <typename acc_t>
+struct KDArgs {
+  const void* s;
+  const void* t;
+  const int64_t* labels;   // null: no labels (no CE term, no ignored rows)
+  void* grad;              // null: no gradient wanted; else contiguous (B, C), student dtype
+  acc_t* row_loss;         // (B)
+  acc_t* loss;             // scalar output; null for reduction none
+  Workspace* ws;           // multi-CTA reductions; null otherwise
+  KDStats<acc_t>* partial; // split path: (B * segments)
+  int64_t B, C;
+  int64_t s_row, t_row;    // row strides, in elements (columns are contiguous)
+  int s_dtype, t_dtype;
+  acc_t T, kd_weight, ce_weight;
+  int64_t ignore_index;
+  int reduction;
+  bool single_cta;         // one CTA does everything (counts, rows, reduction)
+  int64_t segments, seg_len;  // split path
+};
+
+template <typename acc_t>
+struct RowLabel {
+  int64_t y;
+  bool ignored, bad;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ RowLabel<acc_t> row_label(const KDArgs<acc_t>& a, int64_t row, bool active) {
+  RowLabel<acc_t> l{-1, false, false};
+  if (active && a.labels != nullptr) {
+    l.y = a.labels[row];
+    l.ignored = l.y == a.ignore_index;
+    l.bad = !l.ignored && label_out_of_range(l.y, a.C);
+  }
+  return l;
+}
+
+// Number of non-ignored labels, counted by every thread of the CTA; returns the mean scale.
+template <typename acc_t>
+__device__ __forceinline__ acc_t count_scale(const KDArgs<acc_t>& a, acc_t* smem) {
+  if (a.reduction != kReduceMean) return acc_t(1);
+  acc_t n[1] = {acc_t(0)};
+  if (a.labels == nullptr) {
+    n[0] = static_cast<acc_t>(a.B);
+  } else {
+    for (int64_t r = threadIdx.x; r < a.B; r += blockDim.x) n[0] += a.labels[r] != a.ignore_index ? acc_t(1) : acc_t(0);
+    group_allreduce<kBlockThreads>(n, SumOp<acc_t>(), smem);
+  }
+  return n[0] > acc_t(0) ? acc_t(1) / n[0] : acc_t(0);
+}
+
+// One CTA: counts the non-ignored labels and prepares the workspace of a multi-CTA reduced call.
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlockThreads) kd_prologue_kernel(const KDArgs<acc_t> a) {
+  KDSEQ_SHARED(acc_t, red, 32);
+  const acc_t scale = count_scale(a, red);
+  if (threadIdx.x == 0) {
+    a.ws->counter = 0u;
+    a.ws->scale = static_cast<double>(scale);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t call_scale(const KDArgs<acc_t>& a) {
+  return a.reduction == kReduceMean ? static_cast<acc_t>(a.ws->scale) : acc_t(1);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Register rows: a group of GROUP threads (8 or 32 lanes, or a CTA of kBlockThreads, or a cluster of
+// such CTAs) holds a row in registers, E elements per thread.
+// ------------------------------------------------------------------------------------------------
+template <typename acc_t, int GROUP, int E, bool WITH_CE, bool VECTOR>
+__global__ void __launch_bounds__(kBlockThreads, 2) kd_rows_kernel(const KDArgs<acc_t> a) {
+  constexpr int NV = E / kVec;
+  constexpr int kGroupsPerCta = kBlockThreads / GROUP;
+  static_assert(E % kVec == 0 && kBlockThreads % GROUP == 0, "bad row layout");
+  KDSEQ_SHARED(acc_t, red, 32 * 4);
+  KDSEQ_SHARED(acc_t, slot_max, 2);
+  KDSEQ_SHARED(acc_t, slot_sum, 4);
+  KDSEQ_SHARED(acc_t, bcast, 4);
+  KDSEQ_SHARED(unsigned, flag, 1);
+
+  const int lane = threadIdx.x % GROUP;
+  const int group = threadIdx.x / GROUP;
+  const acc_t invT = acc_t(1) / a.T;
+  // Cluster layout (GROUP == CTA only): CTA `rank` of the cluster holds columns
+  // [rank * GROUP * E, (rank + 1) * GROUP * E) of row blockIdx.x / ctas.
+  unsigned ctas = 1, rank = 0;
+#if KDSEQ_HAS_CLUSTERS
+  if constexpr (GROUP == kBlockThreads) {
+    ctas = dev::cluster_size();
+    rank = dev::cluster_rank();
+  }
+#endif
+  const acc_t scale = a.single_cta ? count_scale(a, red) : a.ws != nullptr ? call_scale(a) : acc_t(1);
+
+  const int64_t first = GROUP == kBlockThreads ? int64_t(blockIdx.x / ctas) : int64_t(blockIdx.x) * kGroupsPerCta;
+  const int64_t step = GROUP == kBlockThreads ? int64_t(gridDim.x / ctas) : int64_t(gridDim.x) * kGroupsPerCta;
+  // CTA-uniform trip count: every lane of a warp takes part in every shuffle, also lanes whose group
+  // has no row left (they work on an empty row).
+  for (int64_t base = first; base < a.B; base += step) {
+    const int64_t row = base + (GROUP == kBlockThreads ? 0 : group);
+    const bool active = row < a.B;
+    const RowLabel<acc_t> lab = row_label(a, row, active);
+    const int64_t cols = active ? a.C : 0;  // an inactive group reads nothing
+    const char* srow = static_cast<const char*>(a.s) + (active ? row * a.s_row * dtype_size(a.s_dtype) : 0);
+    const char* trow = static_cast<const char*>(a.t) + (active ? row * a.t_row * dtype_size(a.t_dtype) : 0);
+    const int64_t slice0 = int64_t(rank) * GROUP * E;
+
+    acc_t sv[E], tv[E];
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t j = slice0 + (int64_t(k) * GROUP + lane) * kVec;
+      acc_t x[kVec], z[kVec];
+      load4<VECTOR>(srow, a.s_dtype, j, cols, neg_inf<acc_t>(), x);
+      load4<VECTOR>(trow, a.t_dtype, j, cols, neg_inf<acc_t>(), z);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        sv[k * kVec + i] = x[i];
+        tv[k * kVec + i] = z[i];
+      }
+    }
+
+    // Row maxima.
+    acc_t m[2] = {neg_inf<acc_t>(), neg_inf<acc_t>()};
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      m[0] = kd_max(m[0], sv[i]);
+      m[1] = kd_max(m[1], tv[i]);
+    }
+    group_allreduce<GROUP>(m, MaxOp<acc_t>(), red);
+#if KDSEQ_HAS_CLUSTERS
+    if (GROUP == kBlockThreads && ctas > 1) cluster_allreduce(m, MaxOp<acc_t>(), slot_max, bcast);
+#endif
+
+    // Sums relative to the maxima; the exponentials stay in registers for the gradient.
+    acc_t e1[WITH_CE ? E : 1];
+    acc_t sums[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};  // zsT, zs1, ztT, u
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const KDTerms<acc_t> tm = kd_terms<WITH_CE>(sv[i], tv[i], m[0], m[1], invT);
+      sv[i] = tm.esT;
+      tv[i] = tm.etT;
+      if constexpr (WITH_CE) e1[i] = tm.es1;
+      sums[0] += tm.esT;
+      sums[1] += tm.es1;
+      sums[2] += tm.etT;
+      sums[3] += tm.u;
+    }
+    group_allreduce<GROUP>(sums, SumOp<acc_t>(), red);
+#if KDSEQ_HAS_CLUSTERS
+    if (GROUP == kBlockThreads && ctas > 1) cluster_allreduce(sums, SumOp<acc_t>(), slot_sum, bcast);
+#endif
+    KDStats<acc_t> st;
+    st.ms = m[0];
+    st.mt = m[1];
+    st.zsT = sums[0];
+    st.zs1 = sums[1];
+    st.ztT = sums[2];
+    st.u = sums[3];
+    const KDRowConsts<acc_t> k = kd_row_consts(st, a.T, a.kd_weight, a.ce_weight, scale);
+
+    if (active && lane == 0 && rank == 0) {
+      acc_t loss = acc_t(0);
+      if (lab.bad) {
+        loss = quiet_nan<acc_t>();
+      } else if (!lab.ignored) {
+        const acc_t s_label = WITH_CE ? load_one<acc_t>(srow, a.s_dtype, lab.y) : acc_t(0);
+        loss = kd_row_loss(st, k, a.T, a.kd_weight, a.ce_weight, WITH_CE, s_label);
+      }
+      a.row_loss[row] = loss;
+    }
+
+    if (a.grad != nullptr && active) {
+      const KDChunkCoefs<acc_t> cf = kd_chunk_coefs(m[0], m[1], k, WITH_CE);
+      char* grow = static_cast<char*>(a.grad) + row * a.C * dtype_size(a.s_dtype);
+#pragma unroll
+      for (int kk = 0; kk < NV; ++kk) {
+        const int64_t j = slice0 + (int64_t(kk) * GROUP + lane) * kVec;
+        acc_t g[kVec];
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          const int idx = kk * kVec + i;
+          acc_t v = kd_grad_from_terms(sv[idx], tv[idx], WITH_CE ? e1[WITH_CE ? idx : 0] : acc_t(0), cf);
+          if (WITH_CE && j + i == lab.y) v -= k.ce_coef;
+          g[i] = lab.ignored ? acc_t(0) : lab.bad ? quiet_nan<acc_t>() : v;
+        }
+        store4<VECTOR>(grow, a.s_dtype, j, a.C, g);
+      }
+    }
+  }
+#if KDSEQ_HAS_CLUSTERS
+  // Other CTAs of the cluster may still read this CTA's slots.
+  if (GROUP == kBlockThreads && ctas > 1) dev::cluster_sync();
+#endif
+
+  if (a.loss == nullptr) return;
+  if (a.single_cta) {
+    __syncthreads();
+    acc_t part[1] = {acc_t(0)};
+    for (int64_t r = threadIdx.x; r < a.B; r += blockDim.x) part[0] += a.row_loss[r];
+    group_allreduce<kBlockThreads>(part, SumOp<acc_t>(), red);
+    if (threadIdx.x == 0) *a.loss = part[0] * scale;
+  } else {
+    last_cta_reduce(a.row_loss, a.B, &a.ws->counter, call_scale(a), a.loss, red, flag);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Split path: (row, segment) tiles. Statistics first, then the gradient from the merged statistics.
+// ------------------------------------------------------------------------------------------------
+template <typename acc_t>
+struct KDStatsShfl {
+  __device__ __forceinline__ KDStats<acc_t> operator()(const KDStats<acc_t>& s, int off) const {
+    KDStats<acc_t> o;
+    o.ms = dev::shfl_xor(s.ms, off);
+    o.zsT = dev::shfl_xor(s.zsT, off);
+    o.zs1 = dev::shfl_xor(s.zs1, off);
+    o.mt = dev::shfl_xor(s.mt, off);
+    o.ztT = dev::shfl_xor(s.ztT, off);
+    o.u = dev::shfl_xor(s.u, off);
+    return o;
+  }
+};
+
+template <typename acc_t>
+struct KDStatsMerge {
+  acc_t invT;
+  bool with_ce;
+  __device__ __forceinline__ KDStats<acc_t> operator()(const KDStats<acc_t>& x, const KDStats<acc_t>& y) const {
+    return kd_stats_merge(x, y, invT, with_ce);
+  }
+};
+
+template <typename acc_t, bool VECTOR>
+__global__ void __launch_bounds__(kBlockThreads) kd_split_stats_kernel(const KDArgs<acc_t> a) {
+  KDSEQ_SHARED(KDStats<acc_t>, smem, 32);
+  const int64_t row = blockIdx.x / a.segments, seg = blockIdx.x % a.segments;
+  const bool with_ce = a.labels != nullptr && a.ce_weight != acc_t(0);
+  const acc_t invT = acc_t(1) / a.T;
+  const int64_t begin = seg * a.seg_len, end = std::min(a.C, begin + a.seg_len);
+  const char* srow = static_cast<const char*>(a.s) + row * a.s_row * dtype_size(a.s_dtype);
+  const char* trow = static_cast<const char*>(a.t) + row * a.t_row * dtype_size(a.t_dtype);
+  KDStats<acc_t> st = kd_stats_init<acc_t>();
+  // Two vectors a thread per step: one re-basing of the running state per eight elements.
+  constexpr int kChunk = 2 * kVec;
+  for (int64_t j0 = begin + int64_t(threadIdx.x) * kChunk; j0 < end; j0 += int64_t(kBlockThreads) * kChunk) {
+    acc_t sv[kChunk], tv[kChunk];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      acc_t x[kVec], z[kVec];
+      load4<VECTOR>(srow, a.s_dtype, j0 + h * kVec, end, neg_inf<acc_t>(), x);
+      load4<VECTOR>(trow, a.t_dtype, j0 + h * kVec, end, neg_inf<acc_t>(), z);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        sv[h * kVec + i] = x[i];
+        tv[h * kVec + i] = z[i];
+      }
+    }
+    acc_t cms = neg_inf<acc_t>(), cmt = neg_inf<acc_t>();
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+      cms = kd_max(cms, sv[i]);
+      cmt = kd_max(cmt, tv[i]);
+    }
+    kd_stats_raise(st, cms, cmt, invT, with_ce);
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i)
+      kd_stats_add(st, with_ce ? kd_terms<true>(sv[i], tv[i], st.ms, st.mt, invT)
+                               : kd_terms<false>(sv[i], tv[i], st.ms, st.mt, invT));
+  }
+  st = group_allmerge<kBlockThreads>(st, smem, KDStatsShfl<acc_t>(), KDStatsMerge<acc_t>{invT, with_ce});
+  if (threadIdx.x == 0) a.partial[blockIdx.x] = st;
+}
+
+template <typename acc_t, bool WITH_CE, bool VECTOR>
+__global__ void __launch_bounds__(kBlockThreads) kd_split_grad_kernel(const KDArgs<acc_t> a) {
+  KDSEQ_SHARED(acc_t, red, 32);
+  KDSEQ_SHARED(unsigned, flag, 1);
+  const int64_t row = blockIdx.x / a.segments, seg = blockIdx.x % a.segments;
+  const acc_t invT = acc_t(1) / a.T;
+  const acc_t scale = a.ws != nullptr ? call_scale(a) : acc_t(1);
+  const RowLabel<acc_t> lab = row_label(a, row, true);
+  // Every thread merges the row's partial statistics in the same order (same bits everywhere).
+  KDStats<acc_t> st = a.partial[row * a.segments];
+  for (int64_t g = 1; g < a.segments; ++g) st = kd_stats_merge(st, a.partial[row * a.segments + g], invT, WITH_CE);
+  const KDRowConsts<acc_t> k = kd_row_consts(st, a.T, a.kd_weight, a.ce_weight, scale);
+  const char* srow = static_cast<const char*>(a.s) + row * a.s_row * dtype_size(a.s_dtype);
+  const char* trow = static_cast<const char*>(a.t) + row * a.t_row * dtype_size(a.t_dtype);
+  if (seg == 0 && threadIdx.x == 0) {
+    acc_t loss = acc_t(0);
+    if (lab.bad) {
+      loss = quiet_nan<acc_t>();
+    } else if (!lab.ignored) {
+      const acc_t s_label = WITH_CE ? load_one<acc_t>(srow, a.s_dtype, lab.y) : acc_t(0);
+      loss = kd_row_loss(st, k, a.T, a.kd_weight, a.ce_weight, WITH_CE, s_label);
+    }
+    a.row_loss[row] = loss;
+  }
+  if (a.grad != nullptr) {
+    const int64_t begin = seg * a.seg_len, end = std::min(a.C, begin + a.seg_len);
+    char* grow = static_cast<char*>(a.grad) + row * a.C * dtype_size(a.s_dtype);
+    for (int64_t j = begin + int64_t(threadIdx.x) * kVec; j < end; j += int64_t(kBlockThreads) * kVec) {
+      acc_t x[kVec], z[kVec], g[kVec];
+      load4<VECTOR>(srow, a.s_dtype, j, end, neg_inf<acc_t>(), x);
+      load4<VECTOR>(trow, a.t_dtype, j, end, neg_inf<acc_t>(), z);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        acc_t v = kd_grad_elem_t<WITH_CE>(x[i], z[i], k);
+        if (WITH_CE && j + i == lab.y) v -= k.ce_coef;
+        g[i] = lab.ignored ? acc_t(0) : lab.bad ? quiet_nan<acc_t>() : v;
+      }
+      store4<VECTOR>(grow, a.s_dtype, j, end, g);
+    }
+  }
+  if (a.loss != nullptr) last_cta_reduce(a.row_loss, a.B, &a.ws->counter, call_scale(a), a.loss, red, flag);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward: the forward kernel already wrote d loss / d student; backward multiplies it by
+// grad_output in place, and returns at once when that is 1 (the usual `loss.backward()`): no second
+// pass over B x C. For reduction "none" each row has its own factor.
+// ------------------------------------------------------------------------------------------------
+template <typename acc_t, bool VECTOR>
+__global__ void __launch_bounds__(kBlockThreads) kd_grad_scale_kernel(void* grad, int dtype, const acc_t* factor,
+                                                                     bool per_row, int64_t B, int64_t C) {
+  if (!per_row) {
+    const acc_t f = *factor;
+    if (f == acc_t(1)) return;
+    const int64_t n = B * C;
+    for (int64_t j = (int64_t(blockIdx.x) * kBlockThreads + threadIdx.x) * kVec; j < n;
+         j += int64_t(gridDim.x) * kBlockThreads * kVec) {
+      acc_t v[kVec];
+      load4<VECTOR>(grad, dtype, j, n, acc_t(0), v);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) v[i] *= f;
+      store4<VECTOR>(grad, dtype, j, n, v);
+    }
+    return;
+  }
+  for (int64_t r = blockIdx.x; r < B; r += gridDim.x) {
+    const acc_t f = factor[r];
+    if (f == acc_t(1)) continue;
+    char* row = static_cast<char*>(grad) + r * C * dtype_size(dtype);
+    for (int64_t j = int64_t(threadIdx.x) * kVec; j < C; j += int64_t(kBlockThreads) * kVec) {
+      acc_t v[kVec];
+      load4<VECTOR>(row, dtype, j, C, acc_t(0), v);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) v[i] *= f;
+      store4<VECTOR>(row, dtype, j, C, v);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Planning (host): which kernel, layout and grid for a (B, C) problem.
+// ------------------------------------------------------------------------------------------------
+enum class Mode : int { kSingleCta = 0, kWarpRows = 1, kCtaRows = 2, kCluster = 3, kSplit = 4 };
+
+struct DeviceCaps {
+  int sms = 132;
+  int max_cluster = 0;  // 0: no clusters (before sm_90)
+};
+
+// Test hook: force a layout (torch.ops.kdseq._force_plan). 0 / Mode(-1) fields mean "choose".
+struct PlanOverride {
+  int mode = -1;
+  int group = 0, e = 0, cluster = 0;
+  int64_t segments = 0;
+};
+
+// The override of the calling thread (planning happens in the forward call, on the caller's thread).
+inline thread_local PlanOverride plan_override;
+
+// "mode=cluster,e=8,cluster=3" -> PlanOverride; "" resets. Throws std::invalid_argument.
+inline PlanOverride parse_plan_override(const std::string& spec) {
+  PlanOverride ov;
+  size_t pos = 0;
+  while (pos <= spec.size()) {
+    const size_t end = std::min(spec.find(',', pos), spec.size());
+    const std::string item = spec.substr(pos, end - pos);
+    pos = end + 1;
+    if (item.empty()) continue;
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos) throw std::invalid_argument("kdseq._force_plan: expected key=value, got '" + item + "'");
+    const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
+    if (key == "mode") {
+      const char* names[] = {"single", "warp", "cta", "cluster", "split"};
+      ov.mode = -1;
+      for (int i = 0; i < 5; ++i)
+        if (value == names[i]) ov.mode = i;
+      if (ov.mode < 0) throw std::invalid_argument("kdseq._force_plan: mode must be single, warp, cta, cluster or split");
+    } else if (key == "group") {
+      ov.group = std::stoi(value);
+      if (ov.group != 8 && ov.group != 32) throw std::invalid_argument("kdseq._force_plan: group must be 8 or 32");
+    } else if (key == "e") {
+      ov.e = std::stoi(value);
+      if (ov.e != 8 && ov.e != 16 && ov.e != 32) throw std::invalid_argument("kdseq._force_plan: e must be 8, 16 or 32");
+    } else if (key == "cluster") {
+      ov.cluster = std::stoi(value);
+      if (ov.cluster < 1 || ov.cluster > 16) throw std::invalid_argument("kdseq._force_plan: cluster must be in [1, 16]");
+    } else if (key == "segments") {
+      ov.segments = std::stoll(value);
+      if (ov.segments < 1) throw std::invalid_argument("kdseq._force_plan: segments must be >= 1");
+    } else {
+      throw std::invalid_argument("kdseq._force_plan: unknown key '" + key + "'");
+    }
+  }
+  return ov;
+}
+
+struct Plan {
+  Mode mode = Mode::kSplit;
+  int group = 32, e = 8, cluster = 1;
+  int64_t segments = 1, seg_len = 0;
+  int64_t grid = 1;
+  bool prologue = false;
+};
+
+constexpr int64_t kSingleCtaMaxElements = int64_t(1) << 17;
+
+inline int round_e(int64_t per_thread) {
+  return per_thread <= 8 ? 8 : per_thread <= 16 ? 16 : 32;
+}
+
+inline Plan plan_split(int64_t B, int64_t C, const DeviceCaps& caps, int64_t forced_segments) {
+  Plan p;
+  p.mode = Mode::kSplit;
+  constexpr int64_t kGranule = int64_t(kBlockThreads) * kVec;  // 1024 elements
+  int64_t segs = (C + 8 * kGranule - 1) / (8 * kGranule);       // ~8K elements a tile
+  // Few rows: more, shorter segments so that every SM has tiles.
+  const int64_t want = (2 * int64_t(caps.sms) + B - 1) / std::max<int64_t>(B, 1);
+  segs = std::max(segs, std::min(want, (C + kGranule - 1) / kGranule));
+  if (forced_segments > 0) segs = forced_segments;
+  segs = std::max<int64_t>(1, std::min(segs, (C + kVec - 1) / kVec));
+  int64_t len = (C + segs - 1) / segs;
+  len = (len + kVec - 1) / kVec * kVec;  // segments start on vector boundaries
+  p.seg_len = len;
+  p.segments = (C + len - 1) / len;
+  p.grid = B * p.segments;
+  return p;
+}
+
+inline Plan plan_kd_loss(int64_t B, int64_t C, bool with_ce, bool fp64, int reduction, const DeviceCaps& caps,
+                         const PlanOverride& ov = PlanOverride()) {
+  Plan p;
+  const int emax = with_ce ? 16 : 32;  // 3 (CE) or 2 register arrays of E values a thread
+  const Mode forced = static_cast<Mode>(ov.mode);
+  if (fp64 || forced == Mode::kSplit) {
+    p = plan_split(B, C, caps, ov.segments);
+  } else if ((ov.mode < 0 && C <= 32 * emax) || forced == Mode::kSingleCta || forced == Mode::kWarpRows) {
+    p.group = ov.group > 0 ? ov.group : C <= 8 * 16 ? 8 : 32;
+    p.e = ov.e > 0 ? ov.e : round_e((C + p.group - 1) / p.group);
+    const int64_t rows_per_cta = kBlockThreads / p.group;
+    const bool single = forced == Mode::kSingleCta || (ov.mode < 0 && B * C <= kSingleCtaMaxElements);
+    p.mode = single ? Mode::kSingleCta : Mode::kWarpRows;
+    p.grid = single ? 1 : (B + rows_per_cta - 1) / rows_per_cta;
+  } else if ((ov.mode < 0 && C <= int64_t(kBlockThreads) * emax) || forced == Mode::kCtaRows) {
+    p.mode = Mode::kCtaRows;
+    p.group = kBlockThreads;
+    p.e = ov.e > 0 ? ov.e : round_e((C + kBlockThreads - 1) / kBlockThreads);
+    p.grid = B;
+  } else if ((ov.mode < 0 && caps.max_cluster >= 2 &&
+              C <= int64_t(kBlockThreads) * emax * caps.max_cluster) || forced == Mode::kCluster) {
+    p.mode = Mode::kCluster;
+    p.group = kBlockThreads;
+    const int64_t cta_cap = int64_t(kBlockThreads) * emax;
+    p.cluster = ov.cluster > 0 ? ov.cluster : static_cast<int>((C + cta_cap - 1) / cta_cap);
+    p.e = ov.e > 0 ? ov.e : round_e((C + int64_t(kBlockThreads) * p.cluster - 1) / (int64_t(kBlockThreads) * p.cluster));
+    p.grid = B * p.cluster;
+  } else {
+    p = plan_split(B, C, caps, ov.segments);
+  }
+  p.prologue = p.mode != Mode::kSingleCta && reduction != kReduceNone;
+  return p;
+}
+
+// Whether a planned register layout holds the whole row (forced plans may not).
+inline bool plan_covers_row(const Plan& p, int64_t C) {
+  if (p.mode == Mode::kSplit) return true;
+  return int64_t(p.group) * p.e * p.cluster >= C;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Launching through a Launcher: a CUDA launcher (kd_loss_cuda.cu) or the CPU emulation (tests).
+// launch(dims, kernel, args...) runs the kernel; launch.cluster_ok(kernel, ctas) says whether a
+// cluster of that size can be launched on this device.
+// ------------------------------------------------------------------------------------------------
+template <typename acc_t, int GROUP, bool WITH_CE, bool VECTOR, typename Launcher>
+bool launch_rows_e(const Plan& p, const KDArgs<acc_t>& a, Launcher& launch) {
+  const LaunchDims d{static_cast<unsigned>(p.grid), kBlockThreads, static_cast<unsigned>(p.cluster)};
+  auto go = [&](auto kernel) {
+    if (p.cluster > 1 && !launch.cluster_ok(kernel, p.cluster)) return false;
+    launch(d, kernel, a);
+    return true;
+  };
+  switch (p.e) {
+    case 8: return go(kd_rows_kernel<acc_t, GROUP, 8, WITH_CE, VECTOR>);
+    case 16: return go(kd_rows_kernel<acc_t, GROUP, 16, WITH_CE, VECTOR>);
+    default:
+      if constexpr (!WITH_CE) return go(kd_rows_kernel<acc_t, GROUP, 32, WITH_CE, VECTOR>);
+      return go(kd_rows_kernel<acc_t, GROUP, 16, WITH_CE, VECTOR>);  // unreachable: CE plans use E <= 16
+  }
+}
+
+template <typename acc_t, bool WITH_CE, bool VECTOR, typename Launcher>
+bool launch_rows(const Plan& p, const KDArgs<acc_t>& a, Launcher& launch) {
+  switch (p.group) {
+    case 8: return launch_rows_e<acc_t, 8, WITH_CE, VECTOR>(p, a, launch);
+    case 32: return launch_rows_e<acc_t, 32, WITH_CE, VECTOR>(p, a, launch);
+    default: return launch_rows_e<acc_t, kBlockThreads, WITH_CE, VECTOR>(p, a, launch);
+  }
+}
+
+template <typename acc_t, bool WITH_CE, bool VECTOR, typename Launcher>
+void launch_split(const Plan& p, const KDArgs<acc_t>& a, Launcher& launch) {
+  const LaunchDims d{static_cast<unsigned>(p.grid), kBlockThreads, 1};
+  launch(d, kd_split_stats_kernel<acc_t, VECTOR>, a);
+  launch(d, kd_split_grad_kernel<acc_t, WITH_CE, VECTOR>, a);
+}
+
+// Runs a planned call. `a` has every pointer set except the workspace ones, which `alloc` provides:
+// alloc_ws() -> Workspace*, alloc_partials(n) -> KDStats<acc_t>*. Returns the plan that ran (a cluster
+// plan the device cannot launch falls back to the split path).
+template <typename acc_t, typename Launcher, typename Alloc>
+Plan run_kd_loss(Plan p, KDArgs<acc_t> a, bool with_ce, bool vector, Launcher& launch, Alloc& alloc) {
+  a.single_cta = p.mode == Mode::kSingleCta;
+  a.ws = p.prologue ? alloc.alloc_ws() : nullptr;
+  if (p.prologue) launch(LaunchDims{1, kBlockThreads, 1}, kd_prologue_kernel<acc_t>, a);
+  if (p.mode != Mode::kSplit) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      a.segments = 1;
+      const bool ran = with_ce ? (vector ? launch_rows<acc_t, true, true>(p, a, launch)
+                                         : launch_rows<acc_t, true, false>(p, a, launch))
+                               : (vector ? launch_rows<acc_t, false, true>(p, a, launch)
+                                         : launch_rows<acc_t, false, false>(p, a, launch));
+      if (ran) return p;
+    }
+    // fp64, or a cluster the device cannot launch: the split path (the prologue already ran).
+    const Plan s = plan_split(a.B, a.C, DeviceCaps(), 0);
+    p.mode = s.mode;
+    p.segments = s.segments;
+    p.seg_len = s.seg_len;
+    p.grid = s.grid;
+    p.cluster = 1;
+  }
+  a.segments = p.segments;
+  a.seg_len = p.seg_len;
+  a.partial = alloc.alloc_partials(a.B * p.segments);
+  if (with_ce) {
+    vector ? launch_split<acc_t, true, true>(p, a, launch) : launch_split<acc_t, true, false>(p, a, launch);
+  } else {
+    vector ? launch_split<acc_t, false, true>(p, a, launch) : launch_split<acc_t, false, false>(p, a, launch);
+  }
+  return p;
+}
+
+template <typename acc_t, typename Launcher>
+void run_grad_scale(void* grad, int dtype, const acc_t* factor, bool per_row, int64_t B, int64_t C, bool vector,
+                    int sms, Launcher& launch) {
+  if (B * C == 0) return;
+  const int64_t blocks = per_row ? std::min<int64_t>(B, int64_t(sms) * 8)
+                                 : std::min<int64_t>((B * C + kBlockThreads * kVec - 1) / (kBlockThreads * kVec),
+                                                     int64_t(sms) * 8);
+  const LaunchDims d{static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kBlockThreads, 1};
+  if (vector) {
+    launch(d, kd_grad_scale_kernel<acc_t, true>, grad, dtype, factor, per_row, B, C);
+  } else {
+    launch(d, kd_grad_scale_kernel<acc_t, false>, grad, dtype, factor, per_row, B, C);
+  }
+}
+
+}  // namespace kd_kernels
+}  // namespace kdseq

@@ -1,0 +1,241 @@
+"""The CUDA kernels, run on the CPU: csrc/'s kernel sources compiled as host C++ against a CPU
+emulation of the CUDA execution model (tests/cuda_emulation/emu_runtime.h: a host thread per CUDA
+thread, real barriers, warp shuffles, per-CTA shared memory and thread-block clusters).
+
+Every layout the planner can choose is forced in turn (one row per warp group of 8 or 32 lanes, one
+CTA for everything, a CTA per row, clusters of 2 to 16 CTAs exchanging partial results through
+distributed shared memory, the split (row, segment) path and the cluster-refused fallback) and
+compared with the float64 references, with the GPU tests' tolerances. What this cannot check --
+timing, the hardware exponential, memory ordering on real hardware -- the `cuda` tests and
+compute-sanitizer do on a GPU (`make check-gpu`).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+import kdseq_fast as kf
+from _op_cases import GRAD_TOL, LOSS_TOL, assert_close, make_labels, make_logits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils.cpp_extension import load
+
+    here = os.path.join(ROOT, "tests", "cuda_emulation")
+    load(name="kdseq_emu", sources=[os.path.join(here, "kdseq_emu.cpp")],
+         extra_include_paths=[os.path.join(ROOT, "csrc"), here],
+         extra_cflags=["-O1", "-std=c++20", "-DKDSEQ_CUDA_EMULATION", "-pthread", "-Wno-unknown-pragmas"],
+         extra_ldflags=["-pthread"], is_python_module=False, verbose=False)
+    return torch.ops.kdseq_emu
+
+
+def emu_loss(emu, s, t, y=None, *, plan="", temperature=4.0, kd_weight=1.0, ce_weight=0.0,
+             reduction="mean", ignore_index=-100, compute_grad=True):
+    return emu.kd_loss(s, t, y, temperature, kd_weight, ce_weight, REDUCTIONS[reduction], ignore_index,
+                       compute_grad, plan)
+
+
+def compare(emu, s, t, y=None, *, plan="", expect=None, what="", **kw):
+    """Emulated loss and gradient vs the float64 reference (the same bounds as the GPU tests)."""
+    loss, grad, ran = emu_loss(emu, s, t, y, plan=plan, **kw)
+    if expect is not None:
+        assert ran.startswith(expect), (what, ran)
+    s64 = s.detach().double().requires_grad_()
+    ref = kf.kd_loss_reference(s64, t.double(), y, **kw)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), s64)
+    atol, rtol = LOSS_TOL[s.dtype]
+    if s.dtype != torch.float64:
+        T = kw.get("temperature", 4.0)
+        rows = s.shape[0] if kw.get("reduction", "mean") in ("sum", "none") else 1
+        atol += kw.get("kd_weight", 1.0) * T * T * (1 + math.log(s.shape[1])) * 1e-6 * rows
+    assert_close(loss, ref, (atol, rtol), f"{what} [{ran}] loss")
+    g_atol, g_rtol = GRAD_TOL[s.dtype]
+    if s.dtype != torch.float64:
+        g_atol += (kw.get("kd_weight", 1.0) * kw.get("temperature", 4.0) + kw.get("ce_weight", 0.0)) * 5e-7
+    assert grad.dtype == s.dtype and grad.shape == s.shape
+    assert_close(grad, ref_grad, (g_atol, g_rtol), f"{what} [{ran}] grad")
+    return loss, grad, ran
+
+
+LAYOUTS = [
+    # (B, C, forced plan, mode the call must report)
+    (40, 100, "", "single"),                        # small: one CTA counts, computes, reduces
+    (300, 100, "mode=warp,group=8,e=16", "warp,group=8"),  # 8-lane groups, several CTAs, last-CTA sum
+    (70, 500, "mode=warp,group=32,e=16", "warp,group=32"),
+    (9, 1000, "", "cta"),                           # a CTA per row
+    (5, 3001, "mode=cta,e=16", "cta"),
+    (3, 5000, "mode=cluster,cluster=3,e=8", "cluster,group=256,e=8,cluster=3"),
+    (2, 9000, "mode=cluster,cluster=5,e=8", "cluster,group=256,e=8,cluster=5"),
+    (4, 5000, "mode=split,segments=3", "split"),
+    (3, 5000, "mode=cluster,cluster=3,e=8,nocluster", "split"),   # cluster refused at launch
+]
+
+
+@pytest.mark.parametrize("B,C,plan,expect", LAYOUTS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_layout_matches_reference(emu, B, C, plan, expect, reduction):
+    for dtype in (torch.float32, torch.bfloat16):
+        s = make_logits(B, C, dtype=dtype, seed=B + C)
+        t = make_logits(B, C, dtype=dtype, seed=B * C)
+        y = make_labels(B, C)
+        y[B // 2] = -100
+        compare(emu, s, t, y, plan=plan, expect=expect, temperature=3.0, kd_weight=0.9, ce_weight=0.1,
+                reduction=reduction, what=f"B={B} C={C} {dtype}")
+        # Without the CE term the kernels keep two register arrays instead of three.
+        forced = "mode=" in plan
+        compare(emu, s, t, None, plan=plan, expect=expect.split(",e=")[0] if forced else None,
+                temperature=2.0, kd_weight=1.3, reduction=reduction, what=f"no labels B={B} C={C} {dtype}")
+
+
+def test_sixteen_cta_cluster(emu):
+    s, t = make_logits(1, 30000, seed=1), make_logits(1, 30000, seed=2)
+    compare(emu, s, t, torch.tensor([29999]), plan="mode=cluster,cluster=16,e=8", expect="cluster",
+            temperature=1.5, kd_weight=0.9, ce_weight=0.1, what="16 CTAs")
+
+
+@pytest.mark.parametrize("s_dtype,t_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float32), (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("plan", ["", "mode=cta,e=8", "mode=split,segments=2"])
+def test_mixed_dtypes(emu, s_dtype, t_dtype, plan):
+    for C in (100, 1500):
+        s = make_logits(16, C, dtype=s_dtype, seed=C)
+        t = make_logits(16, C, dtype=t_dtype, seed=C + 1)
+        if plan.startswith("mode=cta") and C <= 100:
+            continue
+        compare(emu, s, t, make_labels(16, C), plan=plan, temperature=2.0, kd_weight=0.9, ce_weight=0.1,
+                what=f"{s_dtype}/{t_dtype} C={C}")
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+@pytest.mark.parametrize("C", [99, 2051])
+def test_scalar_path_and_strided_rows(emu, layout, C):
+    s = make_logits(12, C, layout=layout, seed=1)
+    t = make_logits(12, C, layout=layout, seed=2)
+    compare(emu, s, t, make_labels(12, C), temperature=3.0, kd_weight=0.9, ce_weight=0.1, what=layout)
+    # Row slices of a wider tensor: strided rows, unit columns (no copy).
+    wide = make_logits(12, C + 8, seed=3)
+    compare(emu, wide[:, 4:4 + C], make_logits(12, C, seed=4), make_labels(12, C), temperature=2.0,
+            kd_weight=0.9, ce_weight=0.1, what="row slice")
+
+
+def test_fp16_and_all_dtypes_every_size(emu):
+    for B, C in [(1, 2), (5, 3), (64, 100), (33, 1000), (7, 1025), (3, 4099)]:
+        for dtype in DTYPES:
+            s = make_logits(B, C, dtype=dtype, seed=B + C)
+            t = make_logits(B, C, dtype=dtype, seed=B * C)
+            compare(emu, s, t, make_labels(B, C), temperature=4.0, kd_weight=0.9, ce_weight=0.1,
+                    what=f"B={B} C={C} {dtype}")
+
+
+@pytest.mark.parametrize("plan", ["", "mode=warp,group=32,e=16", "mode=cta,e=8", "mode=cluster,cluster=2,e=8",
+                                  "mode=split,segments=2"])
+def test_masks_extremes_and_nan(emu, plan):
+    B, C = 6, 300
+    s, t = make_logits(B, C, seed=11), make_logits(B, C, seed=12)
+    mask = torch.zeros(B, C, dtype=torch.bool)
+    mask[:, 250:] = True
+    mask[2, :100] = True
+    s = s.masked_fill(mask, float("-inf"))
+    t = t.masked_fill(mask, float("-inf"))
+    y = torch.tensor([0, 5, 120, 7, 149, 3])
+    loss, grad, _ = compare(emu, s, t, y, plan=plan, temperature=4.0, kd_weight=0.9, ce_weight=0.1,
+                            reduction="none", what="masked")
+    assert torch.isfinite(loss).all() and (grad[mask] == 0).all()
+    big_s = make_logits(8, 300, scale=4e3, seed=7).clamp(-1e4, 1e4)
+    big_t = make_logits(8, 300, scale=4e3, seed=8).clamp(-1e4, 1e4)
+    compare(emu, big_s, big_t, make_labels(8, 300), plan=plan, temperature=0.5, kd_weight=0.9, ce_weight=0.1,
+            what="extreme")
+    for where in ("student", "teacher"):
+        a, b = make_logits(4, 300), make_logits(4, 300, seed=1)
+        (a if where == "student" else b)[2, 77] = math.nan
+        rows, _, _ = emu_loss(emu, a, b, plan=plan, reduction="none")
+        assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all(), where
+
+
+@pytest.mark.parametrize("plan", ["", "mode=cta,e=8", "mode=cluster,cluster=2,e=8", "mode=split,segments=2"])
+def test_out_of_range_labels_give_nan_rows_never_a_bad_read(emu, plan):
+    C = 300
+    s, t = make_logits(5, C), make_logits(5, C, seed=1)
+    y = torch.tensor([3, C, -5, -100, 1_000_000_000])
+    rows, grad, _ = emu_loss(emu, s, t, y, plan=plan, ce_weight=0.1, kd_weight=0.9, reduction="none")
+    assert torch.isnan(rows[[1, 2, 4]]).all() and torch.isfinite(rows[0]) and rows[3] == 0
+    assert torch.isnan(grad[[1, 2, 4]]).all() and torch.isfinite(grad[0]).all() and (grad[3] == 0).all()
+    mean, _, _ = emu_loss(emu, s, t, y, plan=plan, ce_weight=0.1, kd_weight=0.9)
+    assert torch.isnan(mean)
+
+
+def test_ignored_rows_and_all_ignored(emu):
+    for plan in ("", "mode=warp,group=8,e=8", "mode=cta,e=8", "mode=split,segments=2"):
+        s, t = make_logits(10, 50), make_logits(10, 50, seed=9)
+        y = torch.full((10,), 7)
+        for reduction in ("mean", "sum"):
+            loss, grad, _ = emu_loss(emu, s, t, y, plan=plan, ce_weight=0.1, kd_weight=0.9,
+                                     reduction=reduction, ignore_index=7)
+            assert float(loss) == 0.0 and (grad == 0).all(), plan
+
+
+def test_fp64_split_path_and_no_grad(emu):
+    s = make_logits(5, 7, dtype=torch.float64)
+    t = make_logits(5, 7, dtype=torch.float64, seed=4)
+    y = torch.tensor([0, 3, -100, 6, 2])
+    for reduction in ("mean", "sum", "none"):
+        compare(emu, s, t, y, expect="split", temperature=2.5, kd_weight=0.7, ce_weight=0.3, reduction=reduction,
+                what="fp64")
+    loss, grad, _ = emu_loss(emu, make_logits(4, 10), make_logits(4, 10, seed=3), compute_grad=False)
+    assert grad.numel() == 0
+    assert_close(loss, kf.kd_loss_reference(make_logits(4, 10), make_logits(4, 10, seed=3)),
+                 LOSS_TOL[torch.float32], "no grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_scale_kernel(emu, dtype):
+    g = make_logits(9, 103, dtype=dtype)
+    kept = g.clone()
+    emu.grad_scale_(g, torch.tensor(1.0), False)
+    assert torch.equal(g, kept)  # a factor of 1 leaves every bit alone (the blocks return at once)
+    emu.grad_scale_(g, torch.tensor(0.5), False)
+    assert_close(g, kept.double() * 0.5, (0, 1e-2 if dtype != torch.float32 else 1e-6), "scaled")
+    rows = torch.linspace(0, 2, 9)
+    rows[3] = 1.0
+    g2 = kept.clone()
+    emu.grad_scale_(g2, rows, True)
+    assert torch.equal(g2[3], kept[3])
+    assert_close(g2, kept.double() * rows.double()[:, None], (0, 1e-2 if dtype != torch.float32 else 1e-6),
+                 "per row")
+
+
+def check_scores(emu, s, y, t=None, T=4.0, what=""):
+    got = emu.instance_scores(s, y, t, T)
+    ref = kf.instance_scores_reference(s, y, t, temperature=T)
+    tol = (2e-5, 2e-5) if s.dtype == torch.float32 else (5e-5, 5e-5)
+    assert_close(got[:, :5], ref[:, :5], (tol[0] * max(1.0, T * T), tol[1]), f"{what} scores")
+    assert torch.equal(got[:, 5], ref[:, 5].float()), what
+    return got
+
+
+def test_instance_scores_every_group(emu):
+    for B, C in [(3, 2), (50, 100), (40, 1000), (4, 5000)]:       # groups of 8, 32, 32 and a CTA
+        for dtype in DTYPES:
+            s = make_logits(B, C, dtype=dtype, seed=C)
+            t = make_logits(B, C, dtype=dtype, seed=C + 1)
+            y = make_labels(B, C)
+            check_scores(emu, s, y, t, what=f"B={B} C={C} {dtype}")
+            check_scores(emu, s, y, None, T=2.0, what=f"no teacher B={B} C={C}")
+    # Ties: the first maximum wins, across lanes and chunks.
+    s = torch.zeros(3, 4000)
+    s[0, [5, 300, 3999]] = 7.0
+    s[1, [2500, 2501]] = 3.0
+    out = check_scores(emu, s, torch.tensor([300, 2500, 0]), what="ties")
+    assert out[:, 5].tolist() == [0.0, 1.0, 1.0]
+    s = make_logits(6, 3000, layout="strided", seed=3)
+    check_scores(emu, s, make_labels(6, 3000), make_logits(6, 3000, layout="transposed"), what="layouts")
+    bad = emu.instance_scores(make_logits(3, 50), torch.tensor([1, 50, -1]), None, 4.0)
+    assert torch.isnan(bad[1:]).all() and torch.isfinite(bad[0]).all()
