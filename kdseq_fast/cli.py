@@ -145,8 +145,8 @@ def _cmd_score(args, log) -> int:
     from .models import get_model
     from .runtime import _MAGIC, load_checkpoint, setup_run
     from .scoring import SCORE_FIELDS, TeacherLogitCache, score_dataset
-    from .trainer import (_make_loader, build_data, load_teacher, ordered_batch_size,
-                          shared_teacher_logits)
+    from .run_inputs import (build_data, load_teacher, make_loader, ordered_batch_size,
+                             shared_teacher_logits)
 
     cfg = _load_cfg(args)
     ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
@@ -167,7 +167,7 @@ def _cmd_score(args, log) -> int:
                          f"{data.num_classes} classes: {exc}") from None
     model.to(ctx.device).eval()
     # Sharded under torchrun: each rank scores its part, score_dataset sums the parts.
-    loader = _make_loader(cfg, split, ctx, augment=False, seed=cfg.seed, shard=ctx.shard,
+    loader = make_loader(cfg, split, ctx, augment=False, seed=cfg.seed, shard=ctx.shard,
                           batch_size=ordered_batch_size(len(split), cfg.optim.batch_size,
                                                         ctx.world_size))
     loader.set_order(np.arange(len(split)))

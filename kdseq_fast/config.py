@@ -85,8 +85,12 @@ DEFAULTS: dict[str, Any] = {
     },
     "train": {
         "amp": "auto",           # auto (bf16 on GPUs with bf16, fp32 elsewhere) | none | bf16 | fp16
-        "compile": False,
+        "compile": "auto",       # torch.compile student and teacher: auto (off until measured) | true | false
+        "compile_mode": "default",  # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
         "channels_last": "auto",  # auto (on for CUDA) | true | false
+        "fused_optimizer": "auto",  # fused SGD (skips a non-finite step on a device flag): auto | true | false
+        "log_every_steps": "auto",  # host reads of the device's loss/accuracy/guard counters: auto | N
+        "eval_batch_size": "auto",  # evaluation, scoring and teacher-logit passes: auto | N
         "eval_every_epochs": 1,
         "checkpoint_every_steps": 0,  # 0 = only at epoch ends and phase boundaries
         "target_acc": None,      # steps_to_target target; None = the kd baseline's final accuracy
@@ -356,6 +360,18 @@ def _auto_bool(key: str, v: Any) -> Any:
     raise ValueError(f"config field '{key}' must be auto, true or false; got {v!r}")
 
 
+def _auto_or_int(lo: int):
+    def check(key: str, v: Any) -> Any:
+        if v == "auto":
+            return v
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not _is_int(v) or v < lo:
+            raise ValueError(f"config field '{key}' must be auto or an integer >= {lo}; got {v!r}")
+        return v
+    return check
+
+
 def _decay_epochs(key: str, v: Any) -> Any:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         v = [v]
@@ -431,7 +447,11 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "curriculum.order": _choice("easy", "anti", "random"),
     "curriculum.mix_frac": _float(0.0, 1.0, hi_open=True),
     "train.amp": _choice("auto", "none", "bf16", "fp16"),
-    "train.compile": _bool,
+    "train.compile": _auto_bool,
+    "train.compile_mode": _choice("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+    "train.fused_optimizer": _auto_bool,
+    "train.log_every_steps": _auto_or_int(1),
+    "train.eval_batch_size": _auto_or_int(1),
     "train.channels_last": _auto_bool,
     "train.eval_every_epochs": _int(1),
     "train.checkpoint_every_steps": _int(0),

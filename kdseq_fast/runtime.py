@@ -184,6 +184,18 @@ class RunContext:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
 
+    def all_reduce_max(self, t: torch.Tensor) -> None:
+        """In-place MAX of ``t`` over all processes, without a host read on NCCL (the device
+        step's non-finite flag: every rank skips the same steps)."""
+        if self.world_size == 1:
+            return
+        if self.backend == "nccl" or t.device.type == "cpu":
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            return
+        moved = t.cpu()  # gloo/mpi/ucc with a GPU tensor: through host memory
+        torch.distributed.all_reduce(moved, op=torch.distributed.ReduceOp.MAX)
+        t.copy_(moved)
+
     def broadcast_object(self, obj, src: int = 0):
         """``obj`` from rank ``src`` on every rank (pickled; for small control data)."""
         if self.world_size == 1:

@@ -98,27 +98,48 @@ def _sum_across_ranks(*tensors: torch.Tensor) -> None:
             moved = t.cuda()
             torch.distributed.all_reduce(moved)
             t.copy_(moved.cpu())
+        elif backend != "nccl" and t.device.type == "cuda":
+            moved = t.cpu()
+            torch.distributed.all_reduce(moved)
+            t.copy_(moved)
         else:
             torch.distributed.all_reduce(t)
 
 
+def _fits_on(device: torch.device, nbytes: int) -> bool:
+    """Whether a tensor of ``nbytes`` may live on ``device``: always on the CPU, within a quarter
+    of the free memory on a GPU."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 4
+
+
 def _traverse(model, loader, *, num_items, device, amp, progress, desc, on_batch):
-    """Runs the model over the loader (eval, no grad) and calls on_batch(logits, labels, indices)."""
+    """Runs the model over the loader (eval, no grad) and calls on_batch(logits, labels, indices).
+
+    Nothing is read back per batch (a GPU pass runs at the GPU's speed): indices outside
+    [0, num_items) are counted on the device and reported at the end, and clamped meanwhile so
+    they never write out of bounds. Returns how often each index was seen (CPU)."""
     was_training = model.training
     model.eval()
     total = None
     with contextlib.suppress(TypeError):
         total = len(loader)
-    seen = torch.zeros(num_items, dtype=torch.int32)
+    seen = torch.zeros(num_items, dtype=torch.int32, device=device)
+    outside = torch.zeros((), dtype=torch.int64, device=device)
     try:
         with torch.no_grad(), _autocast(device, amp):
             bar = tqdm(loader, total=total, desc=desc, disable=not progress, leave=False, unit="batch")
             for batch in bar:
                 images, labels, indices = _unpack(batch)
-                indices = torch.as_tensor(indices).long().cpu()
-                if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_items):
-                    raise ValueError(f"loader yielded dataset index outside [0, {num_items}): "
-                                     f"{int(indices.min())}..{int(indices.max())}")
+                indices = torch.as_tensor(indices)
+                if indices.dtype != torch.int64:
+                    indices = indices.long()
+                indices = indices.to(device, non_blocking=True)
+                bad = (indices < 0) | (indices >= num_items)
+                outside += bad.sum()
+                indices = indices.clamp(0, num_items - 1)
                 images = images.to(device, non_blocking=True)
                 labels = torch.as_tensor(labels).to(device, non_blocking=True)
                 logits = model(images)
@@ -126,7 +147,9 @@ def _traverse(model, loader, *, num_items, device, amp, progress, desc, on_batch
                 seen.index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
     finally:
         model.train(was_training)
-    return seen
+    if int(outside):
+        raise ValueError(f"loader yielded {int(outside)} dataset indices outside [0, {num_items})")
+    return seen.cpu()
 
 
 def _check_coverage(seen: torch.Tensor, what: str) -> None:
@@ -147,23 +170,32 @@ def score_dataset(model: torch.nn.Module, loader: Iterable, teacher_logits=None,
                   progress: bool = True) -> torch.Tensor:
     """Scores every instance with ``model`` (a frozen snapshot): returns float32 (N, 6) on the CPU.
 
+    The pass never waits for the GPU: scores and the coverage count stay on the device and come
+    back in one copy at the end. Labels are not range-checked per batch (``instance_scores`` with
+    ``validate=False``): a label outside [0, C) gives that instance NaN scores, which
+    :func:`difficulty` reports.
+
     Args:
         model: the snapshot; put in eval mode for the pass, its mode restored afterwards.
         loader: yields ``{"images", "labels", "indices"}`` dicts (``CurriculumLoader`` with
             ``augment=None``) or ``(images, labels, indices)`` tuples; must cover every index once.
         teacher_logits: (N, C) tensor or array indexed by dataset index (see
-            :class:`TeacherLogitCache`), or None (then the ``kd`` column is 0).
+            :class:`TeacherLogitCache`), or None (then the ``kd`` column is 0). A host table is
+            copied to the GPU once when it fits in a quarter of the free memory.
         num_items: N; taken from ``loader.num_items`` or ``len(loader.dataset)`` when omitted.
         amp: ``"auto"``/None (bf16 on GPUs that support it, fp32 elsewhere), ``"none"``,
             ``"bf16"`` or ``"fp16"`` (see :mod:`kdseq_fast.amp`; torch dtypes are accepted too).
     """
     num_items = _infer_num_items(loader, num_items)
     device = _model_device(model, device)
-    out = torch.zeros(num_items, len(SCORE_FIELDS), dtype=torch.float32)
+    out = torch.zeros(num_items, len(SCORE_FIELDS), dtype=torch.float32, device=device)
     if teacher_logits is not None and not isinstance(teacher_logits, torch.Tensor):
         teacher_logits = torch.from_numpy(np.asarray(teacher_logits))
     if teacher_logits is not None and teacher_logits.shape[0] != num_items:
         raise ValueError(f"teacher_logits has {teacher_logits.shape[0]} rows but the dataset has {num_items}")
+    if teacher_logits is not None and teacher_logits.device != device and \
+            _fits_on(device, teacher_logits.numel() * teacher_logits.element_size()):
+        teacher_logits = teacher_logits.to(device)
 
     def on_batch(logits, labels, indices):
         t = None
@@ -171,28 +203,33 @@ def score_dataset(model: torch.nn.Module, loader: Iterable, teacher_logits=None,
             t = teacher_logits.index_select(0, indices.to(teacher_logits.device)).to(logits.device, non_blocking=True)
             if t.shape[1] != logits.shape[1]:
                 raise ValueError(f"teacher_logits has {t.shape[1]} classes but the model outputs {logits.shape[1]}")
-        out.index_copy_(0, indices, instance_scores(logits.float() if logits.dtype == torch.float64 else logits,
-                                                    labels, t, temperature=temperature).float().cpu())
+        rows = instance_scores(logits.float() if logits.dtype == torch.float64 else logits, labels, t,
+                               temperature=temperature, validate=False)
+        out.index_copy_(0, indices, rows.float())
 
     seen = _traverse(model, loader, num_items=num_items, device=device, amp=amp, progress=progress,
                      desc="scoring", on_batch=on_batch)
     _check_coverage(seen, "score_dataset")
     _sum_across_ranks(out)
-    return out
+    return out.cpu()
 
 
 def compute_logits(model: torch.nn.Module, loader: Iterable, *, num_items: Optional[int] = None,
                    device=None, amp=None, progress: bool = True, dtype: torch.dtype = torch.float32,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(N, C) logits of ``model`` over an ordered, un-augmented pass, indexed by dataset index."""
+    """(N, C) logits of ``model`` over an ordered, un-augmented pass, indexed by dataset index
+    (returned on the CPU; gathered on the device when the matrix fits there, in one copy)."""
     num_items = _infer_num_items(loader, num_items)
     device = _model_device(model, device)
     holder = {"out": out}
 
     def on_batch(logits, labels, indices):
         if holder["out"] is None:
-            holder["out"] = torch.zeros(num_items, logits.shape[1], dtype=dtype)
-        holder["out"].index_copy_(0, indices, logits.detach().to(dtype).cpu())
+            nbytes = num_items * logits.shape[1] * torch.tensor([], dtype=dtype).element_size()
+            where = device if _fits_on(device, nbytes) else torch.device("cpu")
+            holder["out"] = torch.zeros(num_items, logits.shape[1], dtype=dtype, device=where)
+        dst = holder["out"]
+        dst.index_copy_(0, indices.to(dst.device), logits.detach().to(dtype).to(dst.device))
 
     seen = _traverse(model, loader, num_items=num_items, device=device, amp=amp, progress=progress,
                      desc="logits", on_batch=on_batch)
@@ -200,7 +237,7 @@ def compute_logits(model: torch.nn.Module, loader: Iterable, *, num_items: Optio
     if holder["out"] is None:
         raise ValueError("loader yielded no batches")
     _sum_across_ranks(holder["out"])
-    return holder["out"]
+    return holder["out"].cpu()
 
 
 def teacher_fingerprint(model: torch.nn.Module) -> str:

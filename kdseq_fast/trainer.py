@@ -1,12 +1,18 @@
 """One trainer for the three methods: ``ce`` (student alone), ``kd`` (Hinton KD), ``isl`` (ISL-KD).
 
-``isl`` runs, in global epochs::
+This module is the orchestration: it wires the run together and drives the epochs. The rooms it
+drives, one concern each:
 
-    warm-up (uniform KD) | phase 1 | ... | phase P | final full-data epochs
-                         ^ snapshot -> score -> order, at the start of every phase
+- :mod:`.schedule` -- the epoch plan (warm-up | phases | final) and each epoch's index order;
+- :mod:`.step` -- the device step (forward, loss, non-finite guard, fused optimizer update) that
+  never waits for the GPU, and the device counters read at log intervals;
+- :mod:`.run_dir` -- the run directory: identity, refusing another run, metrics, weights, summary;
+- :mod:`.run_inputs` -- data splits, loaders, the teacher and its cached logits;
+- :mod:`.runtime` -- device, seeding, signals, checkpoint files, ``torch.distributed``;
+- :mod:`.callbacks` -- console and TensorBoard logging.
 
 Every run is resumable bit-exactly (CPU, deterministic mode): the checkpoint holds the student,
-optimizer, LR scheduler, AMP scaler, all RNG states, the position inside the epoch, the current
+optimizer, LR scheduler, loss scale, all RNG states, the position inside the epoch, the current
 phase's scores and instance sequence, the running sums of the epoch's metrics and a hash of the
 config. Epoch orders are pure functions of (seed, phase, epoch, sequence), so they are regenerated
 rather than stored.
@@ -16,55 +22,42 @@ Under ``torchrun`` the same code runs on every rank with the student wrapped in
 ``numpy.array_split`` share of every global batch; the LR is never rescaled), scoring and the
 teacher-logit pass are split across ranks and summed into the full matrices, every rank builds the
 identical instance sequence, and evaluation counts are summed over ranks.
-
-Outputs in ``out_dir`` (main process only): ``metrics.jsonl``, ``phase_K_order.npy``,
-``phase_K_scores.npy``, ``checkpoint.pt`` (+ ``checkpoint.prev.pt``), ``student.pt`` (or
-``teacher.pt`` for teacher training), ``summary.json``, ``config.yaml``, ``run.json`` and plots.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
-import json
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import yaml
 
-from .config import Config, config_hash, phase_epochs as _phase_epochs, save_config
-from .curriculum import InstanceSequence, OrderGenerator, Pacing
-from .runtime import (CheckpointError, GracefulStop, RunContext, SegmentTimer,
-                      atomic_write_bytes, capture_rng_state, load_latest_checkpoint,
-                      restore_rng_state, save_checkpoint, setup_run, test_dump_hook,
-                      test_kill_hook)
+from .callbacks import Callback, ConsoleLogger, TensorBoardLogger
+from .config import Config, config_hash
+from .curriculum import InstanceSequence
+from .run_dir import (RESUME_IGNORED_KEYS, RunDirectory, RunDirError, TrainResult, completed_result,
+                      config_diff, is_complete, resume_hash)
+from .run_inputs import (DataBundle, build_data, load_teacher, make_loader, ordered_batch_size,
+                         rank_loss_weight, shared_teacher_logits)
+from .runtime import (CheckpointError, GracefulStop, RunContext, SegmentTimer, capture_rng_state,
+                      load_latest_checkpoint, restore_rng_state, save_checkpoint, setup_run,
+                      test_dump_hook, test_kill_hook)
+from .schedule import EpochPlan
+from .step import BufferGuard, DeviceStep
 
 __all__ = [
     "Trainer", "TrainResult", "Callback", "ConsoleLogger", "TensorBoardLogger", "Preempted",
     "NonFiniteError", "RunDirError", "METHODS", "RESUME_IGNORED_KEYS", "build_data",
     "load_teacher", "train_teacher", "distill", "compare", "ordered_batch_size",
-    "rank_loss_weight", "shared_teacher_logits",
+    "rank_loss_weight", "shared_teacher_logits", "steps_to_target", "resolve_train_settings",
 ]
 
 METHODS = ("ce", "kd", "isl")
-
-# Keys that may change between a run and its resume without changing the result: where it runs,
-# where data lives, logging, and how often it checkpoints. `train.nonfinite` is here so a run
-# stopped by a bad batch can be resumed with `nonfinite=skip`.
-RESUME_IGNORED_KEYS = ("device", "data.root", "data.download", "data.num_threads",
-                       "data.loader_backend", "train.tensorboard", "train.checkpoint_every_steps",
-                       "train.teacher_cache_dir", "train.nonfinite", "train.target_acc",
-                       "teacher.checkpoint")
-
-CHECKPOINT_FORMAT = 1
+# 2: the device step's loss-scale state replaced GradScaler's; train accuracy in the epoch sums.
+CHECKPOINT_FORMAT = 2
 
 
 class Preempted(Exception):
@@ -75,236 +68,35 @@ class NonFiniteError(RuntimeError):
     """A NaN/inf loss or gradient; the last good state was checkpointed before raising."""
 
 
-class RunDirError(ValueError):
-    """The output directory holds a different run, or a run that would be overwritten."""
+def resolve_train_settings(cfg: Config, device: torch.device) -> dict:
+    """The ``auto`` fields of ``cfg.train`` decided for ``device`` (one place, used by the trainer
+    and reported by the benchmarks). CPU defaults were chosen by measurement with
+    benchmarks/bench_train.py (see benchmarks/README.md); GPU ones follow the issue's targets and
+    stay to be confirmed by measurement where benchmarks/README.md says so."""
+    from .amp import resolve_amp
+
+    t = cfg.train
+    cuda = device.type == "cuda"
+
+    def pick(value, auto):
+        return auto if value == "auto" else value
+
+    return {
+        "amp": resolve_amp(t.amp, device),
+        # oneDNN's channels-last CPU kernels are deterministic within a process but not across a
+        # resume (measured: a killed-and-resumed run drifts from the uninterrupted one), so
+        # deterministic CPU runs keep NCHW.
+        "channels_last": bool(pick(t.channels_last, cuda or not cfg.deterministic)),
+        "fused_optimizer": bool(pick(t.fused_optimizer, True)),
+        "compile": bool(pick(t.compile, False)),
+        "compile_mode": t.compile_mode,
+        # A host read per step costs nothing on the CPU and keeps non-finite stops exact there.
+        "log_every_steps": int(pick(t.log_every_steps, 50 if cuda else 1)),
+        "eval_batch_size": int(pick(t.eval_batch_size, max(cfg.optim.batch_size, 1024) if cuda
+                                    else cfg.optim.batch_size)),
+    }
 
 
-# --------------------------------------------------------------------------------------------
-# Callbacks
-# --------------------------------------------------------------------------------------------
-class Callback:
-    """Hooks the trainer calls; override any subset. Only called on the main process."""
-
-    def on_train_start(self, trainer: "Trainer") -> None: ...
-    def on_phase_start(self, trainer: "Trainer", phase: int, sequence: np.ndarray,
-                       scores: torch.Tensor) -> None: ...
-    def on_step_end(self, trainer: "Trainer", step: int, loss: float) -> None: ...
-    def on_epoch_end(self, trainer: "Trainer", record: dict) -> None: ...
-    def on_train_end(self, trainer: "Trainer", summary: dict) -> None: ...
-
-
-class ConsoleLogger(Callback):
-    """One concise line per epoch, e.g.
-    ``[isl] phase 1 epoch 7/12 step 1234 lr 0.05 loss 0.8123 acc 0.9444 admit 0.60 1234 img/s``."""
-
-    def __init__(self, log: Callable[[str], None] = print):
-        self.log = log
-
-    def on_epoch_end(self, trainer, record):
-        acc = "  -   " if record["test_acc"] is None else f"{record['test_acc']:.4f}"
-        self.log(f"[{trainer.label}] phase {record['phase']} epoch {record['epoch']}/"
-                 f"{trainer.total_epochs} step {record['steps']} lr {record['lr']:.4g} "
-                 f"loss {record['train_loss']:.4f} acc {acc} admit {record['admitted_frac']:.2f} "
-                 f"{record['images_per_s']:.0f} img/s")
-
-
-class TensorBoardLogger(Callback):
-    """Scalars per epoch under ``out_dir/tb`` (import deferred: tensorboard is slow to load)."""
-
-    def __init__(self, log_dir: str):
-        self.log_dir = log_dir
-        self.writer = None
-
-    def on_train_start(self, trainer):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:  # optional dependency: say so once, keep training
-            trainer.log(f"note: tensorboard logging disabled ({exc})")
-            return
-        self.writer = SummaryWriter(self.log_dir)
-
-    def on_epoch_end(self, trainer, record):
-        if self.writer is None:
-            return
-        step = record["steps"]
-        for key in ("train_loss", "test_acc", "lr", "admitted_frac", "images_per_s"):
-            if record.get(key) is not None:
-                self.writer.add_scalar(f"{trainer.label}/{key}", record[key], step)
-        self.writer.flush()
-
-    def on_train_end(self, trainer, summary):
-        if self.writer is not None:
-            self.writer.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Data and models
-# --------------------------------------------------------------------------------------------
-@dataclass
-class DataBundle:
-    train: Any           # DatasetSplit
-    test: Any            # DatasetSplit
-    num_classes: int
-    key: str             # identifies the training data for the teacher-logit cache
-    in_channels: int = 3  # image channels the models are built for (1 for Fashion-MNIST)
-
-
-def build_data(cfg: Config) -> DataBundle:
-    """Training and test splits named by ``cfg.data`` (missing files -> FileNotFoundError
-    naming the files and the download switch, raised by the datasets module)."""
-    from .datasets import dataset_from_config
-
-    train = dataset_from_config(cfg, "train")
-    test = dataset_from_config(cfg, "test")
-    if train.num_classes != test.num_classes:
-        raise ValueError(f"train/test class counts differ: {train.num_classes} vs {test.num_classes}")
-    d = cfg.data
-    key = f"{d.name}-train-n{len(train)}-s{d.image_size}"
-    if d.name == "synthetic":
-        key += f"-c{d.synthetic_classes}"
-    channels = 3 if train.is_files else int(train.images.shape[-1])
-    return DataBundle(train, test, int(train.num_classes), key, channels)
-
-
-def ordered_batch_size(num_items: int, batch_size: int, world: int) -> int:
-    """Batch size for an ordered pass (scoring, teacher logits, evaluation) that covers every
-    item on ``world`` ranks: the sharded loader drops a last global batch with fewer rows than
-    ranks (so every rank steps together), which would lose items here, so shrink the batch until
-    the remainder is zero or at least ``world``."""
-    if world <= 1:
-        return batch_size
-    if num_items < world:
-        raise ValueError(f"a split of {num_items} items cannot be spread over {world} ranks "
-                         "(every rank needs at least one row); use fewer processes")
-    if num_items == world:
-        return world
-    b = max(int(batch_size), world)
-    while 0 < num_items % b < world:
-        b -= 1
-    return b
-
-
-def rank_loss_weight(local_rows: int, global_rows: int, world: int) -> float:
-    """Factor on a rank's mean loss so that DDP's *average* of the ranks' gradients equals the
-    gradient of the mean loss over the whole global batch: ``local_rows * world / global_rows``
-    (exactly 1.0 when the batch splits evenly)."""
-    if world <= 1 or local_rows * world == global_rows:
-        return 1.0
-    return local_rows * world / global_rows
-
-
-def _make_loader(cfg: Config, split, ctx: RunContext, *, augment: bool, seed: int,
-                 shard=None, batch_size: int | None = None):
-    from .data import CurriculumLoader
-
-    files = isinstance(split.images, (list, tuple))
-    aug = None
-    if augment and cfg.data.augment != "none":
-        aug = "rrc" if files else "cifar"
-    return CurriculumLoader(
-        split.images, split.labels, batch_size or cfg.optim.batch_size, backend=cfg.data.loader_backend,
-        device=ctx.device.type, augment=aug, mean=split.mean, std=split.std, drop_last=False,
-        num_threads=cfg.data.num_threads, seed=seed, shard=shard,
-        image_size=cfg.data.image_size if files else None)
-
-
-def load_teacher(cfg: Config, path: str, num_classes: int, device=None,
-                 in_channels: int = 3) -> torch.nn.Module:
-    """Build ``cfg.teacher.arch`` and load ``path`` into it (plain, RepDistiller ``{"model": sd}``,
-    ours); a checkpoint for another architecture or class count raises ``ValueError`` naming the
-    mismatched keys."""
-    from .checkpoint_io import load_model_weights
-    from .models import get_model
-
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher checkpoint not found: {path!r} (train one with "
-                                "`kdseq-fast train-teacher --out DIR` or pass --teacher PATH)")
-    model = get_model(cfg.teacher.arch, num_classes, image_size=cfg.data.image_size,
-                      in_channels=in_channels)
-    try:
-        load_model_weights(model, path)
-    except ValueError as exc:
-        raise ValueError(f"teacher checkpoint {path} does not fit teacher.arch="
-                         f"{cfg.teacher.arch} with {num_classes} classes: {exc}") from None
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.to(device) if device is not None else model
-
-
-def shared_teacher_logits(ctx: RunContext, cache, teacher: torch.nn.Module, loader, *,
-                          num_items: int, key: str, device, amp=None,
-                          progress: bool = False) -> torch.Tensor:
-    """``cache.get(...)`` that every rank agrees on under torch.distributed.
-
-    Rank 0 alone decides whether a stored cache file is usable; on a hit it reads the file and
-    broadcasts the matrix (the other ranks need not see rank 0's disk), on a miss every rank
-    scores its shard and the pass sums them (``compute_logits``), then rank 0 stores the result.
-    Letting each rank decide would deadlock when only some of them find the file.
-    """
-    if not ctx.distributed:
-        return cache.get(teacher, loader, num_items=num_items, key=key, device=device, amp=amp,
-                         progress=progress)
-    from .scoring import TeacherLogitCache
-
-    stored = None
-
-    def usable() -> bool:  # runs on rank 0 only; the matrix it finds is what rank 0 broadcasts
-        nonlocal stored
-        stored = cache.load(teacher, num_items=num_items, key=key)
-        return stored is not None
-
-    if ctx.run_on_main(usable):
-        if ctx.is_main:
-            cache.last_hit = True
-        # load(), not get(): get() is a collective, and only rank 0 read the file.
-        return ctx.broadcast_tensor(stored)
-    # Only rank 0 may write the file; the others keep their copy in memory.
-    local = cache if ctx.is_main else TeacherLogitCache(None, dtype=cache.dtype)
-    return local.get(teacher, loader, num_items=num_items, key=key, device=device, amp=amp,
-                     progress=progress)
-
-
-@dataclass
-class TrainResult:
-    out_dir: str
-    summary: dict
-    weights_path: str
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
-def write_json(obj, path: str) -> None:
-    atomic_write_bytes(json.dumps(obj, indent=2, default=_json_default).encode() + b"\n", path)
-
-
-def _save_npy(arr: np.ndarray, path: str) -> None:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    atomic_write_bytes(buf.getvalue(), path)
-
-
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        dotted = f"{prefix}{k}"
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _config_diff(va, vb, dotted + ".")
-        elif va != vb and dotted not in RESUME_IGNORED_KEYS:
-            keys.append(f"{dotted} ({va!r} in the checkpoint, {vb!r} now)")
-    return keys
-
-
-# --------------------------------------------------------------------------------------------
-# Trainer
-# --------------------------------------------------------------------------------------------
 class Trainer:
     """Trains one model with one method into ``out_dir``; see the module docstring.
 
@@ -320,6 +112,8 @@ class Trainer:
         overwrite: allow starting over in a directory that already holds this or another run.
         data: pre-built :class:`DataBundle` (shared across the methods of ``compare``).
         quiet: no tqdm bars (they are also off when stderr is not a terminal).
+        sync_timing: synchronize the GPU at segment ends so the time shares are device time
+            (benchmarks; slows training).
     """
 
     def __init__(self, cfg: Config, out_dir: str, *, method: str | None = None,
@@ -343,6 +137,8 @@ class Trainer:
         self.ctx = ctx or setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
         self.device = self.ctx.device
         self.callbacks = list(callbacks)
+        self.settings = resolve_train_settings(cfg, self.device)
+        self.run_dir = RunDirectory(self.out_dir, is_main=self.ctx.is_main)
 
         # Epoch plan ------------------------------------------------------------------------
         if role == "teacher":
@@ -357,11 +153,11 @@ class Trainer:
             self.base_lr = cfg.optim.lr
             self.milestones = list(cfg.optim.lr_decay_epochs)
             self.arch = cfg.student.arch
-        self.schedule = self._build_schedule()
 
         # Rank 0 alone reads the directory (the others would race its writes) and shares the
         # verdict, so a refused directory stops every rank with the same error.
-        self.ctx.run_on_main(lambda: self._check_run_dir(resume, overwrite))
+        self.ctx.run_on_main(lambda: self.run_dir.check(cfg, role, method, resume=resume,
+                                                        overwrite=overwrite))
 
         # Data ------------------------------------------------------------------------------
         if cfg.optim.batch_size < self.ctx.world_size:
@@ -371,18 +167,19 @@ class Trainer:
         self.num_items = len(self.data.train)
         self.num_classes = self.data.num_classes
         shard = self.ctx.shard
-        self.train_loader = _make_loader(cfg, self.data.train, self.ctx, augment=True,
-                                         seed=cfg.seed, shard=shard)
+        eval_bs = self.settings["eval_batch_size"]
+        self.train_loader = make_loader(cfg, self.data.train, self.ctx, augment=True, seed=cfg.seed,
+                                        shard=shard)
         # Evaluation is sharded too: each rank counts its share and evaluate() sums the counts.
-        self.test_loader = _make_loader(
+        self.test_loader = make_loader(
             cfg, self.data.test, self.ctx, augment=False, seed=cfg.seed, shard=shard,
-            batch_size=ordered_batch_size(len(self.data.test), cfg.optim.batch_size,
-                                          self.ctx.world_size))
+            batch_size=ordered_batch_size(len(self.data.test), eval_bs, self.ctx.world_size))
         self.test_loader.set_order(np.arange(len(self.data.test)))
-        self.orders = OrderGenerator(self.num_items, cfg.optim.batch_size, seed=cfg.seed)
-        self.steps_per_epoch = self.orders.steps_per_epoch
-        cur = cfg.curriculum
-        self.pacing = Pacing(cur.pacing, cur.start_frac, cur.full_at)
+        self.plan = EpochPlan(cfg, method=method, total_epochs=self.total_epochs,
+                              num_items=self.num_items)
+        self.schedule = self.plan.epochs
+        self.orders, self.pacing = self.plan.orders, self.plan.pacing
+        self.steps_per_epoch = self.plan.steps_per_epoch
 
         # Models ----------------------------------------------------------------------------
         from .models import get_model
@@ -393,10 +190,11 @@ class Trainer:
         seed_everything(cfg.seed)
         self.model = get_model(self.arch, self.num_classes, image_size=cfg.data.image_size,
                                in_channels=self.data.in_channels)
-        self.channels_last = (cfg.train.channels_last is True or
-                              (cfg.train.channels_last == "auto" and self.device.type == "cuda"))
+        self.channels_last = self.settings["channels_last"]
         mf = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=mf)
+        # Before any wrapper holds the buffers: the guard re-points them into one flat tensor.
+        guard = BufferGuard(self.model)
         net = self.model
         if self.ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -407,9 +205,9 @@ class Trainer:
             net = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.ddp = net if self.ctx.distributed else None
-        self.train_model = torch.compile(net) if cfg.train.compile else net
-        self._buffers = list(self.model.buffers())
-        self._buffer_backup = [b.detach().clone() for b in self._buffers]
+        compile_kw = {} if self.settings["compile_mode"] == "default" else \
+            {"mode": self.settings["compile_mode"]}
+        self.train_model = torch.compile(net, **compile_kw) if self.settings["compile"] else net
 
         self.teacher = None
         self.teacher_path = None
@@ -425,21 +223,27 @@ class Trainer:
                 self.teacher = load_teacher(cfg, self.teacher_path, self.num_classes,
                                             in_channels=self.data.in_channels)
             self.teacher.to(self.device, memory_format=mf)
+        teacher_fwd = self.teacher
+        if self.teacher is not None and self.settings["compile"]:
+            teacher_fwd = torch.compile(self.teacher, **compile_kw)
 
         # Optimization ----------------------------------------------------------------------
         o = cfg.optim
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.base_lr,
                                          momentum=o.momentum, weight_decay=o.weight_decay,
-                                         nesterov=o.nesterov)
+                                         nesterov=o.nesterov, fused=self.settings["fused_optimizer"])
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=self.milestones, gamma=o.lr_decay_rate)
-        from .amp import amp_dtype, resolve_amp
-
-        # One vocabulary ("none"/"bf16"/"fp16") from here to every consumer (scoring, teacher pass).
-        self.amp = resolve_amp(cfg.train.amp, self.device)
-        self.amp_dtype = amp_dtype(self.amp)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.amp = self.settings["amp"]
+        self.step = DeviceStep(
+            model=self.model, train_model=self.train_model, optimizer=self.optimizer,
+            device=self.device, amp=self.amp, method=method, temperature=cfg.loss.temperature,
+            kd_weight=cfg.loss.kd_weight, ce_weight=cfg.loss.ce_weight, teacher=teacher_fwd,
+            channels_last=self.channels_last, guard=guard,
+            all_reduce=self.ctx.all_reduce_max if self.ctx.distributed else None)
+        self.amp_dtype = self.step.amp_dtype
         self.timer = SegmentTimer(self.device, sync=sync_timing)
+        self.log_every = self.settings["log_every_steps"]
 
         # Progress state (everything the checkpoint holds) ------------------------------------
         self.epoch = 0              # index of the epoch in progress / next to run
@@ -460,6 +264,9 @@ class Trainer:
         self._score_loader_obj = None
         self._resume_state = None
         self._last_checkpoint_step = None
+        self._recent: list = []          # (step, phase, epoch, batch, indices) since the last fold
+        self._pending_bad: list = []     # device folds that reported rejected steps
+        self._compiled_once = False
         from .scoring import teacher_fingerprint
 
         self.teacher_fingerprint = teacher_fingerprint(self.teacher) if self.teacher is not None else None
@@ -468,78 +275,18 @@ class Trainer:
             os.makedirs(self.out_dir, exist_ok=True)
         if resume:
             self._load_resume_state()
-        if self.ctx.is_main and self._resume_state is None:
-            self._init_run_dir()
+        if self._resume_state is None:
+            self.run_dir.init(cfg, self._run_identity())
 
-    # ------------------------------------------------------------------ plan
-    def _build_schedule(self) -> list[tuple[int, str, int, int]]:
-        """(phase, kind, epoch_in_phase, phase_len) for each global epoch."""
-        if self.method != "isl":
-            return [(0, "uniform", e, self.total_epochs) for e in range(self.total_epochs)]
-        cur = self.cfg.curriculum
-        pe = _phase_epochs(self.cfg)
-        plan = [(0, "uniform", e, cur.warmup_epochs) for e in range(cur.warmup_epochs)]
-        for k in range(1, cur.num_phases + 1):
-            plan += [(k, "curriculum", e, pe) for e in range(pe)]
-        plan += [(cur.num_phases + 1, "uniform", e, cur.final_full_epochs)
-                 for e in range(cur.final_full_epochs)]
-        assert len(plan) == self.total_epochs, "epoch accounting is validated by the config"
-        return plan
-
-    # ------------------------------------------------------------------ run directory
+    # ------------------------------------------------------------------ identity and checkpoints
     @property
     def _resume_hash(self) -> str:
-        return config_hash(self.cfg, exclude=RESUME_IGNORED_KEYS)
+        return resume_hash(self.cfg)
 
     def _run_identity(self) -> dict:
         return {"role": self.role, "method": self.method, "resume_hash": self._resume_hash,
                 "config_hash": config_hash(self.cfg), "teacher": self.teacher_path}
 
-    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
-        run_json = os.path.join(self.out_dir, "run.json")
-        if not os.path.exists(run_json) or overwrite:
-            return
-        try:
-            with open(run_json) as fh:
-                other = json.load(fh)
-        except (OSError, ValueError):
-            other = {}
-        same = (other.get("resume_hash") == self._resume_hash and other.get("role") == self.role
-                and other.get("method") == self.method)
-        if not same:
-            diff = []
-            try:
-                with open(os.path.join(self.out_dir, "config.yaml")) as fh:
-                    diff = _config_diff(yaml.safe_load(fh) or {}, self.cfg.to_dict())
-            except (OSError, ValueError, yaml.YAMLError):
-                pass
-            what = ("; config differs: " + "; ".join(diff)) if diff else \
-                (f" (config hash {str(other.get('resume_hash'))[:12]} vs "
-                 f"{self._resume_hash[:12]} now)")
-            raise RunDirError(
-                f"output directory {self.out_dir} already holds a different run (role "
-                f"{other.get('role')}, method {other.get('method')}){what}; "
-                + ("resume with the original settings (see config.yaml there), " if resume else "")
-                + "choose another --out or pass --overwrite")
-        if not resume:
-            raise RunDirError(f"output directory {self.out_dir} already holds this run; pass "
-                              "--resume to continue it or --overwrite to start over")
-
-    def _init_run_dir(self) -> None:
-        # Starting fresh (new directory or --overwrite): nothing of an older run may survive to
-        # be mistaken for this one's output or resumed into it.
-        stale = ["metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.prev.pt",
-                 "student.pt", "teacher.pt", "teacher_best.pt"]
-        stale += [n for n in os.listdir(self.out_dir)
-                  if n.startswith("phase_") and n.endswith(".npy")]
-        for name in stale:
-            path = os.path.join(self.out_dir, name)
-            if os.path.exists(path):
-                os.remove(path)
-        save_config(self.cfg, os.path.join(self.out_dir, "config.yaml"))
-        write_json(self._run_identity(), os.path.join(self.out_dir, "run.json"))
-
-    # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
         return {
             "format": CHECKPOINT_FORMAT,
@@ -548,7 +295,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "step": self.step.state_dict(),
             "rng": capture_rng_state(),
             "progress": {"epoch": self.epoch, "batch": self.batch_in_epoch,
                          "global_step": self.global_step, "scored_phase": self.scored_phase,
@@ -568,22 +315,26 @@ class Trainer:
         return time.perf_counter() - self._t_start if getattr(self, "_t_start", None) else 0.0
 
     def save_checkpoint(self, reason: str = "") -> None:
-        # Every rank calls this at the same points. The epoch's running loss sums are per rank:
-        # the checkpoint keeps each rank's pair (an exact resume with the same world size) and
-        # their totals (what a resume with another world size gives rank 0).
+        self._fold()
+        # Every rank calls this at the same points. The epoch's running sums are per rank: the
+        # checkpoint keeps each rank's (an exact resume with the same world size) and their totals
+        # (what a resume with another world size gives rank 0).
+        keys = ("loss_sum", "samples", "correct")
         per_rank = None
         if self.ctx.distributed:
             w, r = self.ctx.world_size, self.ctx.rank
-            slots = [0.0] * (2 * w)
-            slots[2 * r], slots[2 * r + 1] = self.accum["loss_sum"], float(self.accum["samples"])
+            slots = [0.0] * (len(keys) * w)
+            for i, k in enumerate(keys):
+                slots[len(keys) * r + i] = float(self.accum[k])
             slots = self.ctx.reduce_sum(slots)  # a sum of one-hot slots: an all-gather
-            per_rank = [[slots[2 * k], int(slots[2 * k + 1])] for k in range(w)]
+            per_rank = [slots[len(keys) * q:len(keys) * (q + 1)] for q in range(w)]
         if self.ctx.is_main:
             state = self.state_dict()
             if per_rank is not None:
                 state["accum"]["rank_sums"] = per_rank
                 state["accum"]["loss_sum"] = math.fsum(p[0] for p in per_rank)
-                state["accum"]["samples"] = sum(p[1] for p in per_rank)
+                state["accum"]["samples"] = int(sum(p[1] for p in per_rank))
+                state["accum"]["correct"] = int(sum(p[2] for p in per_rank))
             save_checkpoint(state, self.out_dir)
         self._last_checkpoint_step = self.global_step
 
@@ -595,13 +346,16 @@ class Trainer:
             self.log(f"[{self.label}] no checkpoint in {self.out_dir}; starting from scratch")
             return
         state, path = found
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("role") != self.role \
-                or state.get("method") != self.method:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{path} was written by another version of kdseq-fast (checkpoint format "
+                f"{state.get('format')}, this version reads {CHECKPOINT_FORMAT}); start a new --out")
+        if state.get("role") != self.role or state.get("method") != self.method:
             raise CheckpointError(
                 f"{path} is a checkpoint of role {state.get('role')}/method {state.get('method')}, "
                 f"not {self.role}/{self.method}")
         if state["resume_hash"] != self._resume_hash:
-            diff = _config_diff(state["config"], self.cfg.to_dict())
+            diff = config_diff(state["config"], self.cfg.to_dict())
             raise CheckpointError(
                 f"cannot resume {path}: the config differs from the one the run was started with: "
                 + ("; ".join(diff) or "(hash mismatch)") + ". Resume with the original config "
@@ -613,12 +367,13 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.step.load_state_dict(state["step"])
         # Last, after everything that consumed random numbers while building this trainer.
         restore_rng_state(state["rng"])
         p = state["progress"]
         self.epoch, self.batch_in_epoch = p["epoch"], p["batch"]
         self.global_step, self.scored_phase = p["global_step"], p["scored_phase"]
+        self.step.set_step_count(self.global_step)
         self.metrics_lines, self.wall_before = p["metrics_lines"], p["wall_s"]
         self.skipped_batches = p["skipped_batches"]
         seq = state["curriculum"]["sequence"]
@@ -628,34 +383,27 @@ class Trainer:
         per_rank = accum.pop("rank_sums", None)
         self.accum = {**self._new_accum(), **accum}
         if per_rank is not None and len(per_rank) == self.ctx.world_size:
-            self.accum["loss_sum"], self.accum["samples"] = per_rank[self.ctx.rank]
+            loss_sum, samples, correct = per_rank[self.ctx.rank]
+            self.accum.update(loss_sum=loss_sum, samples=int(samples), correct=int(correct))
         elif not self.ctx.is_main:
-            self.accum["loss_sum"], self.accum["samples"] = 0.0, 0  # rank 0 holds the totals
+            self.accum.update(loss_sum=0.0, samples=0, correct=0)  # rank 0 holds the totals
         self.history = [(int(s), float(a)) for s, a in state["history"]]
         self.best_acc, self.best_state = state["best_acc"], state["best_state"]
         self.teacher_acc = state["teacher_acc"]
         self._resume_state = state
         self._last_checkpoint_step = self.global_step
-        if self.ctx.is_main:
-            # Epoch records written after this checkpoint will be produced again.
-            self._truncate_metrics(self.metrics_lines)
+        # Epoch records written after this checkpoint will be produced again.
+        self.run_dir.truncate_metrics(self.metrics_lines)
         self.log(f"[{self.label}] resuming from {os.path.basename(path)}: epoch "
                  f"{self.epoch + 1}/{self.total_epochs}, batch {self.batch_in_epoch}, "
                  f"step {self.global_step}")
 
-    def _truncate_metrics(self, lines: int) -> None:
-        path = os.path.join(self.out_dir, "metrics.jsonl")
-        if not os.path.exists(path):
-            return
-        with open(path, encoding="utf-8") as fh:
-            kept = fh.readlines()[:lines]
-        atomic_write_bytes("".join(kept).encode(), path)
-
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _new_accum() -> dict:
-        return {"loss_sum": 0.0, "samples": 0, "steps": 0, "admitted_sum": 0.0, "data": 0.0,
-                "model": 0.0, "loss": 0.0, "scoring": 0.0, "teacher_cache": 0.0, "train_time": 0.0}
+        return {"loss_sum": 0.0, "samples": 0, "correct": 0, "steps": 0, "admitted_sum": 0.0,
+                "data": 0.0, "model": 0.0, "loss": 0.0, "scoring": 0.0, "teacher_cache": 0.0,
+                "train_time": 0.0, "compile": 0.0}
 
     def _emit(self, hook: str, *args) -> None:
         if not self.ctx.is_main:
@@ -664,9 +412,7 @@ class Trainer:
             getattr(cb, hook)(self, *args)
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.step.autocast()
 
     @property
     def _progress(self) -> bool:
@@ -676,13 +422,11 @@ class Trainer:
     def _bar(self, total: int, initial: int, desc: str):
         from tqdm.auto import tqdm
 
-        disable = not self._progress
-        return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=disable,
+        return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=not self._progress,
                     dynamic_ncols=True)
 
     def _to_input(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return self.step.to_input(x)
 
     @property
     def lr(self) -> float:
@@ -691,37 +435,39 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and scoring
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module | None = None) -> float:
-        """Top-1 accuracy on the test split, as a fraction."""
+        """Top-1 accuracy on the test split, as a fraction (one host read at the end)."""
         model = model or self.model
         was_training = model.training
         model.eval()
-        correct = total = 0
+        counts = torch.zeros(2, dtype=torch.int64, device=self.device)
         try:
             for batch in self.test_loader:
                 with self._autocast():
                     logits = model(self._to_input(batch["images"]))
-                labels = batch["labels"].to(self.device)
-                correct += int((logits.argmax(1) == labels).sum())
-                total += int(labels.numel())
+                labels = batch["labels"].to(self.device, non_blocking=True)
+                counts[0] += (logits.argmax(1) == labels).sum()
+                counts[1] += labels.numel()
         finally:
             model.train(was_training)
-        correct, total = self.ctx.reduce_sum([correct, total])
+        correct, total = self.ctx.reduce_sum(counts.tolist())
         return correct / max(total, 1)
 
     def _score_loader(self):
         if self._score_loader_obj is None:
             # Sharded: each rank scores its part and score_dataset/compute_logits sum the parts.
-            loader = _make_loader(self.cfg, self.data.train, self.ctx, augment=False,
-                                  seed=self.cfg.seed, shard=self.ctx.shard,
-                                  batch_size=ordered_batch_size(self.num_items,
-                                                                self.cfg.optim.batch_size,
-                                                                self.ctx.world_size))
+            loader = make_loader(self.cfg, self.data.train, self.ctx, augment=False,
+                                 seed=self.cfg.seed, shard=self.ctx.shard,
+                                 batch_size=ordered_batch_size(self.num_items,
+                                                               self.settings["eval_batch_size"],
+                                                               self.ctx.world_size))
             loader.set_order(np.arange(self.num_items))
             self._score_loader_obj = loader
         return self._score_loader_obj
 
     def teacher_train_logits(self) -> torch.Tensor:
-        """Teacher logits on the un-augmented training set, from the on-disk cache."""
+        """Teacher logits on the un-augmented training set (host copy), from the on-disk cache.
+        The device step gets a copy on the training device when it fits in a quarter of the free
+        GPU memory, so the per-step gather never crosses the bus."""
         if self._teacher_train_logits is None:
             from .scoring import TeacherLogitCache
 
@@ -729,20 +475,29 @@ class Trainer:
             cache = TeacherLogitCache(cache_dir, dtype=self.cfg.train.teacher_cache_dtype)
             self._teacher_train_logits = shared_teacher_logits(
                 self.ctx, cache, self.teacher, self._score_loader(), num_items=self.num_items,
-                key=self.data.key, device=self.device, amp=self.amp,
-                progress=self._progress)
+                key=self.data.key, device=self.device, amp=self.amp, progress=self._progress)
+            table = self._teacher_train_logits
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                if table.numel() * table.element_size() <= free // 4:
+                    table = table.to(self.device, non_blocking=True)
+                else:
+                    self.log(f"[{self.label}] note: teacher logits ({table.numel() * table.element_size() / 2**30:.1f} "
+                             "GiB) stay in host memory; each step gathers them through the host")
+            self.step.set_teacher_logits(table, use_cached=self.cfg.data.augment == "none")
         return self._teacher_train_logits
 
     def score_snapshot(self) -> torch.Tensor:
         """Score every training instance with a frozen snapshot of the student -> (N, 6)."""
         from .scoring import score_dataset
 
+        self.teacher_train_logits()
         # Scoring runs in eval mode under no_grad and leaves the weights untouched, so the live
         # model *is* the snapshot; a deepcopy would only cost memory.
         was_training = self.model.training
         self.model.eval()
         try:
-            scores = score_dataset(self.model, self._score_loader(), self.teacher_train_logits(),
+            scores = score_dataset(self.model, self._score_loader(), self.step.teacher_logits,
                                    num_items=self.num_items,
                                    temperature=self.cfg.loss.temperature, device=self.device,
                                    amp=self.amp, progress=self._progress)
@@ -759,110 +514,50 @@ class Trainer:
         seq = InstanceSequence(diff, self.cfg.curriculum.order, seed=self.cfg.seed, phase=phase)
         self.sequence, self.scores, self.scored_phase = seq.sequence, scores, phase
         self.accum["scoring"] += time.perf_counter() - t0
-        if self.ctx.is_main:
-            _save_npy(seq.sequence, os.path.join(self.out_dir, f"phase_{phase}_order.npy"))
-            _save_npy(scores.numpy(), os.path.join(self.out_dir, f"phase_{phase}_scores.npy"))
+        self.run_dir.save_npy(f"phase_{phase}_order.npy", seq.sequence)
+        self.run_dir.save_npy(f"phase_{phase}_scores.npy", scores.numpy())
         self._emit("on_phase_start", phase, seq.sequence, scores)
         test_dump_hook(f"phase{phase}_sequence", sequence=seq.sequence)
         test_kill_hook("scoring", phase)
         self.save_checkpoint("phase boundary")
 
-    def _epoch_order(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        phase, kind, eip, plen = self.schedule[e]
-        if kind == "curriculum":
-            return self.orders.paced_epoch(self.sequence, self.pacing, phase=phase,
-                                           epoch_in_phase=eip, phase_epochs=plen,
-                                           strict_order=self.cfg.curriculum.strict_order,
-                                           mix_frac=self.cfg.curriculum.mix_frac)
-        full = np.full(self.steps_per_epoch, self.num_items, dtype=np.int64)
-        return self.orders.uniform_epoch(phase, e), full
+    # ------------------------------------------------------------------ device reads
+    def _fold(self) -> None:
+        """Moves the device counters into the epoch sums (one host read)."""
+        r = self.step.fold()
+        a = self.accum
+        a["loss_sum"] += r.loss_sum
+        a["samples"] += r.samples
+        a["correct"] += r.correct
+        if r.bad_steps:
+            self._pending_bad.append(r)
 
-    # ------------------------------------------------------------------ training
-    def _loss(self, logits: torch.Tensor, batch: dict, images: torch.Tensor) -> torch.Tensor:
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        if self.method == "ce":
-            return F.cross_entropy(logits.float(), labels)
-        from . import kd_loss
-
-        if self._teacher_train_logits is not None and self.cfg.data.augment == "none":
-            # Without augmentation the cached logits are exactly what the teacher would output.
-            t_logits = self._teacher_train_logits[batch["indices"]].to(self.device, non_blocking=True)
+    def _handle_rejected(self, bar=None) -> None:
+        """Reports the steps the non-finite guard rejected since the last read: a warning with
+        ``train.nonfinite=skip``, else a checkpoint of the last good state and NonFiniteError."""
+        recent, self._recent = self._recent, []
+        if not self._pending_bad:
+            if bar is not None and self.accum["samples"]:
+                bar.set_postfix(loss=f"{self.accum['loss_sum'] / self.accum['samples']:.4f}", refresh=False)
+            return
+        bad = sum(r.bad_steps for r in self._pending_bad)
+        first = next(r.first_bad for r in self._pending_bad if r.first_bad >= 0)
+        self._pending_bad = []
+        self.skipped_batches += bad
+        where = next((rec for rec in recent if rec[0] == first), None)
+        if where is not None:
+            step, phase, epoch, batch, indices = where
+            idx = indices.cpu().tolist()
+            shown = ", ".join(map(str, idx[:16])) + (f", ... ({len(idx)} in all)" if len(idx) > 16 else "")
+            at = f"step {step}, phase {phase}, epoch {epoch + 1}, batch {batch} with dataset indices [{shown}]"
         else:
-            with torch.no_grad(), self._autocast():
-                t_logits = self.teacher(images)
-        t0 = self.timer.now()
-        loss = kd_loss(logits, t_logits, labels, temperature=self.cfg.loss.temperature,
-                       kd_weight=self.cfg.loss.kd_weight, ce_weight=self.cfg.loss.ce_weight)
-        self.timer.add("loss", self.timer.now() - t0)
-        return loss
-
-    def _grads_finite(self) -> torch.Tensor:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return torch.tensor(True, device=self.device)
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        return torch.isfinite(norm)
-
-    def _train_step(self, batch: dict, phase: int, weight: float = 1.0) -> float | None:
-        """One optimizer step; returns the batch's mean loss (None when the batch was rejected).
-
-        ``weight`` scales the loss for the backward pass only. Under DDP it is
-        ``local_rows * world / global_rows``: DDP averages the ranks' gradients, and with this
-        weight the average equals the gradient of the global batch's mean loss exactly, also when
-        the batch does not split evenly over the ranks (1.0 when it does, and with one process).
-        """
-        images = self._to_input(batch["images"])
-        self.optimizer.zero_grad(set_to_none=True)
-        # The forward pass updates BatchNorm running statistics before the loss can be checked;
-        # a copy of the (small) buffers lets a rejected batch leave no trace at all.
-        with torch.no_grad():
-            for dst, src in zip(self._buffer_backup, self._buffers):
-                dst.copy_(src)
-        t0 = self.timer.now()
-        with self._autocast():
-            logits = self.train_model(images)
-        loss = self._loss(logits, batch, images)
-        self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
-        finite = torch.isfinite(loss.detach())
-        if not self.scaler.is_enabled():
-            # With fp16 the scaler itself skips steps with inf gradients (normal while it
-            # calibrates); otherwise a non-finite gradient is a real divergence.
-            finite = finite & self._grads_finite()
-        finite = bool(finite)
-        if self.ctx.distributed:
-            # Every rank must take the same branch (step, skip or stop) or the next collective
-            # pairs different operations; one rank's bad loss rejects the batch everywhere.
-            finite = not self.ctx.any_true(not finite)
-        if not finite:
-            self._non_finite(batch, phase, float(loss.detach()))
-            self.timer.add("model", self.timer.now() - t0)
-            return None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        value = float(loss.detach())
-        self.timer.add("model", self.timer.now() - t0)
-        return value
-
-    def _non_finite(self, batch: dict, phase: int, loss_value: float) -> None:
-        with torch.no_grad():
-            for dst, src in zip(self._buffers, self._buffer_backup):
-                dst.copy_(src)
-        idx = batch["indices"].tolist()
-        shown = ", ".join(map(str, idx[:16])) + (f", ... ({len(idx)} in all)" if len(idx) > 16 else "")
-        what = "loss" if not math.isfinite(loss_value) else "gradient"
-        msg = (f"non-finite {what} (loss={loss_value}) at step {self.global_step + 1}, phase "
-               f"{phase}, epoch {self.epoch + 1}, batch {self.batch_in_epoch} with dataset "
-               f"indices [{shown}]")
-        self.optimizer.zero_grad(set_to_none=True)
+            at = f"step {first}"
+        more = f" ({bad} rejected steps since the previous check)" if bad > 1 else ""
+        msg = f"non-finite loss or gradient at {at}{more}; the update was not applied"
         if self.cfg.train.nonfinite == "skip":
-            self.skipped_batches += 1
             self.log(f"[{self.label}] warning: {msg}; batch skipped (train.nonfinite=skip)")
             return
-        params_finite = all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values()
-                            if t.is_floating_point())
-        if params_finite:
-            # This batch was not applied: the current state is the last good one, positioned
-            # at the offending batch.
+        if self.step.params_finite():
             self.save_checkpoint("non-finite")
             saved = f"the last good state (step {self.global_step}) is saved in"
         else:
@@ -874,6 +569,7 @@ class Trainer:
             f"{msg}; {saved} {self.out_dir}/checkpoint.pt. Lower the LR, use train.amp=none, or "
             "resume with --resume --set train.nonfinite=skip to skip such batches")
 
+    # ------------------------------------------------------------------ training
     def fit(self) -> TrainResult:
         """Run (or finish) the training; returns the summary. Honors SIGTERM/SIGINT."""
         with GracefulStop() as stop:
@@ -894,7 +590,7 @@ class Trainer:
         if self._resume_state is None and self.global_step == 0:
             # A step-0 checkpoint: a run that fails or is killed early still has a good state.
             self.save_checkpoint("start")
-        if self._stop_agreed(stop):
+        if self._stop_agreed(stop, at_read=True):
             self._preempt(stop, saved=True)
         bs, world = self.cfg.optim.batch_size, self.ctx.world_size
         dump = bool(os.environ.get("KDSEQ_TEST_DUMP_DIR"))
@@ -902,9 +598,9 @@ class Trainer:
             phase, kind, eip, plen = self.schedule[e]
             if kind == "curriculum" and self.scored_phase != phase:
                 self._start_phase(phase)
-                if self._stop_agreed(stop):
+                if self._stop_agreed(stop, at_read=True):
                     self._preempt(stop)
-            order, admitted = self._epoch_order(e)
+            order, admitted = self.plan.order(e, self.sequence)
             seen = []
             self.train_loader.set_epoch(e)
             self.train_loader.set_order(order, start_batch=self.batch_in_epoch)
@@ -920,52 +616,70 @@ class Trainer:
                         break
                     self.timer.add("data", self.timer.now() - t0)
                     b = int(batch["labels"].numel())
-                    weight = rank_loss_weight(
-                        b, min(bs, len(order) - self.batch_in_epoch * bs), world)
+                    weight = rank_loss_weight(b, min(bs, len(order) - self.batch_in_epoch * bs), world)
                     if dump:
                         seen.append(batch["indices"].cpu().numpy())
-                    value = self._train_step(batch, phase, weight)
-                    if value is not None:
-                        self.accum["loss_sum"] += value * b
-                        self.accum["samples"] += b
+                    first_compile = self.settings["compile"] and not self._compiled_once
+                    tc = time.perf_counter()
+                    loss = self.step.run(batch, weight, self.timer)
+                    if first_compile:
+                        # The first compiled step pays for compilation: reported apart.
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize(self.device)
+                        self.accum["compile"] += time.perf_counter() - tc
+                        self._compiled_once = True
+                    self._recent.append((self.global_step + 1, phase, e, self.batch_in_epoch,
+                                         batch["indices"]))
                     self.accum["admitted_sum"] += float(admitted[self.batch_in_epoch]) / self.num_items
                     self.accum["steps"] += 1
                     self.batch_in_epoch += 1
                     self.global_step += 1
                     bar.update(1)
-                    if value is not None:
-                        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-                    self._emit("on_step_end", self.global_step, value)
+                    self._emit("on_step_end", self.global_step, loss)
+                    read = self.global_step % self.log_every == 0
                     saved = False
                     if every and self.global_step % every == 0:
                         self._fold_times(t_epoch)
                         t_epoch = time.perf_counter()
+                        self._fold()
+                        self._handle_rejected(bar)
                         self.save_checkpoint("interval")
                         saved = True
+                    elif read:
+                        self._fold()
+                        self._handle_rejected(bar)
                     test_kill_hook("step", self.global_step)
-                    if self._stop_agreed(stop):
+                    if self._stop_agreed(stop, at_read=read or saved):
                         # Signals only set a flag; the finished step is checkpointed here.
+                        self._fold()
+                        self._handle_rejected()
                         self._fold_times(t_epoch)
                         t_epoch = time.perf_counter()
                         self._preempt(stop, saved=saved)
             finally:
                 bar.close()
                 it.close()
+            self._fold()
+            self._handle_rejected()
             self._fold_times(t_epoch)
             if dump:
                 test_dump_hook(f"epoch{e}", order=order, phase=np.int64(phase),
                                indices=np.concatenate(seen) if seen else np.zeros(0, np.int64),
                                lengths=np.array([len(x) for x in seen], dtype=np.int64))
             self._end_epoch(e)
-            if self._stop_agreed(stop):
+            if self._stop_agreed(stop, at_read=True):
                 self._preempt(stop)
         return self._finish()
 
-    def _stop_agreed(self, stop: GracefulStop) -> bool:
+    def _stop_agreed(self, stop: GracefulStop, at_read: bool = False) -> bool:
         """Whether to stop now, agreed by all ranks: a signal seen by one rank after step k and
-        by another after step k+1 must not leave one of them waiting in step k+1's all-reduce."""
+        by another after step k+1 must not leave one of them waiting in step k+1's all-reduce.
+        Under torch.distributed the ranks compare flags only where they read the device anyway
+        (``at_read``), so preemption lands within ``train.log_every_steps`` steps."""
         if not self.ctx.distributed:
             return stop.requested is not None
+        if not at_read:
+            return False
         if self.ctx.any_true(stop.requested is not None):
             if stop.requested is None:
                 stop.requested = signal.SIGTERM  # stopped on another rank's signal
@@ -1000,25 +714,21 @@ class Trainer:
                                        for k, v in self.model.state_dict().items()}
         eval_s = time.perf_counter() - t0
         a = self.accum
-        loss_sum, samples = self.ctx.reduce_sum([a["loss_sum"], a["samples"]])
+        loss_sum, samples, correct = self.ctx.reduce_sum([a["loss_sum"], a["samples"], a["correct"]])
         record = {
             "method": self.label, "phase": phase, "epoch": e + 1, "epoch_in_phase": eip + 1,
             "steps": self.global_step, "lr": lr_used,
-            "train_loss": loss_sum / max(samples, 1), "test_acc": acc,
-            "admitted_frac": a["admitted_sum"] / max(a["steps"], 1),
-            "images_per_s": samples / max(a["train_time"], 1e-9),
+            "train_loss": loss_sum / max(samples, 1), "train_acc": correct / max(samples, 1),
+            "test_acc": acc, "admitted_frac": a["admitted_sum"] / max(a["steps"], 1),
+            "images_per_s": samples / max(a["train_time"] - a["compile"], 1e-9),
             "wall_s": self.wall_before + self._wall_this_process(),
             # The model segment encloses the loss call; report them disjoint.
             "time_data": a["data"], "time_model": a["model"] - a["loss"], "time_loss": a["loss"],
-            "time_scoring": a["scoring"],
-            "time_teacher_cache": a["teacher_cache"], "time_eval": eval_s, "time_train": a["train_time"],
+            "time_scoring": a["scoring"], "time_teacher_cache": a["teacher_cache"],
+            "time_eval": eval_s, "time_train": a["train_time"], "time_compile": a["compile"],
             "skipped_batches": self.skipped_batches,
         }
-        if self.ctx.is_main:
-            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record, default=_json_default) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+        self.run_dir.append_metrics(record)
         self.metrics_lines += 1
         self._emit("on_epoch_end", record)
         self.epoch, self.batch_in_epoch = e + 1, 0
@@ -1039,53 +749,37 @@ class Trainer:
                  "target_acc": target, "wall_s": wall, "epochs": self.total_epochs,
                  "arch": self.arch, "skipped_batches": self.skipped_batches}
         weights_name = "teacher.pt" if self.role == "teacher" else "student.pt"
-        weights_path = os.path.join(self.out_dir, weights_name)
         if self.role == "teacher":
-            summary = {"teacher": {**entry, "checkpoint": weights_path}, "methods": {}}
+            summary = {"teacher": {**entry, "checkpoint": self.run_dir.file(weights_name)}, "methods": {}}
         else:
             summary = {"teacher": {"test_acc": self.teacher_acc, "arch": self.cfg.teacher.arch,
                                    "checkpoint": self.teacher_path},
                        "methods": {self.method: entry}}
+        weights_path = self.run_dir.save_weights(weights_name, self.model.state_dict())
+        if self.role == "teacher" and self.best_state is not None:
+            self.run_dir.save_weights("teacher_best.pt", self.best_state)
+        self.run_dir.write_json("summary.json", summary)
         if self.ctx.is_main:
-            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            atomic_write_bytes(buf.getvalue(), weights_path)
-            if self.role == "teacher" and self.best_state is not None:
-                buf = io.BytesIO()
-                torch.save(self.best_state, buf)
-                atomic_write_bytes(buf.getvalue(), os.path.join(self.out_dir, "teacher_best.pt"))
-            write_json(summary, os.path.join(self.out_dir, "summary.json"))
             self._write_plots()
         self._emit("on_train_end", summary)
         return TrainResult(self.out_dir, summary, weights_path)
 
     def pacing_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """(global step, admitted fraction) over the whole run, for the pacing plot."""
-        steps, fracs = [], []
-        s = 0
-        for phase, kind, eip, plen in self.schedule:
-            if kind == "curriculum":
-                n = self.orders.admitted_counts(self.pacing, eip, plen) / self.num_items
-            else:
-                n = np.ones(self.steps_per_epoch)
-            steps.append(s + 1 + np.arange(n.size))
-            fracs.append(n)
-            s += n.size
-        return np.concatenate(steps), np.concatenate(fracs)
+        return self.plan.pacing_curve()
 
     def _write_plots(self) -> None:
         from . import reports
 
-        records = reports.read_metrics(os.path.join(self.out_dir, "metrics.jsonl"))
-        reports.plot_accuracy({self.label: records}, os.path.join(self.out_dir, "accuracy_vs_steps.png"))
+        records = reports.read_metrics(self.run_dir.file("metrics.jsonl"))
+        reports.plot_accuracy({self.label: records}, self.run_dir.file("accuracy_vs_steps.png"))
         if self.method == "isl":
             steps, frac = self.pacing_curve()
-            reports.plot_pacing(steps, frac, os.path.join(self.out_dir, "pacing.png"),
+            reports.plot_pacing(steps, frac, self.run_dir.file("pacing.png"),
                                 title=f"pacing: {self.cfg.curriculum.pacing} (b={self.pacing.start_frac},"
                                       f" a={self.pacing.full_at})")
             reports.plot_difficulty_histograms(self.out_dir, self.cfg.curriculum.measure,
-                                               os.path.join(self.out_dir, "difficulty_hist.png"))
+                                               self.run_dir.file("difficulty_hist.png"))
 
 
 def steps_to_target(history: Iterable[tuple[int, float]], target: float | None) -> int | None:
@@ -1113,8 +807,8 @@ def train_teacher(cfg: Config, out_dir: str, *, resume=False, overwrite=False, q
                   log=print, data: DataBundle | None = None, ctx=None) -> TrainResult:
     """Train ``cfg.teacher.arch`` with cross-entropy; writes ``out_dir/teacher.pt``."""
     ctx = ctx or setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
-    if resume and ctx.run_on_main(lambda: _is_complete(out_dir, "teacher", "ce", cfg)):
-        return ctx.run_on_main(lambda: _completed_result(out_dir, "teacher.pt", log, "teacher"))
+    if resume and ctx.run_on_main(lambda: is_complete(out_dir, "teacher", "ce", cfg)):
+        return ctx.run_on_main(lambda: completed_result(out_dir, "teacher.pt", log, "teacher"))
     t = Trainer(cfg, out_dir, role="teacher", resume=resume, overwrite=overwrite, quiet=quiet,
                 callbacks=_callbacks(cfg, out_dir, log), log=log, data=data, ctx=ctx)
     return t.fit()
@@ -1126,38 +820,11 @@ def distill(cfg: Config, out_dir: str, *, method: str | None = None, teacher=Non
     """Train the student with ``method`` (``ce``, ``kd`` or ``isl``) into ``out_dir``."""
     method = method or cfg.method
     ctx = ctx or setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
-    if resume and ctx.run_on_main(lambda: _is_complete(out_dir, "student", method, cfg)):
-        return ctx.run_on_main(lambda: _completed_result(out_dir, "student.pt", log, method))
+    if resume and ctx.run_on_main(lambda: is_complete(out_dir, "student", method, cfg)):
+        return ctx.run_on_main(lambda: completed_result(out_dir, "student.pt", log, method))
     t = Trainer(cfg, out_dir, method=method, teacher=teacher, resume=resume, overwrite=overwrite,
                 quiet=quiet, callbacks=_callbacks(cfg, out_dir, log), log=log, data=data, ctx=ctx)
     return t.fit()
-
-
-def _is_complete(out_dir: str, role: str, method: str, cfg: Config) -> bool:
-    """A finished run with the same identity: resume has nothing left to do."""
-    try:
-        with open(os.path.join(out_dir, "run.json")) as fh:
-            ident = json.load(fh)
-        with open(os.path.join(out_dir, "checkpoint.pt"), "rb"):
-            pass
-    except (OSError, ValueError):
-        return False
-    if ident.get("role") != role or ident.get("method") != method or \
-            ident.get("resume_hash") != config_hash(cfg, exclude=RESUME_IGNORED_KEYS):
-        return False
-    found = load_latest_checkpoint(out_dir, log=lambda m: None)
-    if found is None:
-        return False
-    p = found[0]["progress"]
-    total = cfg.optim.epochs if role == "student" else (cfg.teacher.epochs or cfg.optim.epochs)
-    return p["epoch"] >= total and os.path.exists(os.path.join(out_dir, "summary.json"))
-
-
-def _completed_result(out_dir: str, weights: str, log, label: str) -> TrainResult:
-    with open(os.path.join(out_dir, "summary.json")) as fh:
-        summary = json.load(fh)
-    log(f"[{label}] already complete in {out_dir}; nothing to resume")
-    return TrainResult(os.path.abspath(out_dir), summary, os.path.join(os.path.abspath(out_dir), weights))
 
 
 def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teacher=None,
@@ -1168,7 +835,11 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
     ``out_dir`` the combined ``summary.json``, ``metrics.jsonl`` and comparison plots.
     ``steps_to_target`` uses ``train.target_acc`` or, when null, the kd run's final accuracy.
     """
+    import copy
+    import json
+
     from . import reports
+    from .run_dir import write_json
 
     for m in methods:
         if m not in METHODS:
@@ -1216,7 +887,7 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
     with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as fh:
         for m in results:
             for r in records[m]:
-                fh.write(json.dumps(r, default=_json_default) + "\n")
+                fh.write(json.dumps(r) + "\n")
     reports.plot_accuracy(records, os.path.join(out_dir, "accuracy_vs_steps.png"), target=target)
     plots = [os.path.join(out_dir, "accuracy_vs_steps.png")]
     if "isl" in results:

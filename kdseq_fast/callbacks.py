@@ -1,0 +1,73 @@
+"""Callbacks the trainer calls on the main process: a console line per epoch, TensorBoard scalars.
+
+Write your own by subclassing :class:`Callback` and overriding any subset of its hooks; pass them
+as ``Trainer(..., callbacks=[...])``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .trainer import Trainer
+
+__all__ = ["Callback", "ConsoleLogger", "TensorBoardLogger"]
+
+
+class Callback:
+    """Hooks the trainer calls; override any subset. Only called on the main process."""
+
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+    def on_phase_start(self, trainer: "Trainer", phase: int, sequence: np.ndarray,
+                       scores: torch.Tensor) -> None: ...
+    # ``loss`` is the batch's mean loss as a 0-dim tensor on the training device. Reading it
+    # (float(loss)) waits for the GPU: do that every few hundred steps at most.
+    def on_step_end(self, trainer: "Trainer", step: int, loss: torch.Tensor) -> None: ...
+    def on_epoch_end(self, trainer: "Trainer", record: dict) -> None: ...
+    def on_train_end(self, trainer: "Trainer", summary: dict) -> None: ...
+
+
+class ConsoleLogger(Callback):
+    """One concise line per epoch, e.g.
+    ``[isl] phase 1 epoch 7/12 step 1234 lr 0.05 loss 0.8123 acc 0.9444 admit 0.60 1234 img/s``."""
+
+    def __init__(self, log: Callable[[str], None] = print):
+        self.log = log
+
+    def on_epoch_end(self, trainer, record):
+        acc = "  -   " if record["test_acc"] is None else f"{record['test_acc']:.4f}"
+        self.log(f"[{trainer.label}] phase {record['phase']} epoch {record['epoch']}/"
+                 f"{trainer.total_epochs} step {record['steps']} lr {record['lr']:.4g} "
+                 f"loss {record['train_loss']:.4f} acc {acc} admit {record['admitted_frac']:.2f} "
+                 f"{record['images_per_s']:.0f} img/s")
+
+
+class TensorBoardLogger(Callback):
+    """Scalars per epoch under ``out_dir/tb`` (import deferred: tensorboard is slow to load)."""
+
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+        self.writer = None
+
+    def on_train_start(self, trainer):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # optional dependency: say so once, keep training
+            trainer.log(f"note: tensorboard logging disabled ({exc})")
+            return
+        self.writer = SummaryWriter(self.log_dir)
+
+    def on_epoch_end(self, trainer, record):
+        if self.writer is None:
+            return
+        step = record["steps"]
+        for key in ("train_loss", "test_acc", "lr", "admitted_frac", "images_per_s"):
+            if record.get(key) is not None:
+                self.writer.add_scalar(f"{trainer.label}/{key}", record[key], step)
+        self.writer.flush()
+
+    def on_train_end(self, trainer, summary):
+        if self.writer is not None:
+            self.writer.close()

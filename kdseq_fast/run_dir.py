@@ -1,0 +1,197 @@
+"""The run directory: what a run writes, how a directory is recognised as holding a run, and when
+it may be reused.
+
+Files (main process only): ``config.yaml`` and ``run.json`` (the run's identity: role, method and
+a hash of the settings that change results), ``metrics.jsonl`` (one record per epoch),
+``phase_K_order.npy`` / ``phase_K_scores.npy``, ``checkpoint.pt`` (+ ``checkpoint.prev.pt``; see
+:mod:`kdseq_fast.runtime`), ``student.pt`` / ``teacher.pt`` / ``teacher_best.pt``, ``summary.json``
+and the plots. Every write is atomic (temp file, fsync, rename).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import yaml
+
+from .config import Config, config_hash, save_config
+from .runtime import atomic_write_bytes, load_latest_checkpoint
+
+__all__ = ["RunDirectory", "RunDirError", "RESUME_IGNORED_KEYS", "TrainResult", "config_diff",
+           "write_json", "is_complete", "completed_result"]
+
+# Keys that may change between a run and its resume without changing the result: where it runs,
+# where data lives, logging, how often it checkpoints and reads the device. `train.nonfinite` is
+# here so a run stopped by a bad batch can be resumed with `nonfinite=skip`.
+RESUME_IGNORED_KEYS = ("device", "data.root", "data.download", "data.num_threads",
+                       "data.loader_backend", "train.tensorboard", "train.checkpoint_every_steps",
+                       "train.teacher_cache_dir", "train.nonfinite", "train.target_acc",
+                       "train.log_every_steps", "teacher.checkpoint")
+
+
+class RunDirError(ValueError):
+    """The output directory holds a different run, or a run that would be overwritten."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    summary: dict
+    weights_path: str
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def write_json(obj, path: str) -> None:
+    atomic_write_bytes(json.dumps(obj, indent=2, default=_json_default).encode() + b"\n", path)
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """``"key (old in the checkpoint, new now)"`` for every result-changing key that differs."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        dotted = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += config_diff(va, vb, dotted + ".")
+        elif va != vb and dotted not in RESUME_IGNORED_KEYS:
+            keys.append(f"{dotted} ({va!r} in the checkpoint, {vb!r} now)")
+    return keys
+
+
+def resume_hash(cfg: Config) -> str:
+    return config_hash(cfg, exclude=RESUME_IGNORED_KEYS)
+
+
+class RunDirectory:
+    """One run's output directory (``path``); writes happen on the main process only."""
+
+    def __init__(self, path: str, *, is_main: bool = True):
+        self.path = os.path.abspath(path)
+        self.is_main = is_main
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    # ------------------------------------------------------------------ identity
+    def check(self, cfg: Config, role: str, method: str, *, resume: bool, overwrite: bool) -> None:
+        """Refuses a directory holding another run, or this run without ``resume``/``overwrite``."""
+        run_json = self.file("run.json")
+        if not os.path.exists(run_json) or overwrite:
+            return
+        try:
+            with open(run_json) as fh:
+                other = json.load(fh)
+        except (OSError, ValueError):
+            other = {}
+        mine = resume_hash(cfg)
+        same = (other.get("resume_hash") == mine and other.get("role") == role
+                and other.get("method") == method)
+        if not same:
+            diff = []
+            try:
+                with open(self.file("config.yaml")) as fh:
+                    diff = config_diff(yaml.safe_load(fh) or {}, cfg.to_dict())
+            except (OSError, ValueError, yaml.YAMLError):
+                pass
+            what = ("; config differs: " + "; ".join(diff)) if diff else \
+                (f" (config hash {str(other.get('resume_hash'))[:12]} vs {mine[:12]} now)")
+            raise RunDirError(
+                f"output directory {self.path} already holds a different run (role "
+                f"{other.get('role')}, method {other.get('method')}){what}; "
+                + ("resume with the original settings (see config.yaml there), " if resume else "")
+                + "choose another --out or pass --overwrite")
+        if not resume:
+            raise RunDirError(f"output directory {self.path} already holds this run; pass "
+                              "--resume to continue it or --overwrite to start over")
+
+    def init(self, cfg: Config, identity: dict) -> None:
+        """Starting fresh (new directory or --overwrite): nothing of an older run may survive to be
+        mistaken for this one's output or resumed into it."""
+        if not self.is_main:
+            return
+        os.makedirs(self.path, exist_ok=True)
+        stale = ["metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.prev.pt",
+                 "student.pt", "teacher.pt", "teacher_best.pt"]
+        stale += [n for n in os.listdir(self.path) if n.startswith("phase_") and n.endswith(".npy")]
+        for name in stale:
+            if os.path.exists(self.file(name)):
+                os.remove(self.file(name))
+        save_config(cfg, self.file("config.yaml"))
+        write_json(identity, self.file("run.json"))
+
+    # ------------------------------------------------------------------ outputs
+    def append_metrics(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.file("metrics.jsonl"), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, default=_json_default) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def truncate_metrics(self, lines: int) -> None:
+        """Keeps the first ``lines`` records (those written before the checkpoint resumed from)."""
+        path = self.file("metrics.jsonl")
+        if not self.is_main or not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as fh:
+            kept = fh.readlines()[:lines]
+        atomic_write_bytes("".join(kept).encode(), path)
+
+    def save_npy(self, name: str, array: np.ndarray) -> None:
+        if not self.is_main:
+            return
+        buf = io.BytesIO()
+        np.save(buf, array)
+        atomic_write_bytes(buf.getvalue(), self.file(name))
+
+    def save_weights(self, name: str, state: dict) -> str:
+        """A plain state dict (tensors copied to the CPU, no shared storage) as ``name``."""
+        path = self.file(name)
+        if self.is_main:
+            plain = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            buf = io.BytesIO()
+            torch.save(plain, buf)
+            atomic_write_bytes(buf.getvalue(), path)
+        return path
+
+    def write_json(self, name: str, obj) -> None:
+        if self.is_main:
+            write_json(obj, self.file(name))
+
+
+def is_complete(out_dir: str, role: str, method: str, cfg: Config) -> bool:
+    """A finished run with the same identity: resume has nothing left to do."""
+    try:
+        with open(os.path.join(out_dir, "run.json")) as fh:
+            ident = json.load(fh)
+        with open(os.path.join(out_dir, "checkpoint.pt"), "rb"):
+            pass
+    except (OSError, ValueError):
+        return False
+    if ident.get("role") != role or ident.get("method") != method or \
+            ident.get("resume_hash") != resume_hash(cfg):
+        return False
+    found = load_latest_checkpoint(out_dir, log=lambda m: None)
+    if found is None:
+        return False
+    p = found[0]["progress"]
+    total = cfg.optim.epochs if role == "student" else (cfg.teacher.epochs or cfg.optim.epochs)
+    return p["epoch"] >= total and os.path.exists(os.path.join(out_dir, "summary.json"))
+
+
+def completed_result(out_dir: str, weights: str, log, label: str) -> TrainResult:
+    with open(os.path.join(out_dir, "summary.json")) as fh:
+        summary = json.load(fh)
+    log(f"[{label}] already complete in {out_dir}; nothing to resume")
+    return TrainResult(os.path.abspath(out_dir), summary, os.path.join(os.path.abspath(out_dir), weights))

@@ -1,0 +1,141 @@
+"""What a run is built from: the data splits, the loaders over them, the teacher and its cached
+logits on the training set. Shared by the trainer, the CLI's ``score`` command and the benchmarks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import Config
+from .runtime import RunContext
+
+__all__ = ["DataBundle", "build_data", "ordered_batch_size", "rank_loss_weight", "make_loader",
+           "load_teacher", "shared_teacher_logits"]
+
+
+@dataclass
+class DataBundle:
+    train: Any           # DatasetSplit
+    test: Any            # DatasetSplit
+    num_classes: int
+    key: str             # identifies the training data for the teacher-logit cache
+    in_channels: int = 3  # image channels the models are built for (1 for Fashion-MNIST)
+
+
+def build_data(cfg: Config) -> DataBundle:
+    """Training and test splits named by ``cfg.data`` (missing files -> FileNotFoundError
+    naming the files and the download switch, raised by the datasets module)."""
+    from .datasets import dataset_from_config
+
+    train = dataset_from_config(cfg, "train")
+    test = dataset_from_config(cfg, "test")
+    if train.num_classes != test.num_classes:
+        raise ValueError(f"train/test class counts differ: {train.num_classes} vs {test.num_classes}")
+    d = cfg.data
+    key = f"{d.name}-train-n{len(train)}-s{d.image_size}"
+    if d.name == "synthetic":
+        key += f"-c{d.synthetic_classes}"
+    channels = 3 if train.is_files else int(train.images.shape[-1])
+    return DataBundle(train, test, int(train.num_classes), key, channels)
+
+
+def ordered_batch_size(num_items: int, batch_size: int, world: int) -> int:
+    """Batch size for an ordered pass (scoring, teacher logits, evaluation) that covers every
+    item on ``world`` ranks: the sharded loader drops a last global batch with fewer rows than
+    ranks (so every rank steps together), which would lose items here, so shrink the batch until
+    the remainder is zero or at least ``world``."""
+    if world <= 1:
+        return batch_size
+    if num_items < world:
+        raise ValueError(f"a split of {num_items} items cannot be spread over {world} ranks "
+                         "(every rank needs at least one row); use fewer processes")
+    if num_items == world:
+        return world
+    b = max(int(batch_size), world)
+    while 0 < num_items % b < world:
+        b -= 1
+    return b
+
+
+def rank_loss_weight(local_rows: int, global_rows: int, world: int) -> float:
+    """Factor on a rank's mean loss so that DDP's *average* of the ranks' gradients equals the
+    gradient of the mean loss over the whole global batch: ``local_rows * world / global_rows``
+    (exactly 1.0 when the batch splits evenly)."""
+    if world <= 1 or local_rows * world == global_rows:
+        return 1.0
+    return local_rows * world / global_rows
+
+
+def make_loader(cfg: Config, split, ctx: RunContext, *, augment: bool, seed: int,
+                 shard=None, batch_size: int | None = None):
+    from .data import CurriculumLoader
+
+    files = isinstance(split.images, (list, tuple))
+    aug = None
+    if augment and cfg.data.augment != "none":
+        aug = "rrc" if files else "cifar"
+    return CurriculumLoader(
+        split.images, split.labels, batch_size or cfg.optim.batch_size, backend=cfg.data.loader_backend,
+        device=ctx.device.type, augment=aug, mean=split.mean, std=split.std, drop_last=False,
+        num_threads=cfg.data.num_threads, seed=seed, shard=shard,
+        image_size=cfg.data.image_size if files else None)
+
+
+def load_teacher(cfg: Config, path: str, num_classes: int, device=None,
+                 in_channels: int = 3) -> torch.nn.Module:
+    """Build ``cfg.teacher.arch`` and load ``path`` into it (plain, RepDistiller ``{"model": sd}``,
+    ours); a checkpoint for another architecture or class count raises ``ValueError`` naming the
+    mismatched keys."""
+    from .checkpoint_io import load_model_weights
+    from .models import get_model
+
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"teacher checkpoint not found: {path!r} (train one with "
+                                "`kdseq-fast train-teacher --out DIR` or pass --teacher PATH)")
+    model = get_model(cfg.teacher.arch, num_classes, image_size=cfg.data.image_size,
+                      in_channels=in_channels)
+    try:
+        load_model_weights(model, path)
+    except ValueError as exc:
+        raise ValueError(f"teacher checkpoint {path} does not fit teacher.arch="
+                         f"{cfg.teacher.arch} with {num_classes} classes: {exc}") from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device) if device is not None else model
+
+
+def shared_teacher_logits(ctx: RunContext, cache, teacher: torch.nn.Module, loader, *,
+                          num_items: int, key: str, device, amp=None,
+                          progress: bool = False) -> torch.Tensor:
+    """``cache.get(...)`` that every rank agrees on under torch.distributed.
+
+    Rank 0 alone decides whether a stored cache file is usable; on a hit it reads the file and
+    broadcasts the matrix (the other ranks need not see rank 0's disk), on a miss every rank
+    scores its shard and the pass sums them (``compute_logits``), then rank 0 stores the result.
+    Letting each rank decide would deadlock when only some of them find the file.
+    """
+    if not ctx.distributed:
+        return cache.get(teacher, loader, num_items=num_items, key=key, device=device, amp=amp,
+                         progress=progress)
+    from .scoring import TeacherLogitCache
+
+    stored = None
+
+    def usable() -> bool:  # runs on rank 0 only; the matrix it finds is what rank 0 broadcasts
+        nonlocal stored
+        stored = cache.load(teacher, num_items=num_items, key=key)
+        return stored is not None
+
+    if ctx.run_on_main(usable):
+        if ctx.is_main:
+            cache.last_hit = True
+        # load(), not get(): get() is a collective, and only rank 0 read the file.
+        return ctx.broadcast_tensor(stored)
+    # Only rank 0 may write the file; the others keep their copy in memory.
+    local = cache if ctx.is_main else TeacherLogitCache(None, dtype=cache.dtype)
+    return local.get(teacher, loader, num_items=num_items, key=key, device=device, amp=amp,
+                     progress=progress)

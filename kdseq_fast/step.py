@@ -1,0 +1,279 @@
+"""The device step: forward, loss, backward, non-finite guard and optimizer update of one batch,
+without waiting for the device.
+
+On a GPU the host must run ahead of the kernels it launches; a single ``float(loss)`` or
+``bool(isfinite)`` per step makes it wait for every kernel of the step, and a small model then
+runs at the speed of the Python loop. So nothing here reads a device value:
+
+- the non-finite guard is a device flag (``found``, 0 or 1): a NaN/inf loss or gradient makes the
+  fused optimizer skip the update (as ``GradScaler`` does for fused optimizers) and restores the
+  BatchNorm running statistics the forward pass already changed (one ``torch.where`` over a flat
+  copy of all buffers); under DDP the ranks agree through a one-element all-reduce on the device;
+- loss, accuracy, sample and skipped-step counts accumulate in a small device tensor;
+- the host reads them with :meth:`DeviceStep.fold` at log intervals, epoch ends and checkpoints.
+
+fp16 training uses a dynamic loss scale kept on the device (:class:`DynamicLossScale`); bf16 and
+fp32 need none.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .amp import amp_dtype
+
+__all__ = ["DeviceStep", "DynamicLossScale", "BufferGuard", "FoldResult", "zero_momentum_buffers"]
+
+
+class DynamicLossScale:
+    """fp16 loss scaling on the device, the rule ``torch.amp.GradScaler`` uses: halve the scale on a
+    non-finite step, double it after ``growth_interval`` finite steps in a row. Disabled: scale 1."""
+
+    def __init__(self, device, enabled: bool, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+        self.enabled = bool(enabled)
+        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
+        self.growth_interval = growth_interval
+        self.scale = torch.full((), init_scale if enabled else 1.0, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.inv_scale = torch.ones((), dtype=torch.float32, device=device)
+
+    def apply(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    def unscale_and_check(self, grads: list, found: torch.Tensor) -> None:
+        """Divides the gradients by the scale in place and ORs non-finite values into ``found``."""
+        if self.enabled:
+            torch.reciprocal(self.scale, out=self.inv_scale)
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.inv_scale)
+
+    def update(self, found: torch.Tensor) -> None:
+        if self.enabled:
+            torch._amp_update_scale_(self.scale, self.growth_tracker, found, self.growth_factor,
+                                     self.backoff_factor, self.growth_interval)
+
+    def state_dict(self) -> dict:
+        return {"enabled": self.enabled, "scale": float(self.scale), "growth_tracker": int(self.growth_tracker)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if bool(state.get("enabled")) != self.enabled:
+            raise ValueError(f"loss-scale state is for enabled={state.get('enabled')}, this run has "
+                             f"enabled={self.enabled} (train.amp changed?)")
+        self.scale.fill_(state["scale"])
+        self.growth_tracker.fill_(state["growth_tracker"])
+
+
+class BufferGuard:
+    """Undoes the BatchNorm running-statistics update of a rejected step without a host decision.
+
+    The model's floating-point and integer buffers are re-pointed to views of one flat tensor per
+    dtype, so a snapshot is one copy per dtype and the restore is one ``torch.where(found, ...)``
+    (NaN-safe, unlike arithmetic blending). Call before wrapping the model in DDP or
+    ``torch.compile``, after moving it to its device; ``load_state_dict`` copies into the views.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        groups: dict = {}
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    groups.setdefault((buf.dtype, buf.device), []).append((module, name, buf))
+        self.flat, self.backup = [], []
+        for (dtype, device), members in groups.items():
+            flat = torch.empty(sum(b.numel() for _, _, b in members), dtype=dtype, device=device)
+            offset = 0
+            for module, name, buf in members:
+                n = buf.numel()
+                view = flat[offset:offset + n].view(buf.shape)
+                view.copy_(buf)
+                module._buffers[name] = view
+                offset += n
+            self.flat.append(flat)
+            self.backup.append(torch.empty_like(flat))
+
+    def snapshot(self) -> None:
+        for src, dst in zip(self.flat, self.backup):
+            dst.copy_(src)
+
+    def restore_where(self, found_bool: torch.Tensor) -> None:
+        for flat, backup in zip(self.flat, self.backup):
+            torch.where(found_bool, backup, flat, out=flat)
+
+
+def zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """Momentum buffers that exist from the start. torch's fused SGD treats a step with no buffers
+    yet as the first and allocates them uninitialized; if that first step is skipped (a non-finite
+    batch), the next step would read garbage. Zeros make every step alike (buf = m * 0 + grad equals
+    the first-step rule with dampening 0)."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) == 0:
+            continue
+        if group.get("dampening", 0) != 0:
+            raise ValueError("the device step needs dampening 0 for SGD with momentum")
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+@dataclass
+class FoldResult:
+    """What the device counted since the previous fold."""
+    loss_sum: float      # sum over accepted samples of the batch-mean loss
+    samples: int         # samples of accepted steps
+    correct: int         # training predictions equal to the label (accepted steps)
+    bad_steps: int       # steps rejected by the non-finite guard
+    first_bad: int       # global step number (1-based) of the first rejected step, or -1
+
+
+class DeviceStep:
+    """One optimizer step of ``train_model`` with the run's loss, guard and optimizer.
+
+    Args:
+        model: the bare module (buffers guarded, parameters optimized).
+        train_model: what runs the forward pass (``model``, its DDP wrapper, or a compiled one).
+        optimizer: SGD, ideally ``fused=True`` (the only kind that can skip a step on a device flag;
+            otherwise the step reads the flag on the host: one synchronization a step).
+        method: ``ce``, ``kd`` or ``isl``; ``teacher`` and ``loss`` settings for the last two.
+        teacher_logits: optional (N, C) table of the teacher's logits on the un-augmented training
+            set, used instead of a teacher forward pass when ``use_cached`` (no augmentation).
+        guard: the model's :class:`BufferGuard`, when it had to be made before wrapping the model.
+        all_reduce: a callable that MAX-reduces a device tensor in place across ranks (DDP), or None.
+    """
+
+    def __init__(self, *, model: torch.nn.Module, train_model: Callable, optimizer: torch.optim.Optimizer,
+                 device: torch.device, amp: str, method: str, temperature: float, kd_weight: float,
+                 ce_weight: float, teacher: Optional[torch.nn.Module] = None, channels_last: bool = False,
+                 guard: Optional["BufferGuard"] = None,
+                 all_reduce: Optional[Callable[[torch.Tensor], None]] = None):
+        self.model, self.train_model, self.optimizer = model, train_model, optimizer
+        self.device = torch.device(device)
+        self.amp = amp
+        self.amp_dtype = amp_dtype(amp)
+        self.method = method
+        self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
+        self.teacher = teacher
+        self.channels_last = channels_last
+        self.all_reduce = all_reduce
+        self.teacher_logits: Optional[torch.Tensor] = None
+        self.use_cached = False
+        self.scaler = DynamicLossScale(self.device, enabled=amp == "fp16")
+        # Built before DDP / torch.compile wrap the model when they do (they hold the buffers).
+        self.guard = guard if guard is not None else BufferGuard(model)
+        self.fused = any(g.get("fused") for g in optimizer.param_groups)
+        if self.fused:
+            zero_momentum_buffers(optimizer)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        # loss_sum, samples, correct, bad_steps: float64 so that long epochs add exactly.
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.step_count = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._zero = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    # ------------------------------------------------------------------ inputs
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def set_teacher_logits(self, table: Optional[torch.Tensor], use_cached: bool) -> None:
+        """The teacher's logits on the un-augmented training set (on this device when it fits)."""
+        self.teacher_logits = table
+        self.use_cached = bool(use_cached and table is not None)
+
+    def _teacher_batch(self, batch: dict, images: torch.Tensor) -> torch.Tensor:
+        if self.use_cached:
+            idx = batch["indices"]
+            if idx.device != self.teacher_logits.device:
+                idx = idx.to(self.teacher_logits.device, non_blocking=True)
+            return self.teacher_logits.index_select(0, idx).to(self.device, non_blocking=True)
+        with torch.no_grad(), self.autocast():
+            return self.teacher(images)
+
+    # ------------------------------------------------------------------ the step
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict, images: torch.Tensor) -> torch.Tensor:
+        if self.method == "ce":
+            return F.cross_entropy(logits.float(), labels)
+        from .ops import kd_loss
+
+        # Labels were validated once for the dataset: validate=False keeps the call sync-free.
+        return kd_loss(logits, self._teacher_batch(batch, images), labels, temperature=self.temperature,
+                       kd_weight=self.kd_weight, ce_weight=self.ce_weight, validate=False)
+
+    def run(self, batch: dict, weight: float = 1.0, timer=None) -> torch.Tensor:
+        """Forward, backward, guarded update; returns the batch's mean loss as a device tensor.
+
+        ``weight`` scales the loss for the backward pass only (the DDP rank weight)."""
+        images = self.to_input(batch["images"])
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.guard.snapshot()
+        t0 = timer.now() if timer else 0.0
+        with self.autocast():
+            logits = self.train_model(images)
+        tl = timer.now() if timer else 0.0
+        loss = self.loss(logits, labels, batch, images)
+        if timer:
+            timer.add("loss", timer.now() - tl)
+        self.scaler.apply(loss * weight if weight != 1.0 else loss).backward()
+        found = (~torch.isfinite(loss.detach())).float()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.scaler.unscale_and_check(grads, found)
+        if self.all_reduce is not None:
+            self.all_reduce(found)
+        found_bool = found > 0
+        if self.fused:
+            self.optimizer.grad_scale = None
+            self.optimizer.found_inf = found
+            self.optimizer.step()
+        elif not bool(found_bool):  # non-fused optimizers cannot skip on a device flag
+            self.optimizer.step()
+        self.guard.restore_where(found_bool)
+        self.scaler.update(found)
+        # Device-side bookkeeping of the step.
+        self.step_count += 1
+        detached = loss.detach().double()
+        b = float(labels.numel())
+        correct = (logits.detach().argmax(1) == labels).sum()
+        accepted = torch.where(found_bool, self._zero, detached * b)
+        ok = 1.0 - found.double()
+        self.sums += torch.stack([accepted, ok * b, correct.double() * ok, found.double()])
+        torch.where(found_bool & (self.first_bad < 0), self.step_count, self.first_bad, out=self.first_bad)
+        if timer:
+            timer.add("model", timer.now() - t0)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ reading the device
+    def fold(self) -> FoldResult:
+        """Reads (one synchronization) and resets the device counters."""
+        values = torch.cat([self.sums, self.first_bad.view(1).double()]).tolist()
+        first = int(values[4])
+        self.sums.zero_()
+        self.first_bad.fill_(-1)
+        return FoldResult(values[0], int(round(values[1])), int(round(values[2])), int(round(values[3])), first)
+
+    def set_step_count(self, step: int) -> None:
+        self.step_count.fill_(int(step))
+
+    def params_finite(self) -> bool:
+        with torch.no_grad():
+            tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+            if not tensors:
+                return True
+            norms = torch._foreach_norm(tensors, ord=float("inf"))
+            return bool(torch.isfinite(torch.stack(norms)).all())
+
+    def state_dict(self) -> dict:
+        return {"loss_scale": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scaler.load_state_dict(state["loss_scale"])
