@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh clone:
 #   make demo   - venv + torch + build, then the offline digits demo (teacher, ce, kd, isl students)
 #   make test   - venv + torch + build, then the whole test suite
+#   make check-gpu - on a GPU machine, with the torch already there: build, cuda tests, memcheck,
+#                    CUDA benchmarks
 # Everything lives in ./.venv; nothing is installed system-wide.
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -19,7 +21,7 @@ export CCACHE_DIR ?= $(HOME)/.cache/ccache
 export CCACHE_BASEDIR ?= $(CURDIR)
 export MAX_JOBS ?= 2
 
-.PHONY: install demo test test-cpu bench clean
+.PHONY: install demo test test-cpu bench check-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +46,11 @@ bench: install
 	$(BIN)/python benchmarks/bench_scoring.py
 	$(BIN)/python benchmarks/bench_loader.py
 	$(BIN)/python benchmarks/bench_train.py
+
+# On a GPU machine, with its own torch (no venv): build for that GPU, cuda tests, compute-sanitizer,
+# both CUDA benchmarks. See .ci/check-gpu.
+check-gpu:
+	.ci/check-gpu
 
 clean:
 	rm -rf build kdseq_fast/_C*.so $(VENV)

@@ -165,6 +165,25 @@ def interleaved_times(candidates: Dict[str, Callable[[], object]], *, device: to
     return times
 
 
+def cuda_event_times(fn: Callable[[], object], device: torch.device, *, repeats: int,
+                     warmup: int = 2) -> List[float]:
+    """GPU seconds per call: CUDA events recorded on the stream before and after each call, so
+    the time is what the GPU spent from the first to the last kernel of the call (host time
+    between launches shows up only as GPU idle time inside the window)."""
+    for _ in range(max(warmup, 0)):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) / 1e3)
+    return out
+
+
 def summarize(samples: Sequence[float]) -> dict:
     """Median and inter-quartile range (seconds) of a list of samples."""
     xs = sorted(samples)

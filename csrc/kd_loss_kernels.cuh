@@ -82,6 +82,17 @@ __device__ __forceinline__ RowLabel<acc_t> row_label(const KDArgs<acc_t>& a, int
   return l;
 }
 
+// A row's loss from its final statistics: 0 for an ignored row, NaN for an out-of-range label.
+template <bool WITH_CE, typename acc_t>
+__device__ __forceinline__ acc_t row_loss_value(const KDArgs<acc_t>& a, const RowLabel<acc_t>& lab,
+                                                const KDStats<acc_t>& st, const KDRowConsts<acc_t>& k,
+                                                const char* srow) {
+  if (lab.bad) return quiet_nan<acc_t>();
+  if (lab.ignored) return acc_t(0);
+  const acc_t s_label = WITH_CE ? load_one<acc_t>(srow, a.s_dtype, lab.y) : acc_t(0);
+  return kd_row_loss(st, k, a.T, a.kd_weight, a.ce_weight, WITH_CE, s_label);
+}
+
 // Number of non-ignored labels, counted by every thread of the CTA; returns the mean scale.
 template <typename acc_t>
 __device__ __forceinline__ acc_t count_scale(const KDArgs<acc_t>& a, acc_t* smem) {
@@ -207,16 +218,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2) kd_rows_kernel(const KDArgs<
     st.u = sums[3];
     const KDRowConsts<acc_t> k = kd_row_consts(st, a.T, a.kd_weight, a.ce_weight, scale);
 
-    if (active && lane == 0 && rank == 0) {
-      acc_t loss = acc_t(0);
-      if (lab.bad) {
-        loss = quiet_nan<acc_t>();
-      } else if (!lab.ignored) {
-        const acc_t s_label = WITH_CE ? load_one<acc_t>(srow, a.s_dtype, lab.y) : acc_t(0);
-        loss = kd_row_loss(st, k, a.T, a.kd_weight, a.ce_weight, WITH_CE, s_label);
-      }
-      a.row_loss[row] = loss;
-    }
+    if (active && lane == 0 && rank == 0) a.row_loss[row] = row_loss_value<WITH_CE>(a, lab, st, k, srow);
 
     if (a.grad != nullptr && active) {
       const KDChunkCoefs<acc_t> cf = kd_chunk_coefs(m[0], m[1], k, WITH_CE);
@@ -334,16 +336,7 @@ __global__ void __launch_bounds__(kBlockThreads) kd_split_grad_kernel(const KDAr
   const KDRowConsts<acc_t> k = kd_row_consts(st, a.T, a.kd_weight, a.ce_weight, scale);
   const char* srow = static_cast<const char*>(a.s) + row * a.s_row * dtype_size(a.s_dtype);
   const char* trow = static_cast<const char*>(a.t) + row * a.t_row * dtype_size(a.t_dtype);
-  if (seg == 0 && threadIdx.x == 0) {
-    acc_t loss = acc_t(0);
-    if (lab.bad) {
-      loss = quiet_nan<acc_t>();
-    } else if (!lab.ignored) {
-      const acc_t s_label = WITH_CE ? load_one<acc_t>(srow, a.s_dtype, lab.y) : acc_t(0);
-      loss = kd_row_loss(st, k, a.T, a.kd_weight, a.ce_weight, WITH_CE, s_label);
-    }
-    a.row_loss[row] = loss;
-  }
+  if (seg == 0 && threadIdx.x == 0) a.row_loss[row] = row_loss_value<WITH_CE>(a, lab, st, k, srow);
   if (a.grad != nullptr) {
     const int64_t begin = seg * a.seg_len, end = std::min(a.C, begin + a.seg_len);
     char* grow = static_cast<char*>(a.grad) + row * a.C * dtype_size(a.s_dtype);

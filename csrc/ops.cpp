@@ -110,17 +110,21 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const at::Tensor& student, const
   return {loss, grad};
 }
 
-at::Tensor instance_scores_impl(const at::Tensor& student, const at::Tensor& labels,
-                                const std::optional<at::Tensor>& teacher, double temperature, ScoreRowsFn rows) {
+// Checks shared by the devices; returns the teacher (undefined when absent).
+at::Tensor check_score_args(const at::Tensor& student, const at::Tensor& labels,
+                            const std::optional<at::Tensor>& teacher, double temperature) {
   check_logits(student, "student_logits");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == student.size(0), "kdseq: labels must have shape (B,)");
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "kdseq: temperature must be finite and > 0");
-  at::Tensor t;
-  if (teacher.has_value() && teacher->defined()) {
-    check_logits(*teacher, "teacher_logits");
-    TORCH_CHECK(teacher->sizes() == student.sizes(), "kdseq: student_logits and teacher_logits shapes differ");
-    t = *teacher;
-  }
+  if (!teacher.has_value() || !teacher->defined()) return at::Tensor();
+  check_logits(*teacher, "teacher_logits");
+  TORCH_CHECK(teacher->sizes() == student.sizes(), "kdseq: student_logits and teacher_logits shapes differ");
+  return *teacher;
+}
+
+at::Tensor instance_scores_impl(const at::Tensor& student, const at::Tensor& labels,
+                                const std::optional<at::Tensor>& teacher, double temperature, ScoreRowsFn rows) {
+  const at::Tensor t = check_score_args(student, labels, teacher, temperature);
   const at::Tensor y = labels.to(at::kLong).contiguous();
   at::Tensor out = at::empty({student.size(0), 6}, student.options().dtype(acc_type_for(student)));
   if (student.size(0) > 0) rows(student, y, t, temperature, out);
@@ -152,15 +156,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cuda(const at::Tensor& student, const
 
 at::Tensor instance_scores_cuda(const at::Tensor& student, const at::Tensor& labels,
                                 const std::optional<at::Tensor>& teacher, double temperature) {
-  check_logits(student, "student_logits");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == student.size(0), "kdseq: labels must have shape (B,)");
-  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "kdseq: temperature must be finite and > 0");
-  at::Tensor t;
-  if (teacher.has_value() && teacher->defined()) {
-    check_logits(*teacher, "teacher_logits");
-    TORCH_CHECK(teacher->sizes() == student.sizes(), "kdseq: student_logits and teacher_logits shapes differ");
-    t = *teacher;
-  }
+  const at::Tensor t = check_score_args(student, labels, teacher, temperature);
   return instance_scores_cuda_forward(student, labels.to(at::kLong).contiguous(), t, temperature);
 }
 #endif

@@ -127,3 +127,48 @@ def test_interleaved_times_rejects_bad_repeats():
     import torch
     with pytest.raises(ValueError, match="repeats"):
         _common.interleaved_times({"a": lambda: None}, device=torch.device("cpu"), repeats=0, warmup=0)
+
+
+@pytest.mark.slow
+def test_bench_accuracy_quick_and_resumable(tmp_path):
+    out = tmp_path / "acc"
+    cmd = [sys.executable, os.path.join(BENCH, "bench_accuracy.py"), "--config", "digits_quick", "--quick",
+           "--device", "cpu", "--seeds", "0", "1", "--methods", "kd", "isl", "--ablation", "order",
+           "--set", "data.train_subset=256", "--set", "teacher.epochs=2", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["variants"]) == {"kd", "isl", "isl:order=anti", "isl:order=random"}
+    isl = res["variants"]["isl"]
+    assert isl["seeds"] == [0, 1] and isl["test_acc"]["n"] == 2
+    assert isl["diff_vs_kd"]["ci_low"] <= isl["diff_vs_kd"]["mean"] <= isl["diff_vs_kd"]["ci_high"]
+    assert {c["claim"] for c in res["claims"]} == {
+        "isl - kd, lower end of the 95% CI > 0", "isl reaches the kd student's final accuracy in fewer steps"}
+    for c in res["claims"]:
+        assert ("PASS" if c["pass"] else "MISS") in proc.stdout
+    assert (out / "accuracy_vs_steps.png").stat().st_size > 0
+    assert "| isl:order=anti | 2 |" in (out / "results.md").read_text()
+    # A second run reuses every finished run (no training: it reports at once).
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    import re
+    elapsed = [int(x) for x in re.findall(r": test acc [0-9.]+ \((\d+) s;", again.stdout)]
+    assert len(elapsed) == 8 and max(elapsed) <= 3, again.stdout
+    assert json.loads((out / "results.json").read_text())["variants"]["isl"]["test_acc"] == isl["test_acc"]
+
+
+def test_bench_accuracy_statistics():
+    import bench_accuracy as ba
+
+    ci = ba.mean_ci([0.01, 0.02, 0.03])
+    assert ci["mean"] == pytest.approx(0.02) and ci["std"] == pytest.approx(0.01)
+    assert ci["ci_low"] == pytest.approx(0.02 - 4.303 * 0.01 / math.sqrt(3), rel=1e-3)
+    assert ba.mean_ci([0.5])["ci_low"] is None
+    assert ba.steps_to([(10, 0.5), (20, 0.8), (30, 0.9)], 0.8) == 20
+    assert ba.steps_to([(10, 0.5)], 0.8) is None
+    v = ba.parse_variant("isl-root=curriculum.pacing=root,curriculum.start_frac=0.5")
+    assert v.name == "isl-root" and v.method == "isl" and len(v.overrides) == 2
+    assert ba.parse_variant("kd2=method=kd,loss.temperature=2").method == "kd"
+    with pytest.raises(ValueError):
+        ba.parse_variant("nothing")

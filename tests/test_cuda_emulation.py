@@ -82,7 +82,8 @@ LAYOUTS = [
 @pytest.mark.parametrize("B,C,plan,expect", LAYOUTS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_every_layout_matches_reference(emu, B, C, plan, expect, reduction):
-    for dtype in (torch.float32, torch.bfloat16):
+    # Every reduction in fp32; bf16 (the other load/store width) with the mean (CI time).
+    for dtype in (torch.float32, torch.bfloat16) if reduction == "mean" else (torch.float32,):
         s = make_logits(B, C, dtype=dtype, seed=B + C)
         t = make_logits(B, C, dtype=dtype, seed=B * C)
         y = make_labels(B, C)

@@ -54,9 +54,13 @@ def _venv(path, *, torch_farm=None, packages=()) -> str:
     return py
 
 
-def _run(cmd, cwd=None, env=None, check=True):
+def _run(cmd, cwd=None, env=None, check=True, basedir=None):
     full_env = {**os.environ, "KDSEQ_CUDA": "0", "KDSEQ_CPU_ARCH": "portable",
                 "PIP_DISABLE_PIP_VERSION_CHECK": "1", **(env or {})}
+    if basedir is not None:
+        # ccache (when installed) hashes paths relative to this folder: the builds of the
+        # different source copies below share their compiled objects.
+        full_env["CCACHE_BASEDIR"] = str(basedir)
     full_env.pop("PYTHONPATH", None)
     r = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
     if check and r.returncode != 0:
@@ -110,7 +114,7 @@ def test_sdist_has_the_sources_and_a_clean_unpack_builds_a_portable_wheel(tmp_pa
     src = tmp_path / "unpacked" / top
     wheels = tmp_path / "wheels"
     _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(wheels),
-          str(src)])
+          str(src)], basedir=src)
     (wheel,) = glob.glob(str(wheels / "*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         content = zf.namelist()
@@ -135,7 +139,7 @@ def test_editable_install_with_the_pip_python_ships(tmp_path):
     py = _venv(str(tmp_path / "venv"), torch_farm=_torch_farm(str(tmp_path)),
                packages=["setuptools>=80", "wheel"])
     pip_version = _pip_version(py)
-    r = _run([py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(src)])
+    r = _run([py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(src)], basedir=src)
     assert "setup.py develop" not in r.stdout + r.stderr
     out = _run([py, "-c", _SMOKE], cwd=str(tmp_path)).stdout.split()
     assert out[0] == str(src / "kdseq_fast"), out

@@ -149,3 +149,80 @@ def test_schedule_and_pacing_curve(isl_run):
     in_phase1 = frac[2 * 23:3 * 23]
     assert in_phase1[0] == pytest.approx(np.ceil(0.2 * trainer.num_items) / trainer.num_items)
     assert np.all(np.diff(in_phase1) >= 0) and frac[-1] == 1.0
+
+
+def _one_batch(trainer, epoch=0):
+    trainer.train_loader.set_order(trainer.plan.order(epoch, None)[0])
+    return next(iter(trainer.train_loader))
+
+
+def test_nonfinite_step_leaves_no_trace_and_the_next_step_is_a_first_step(tmp_path, teacher_run):
+    # The device guard: a NaN batch changes neither weights nor BatchNorm statistics nor momentum,
+    # and the step after it equals the first step of a run that never saw the bad batch (fused SGD
+    # would otherwise read uninitialized momentum buffers after a skipped first step).
+    cfg = load_config(None, BASE)
+    a = Trainer(cfg, str(tmp_path / "a"), method="kd", teacher=teacher_run.weights_path, quiet=True,
+                log=lambda m: None)
+    b = Trainer(cfg, str(tmp_path / "b"), method="kd", teacher=teacher_run.weights_path, quiet=True,
+                log=lambda m: None)
+    for t in (a, b):
+        t.teacher_train_logits()
+    batch = _one_batch(a)
+    before = {k: v.clone() for k, v in a.model.state_dict().items()}
+    bad = dict(batch, images=batch["images"].clone().fill_(float("nan")))
+    a.step.run(bad)
+    r = a.step.fold()
+    assert r.bad_steps == 1 and r.first_bad == 1 and r.samples == 0 and r.loss_sum == 0.0
+    assert all(torch.equal(before[k], v) for k, v in a.model.state_dict().items())
+    a.step.run(batch)
+    b.step.run(batch)
+    assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+    good = a.step.fold()
+    assert good.bad_steps == 0 and good.samples == batch["labels"].numel()
+
+
+def test_device_counters_match_the_host_loss(tmp_path, teacher_run):
+    cfg = load_config(None, BASE)
+    t = Trainer(cfg, str(tmp_path / "c"), method="kd", teacher=teacher_run.weights_path, quiet=True,
+                log=lambda m: None)
+    t.teacher_train_logits()
+    t.train_loader.set_order(t.plan.order(0, None)[0])
+    losses, n = [], 0
+    for _, batch in zip(range(3), t.train_loader):
+        losses.append(float(t.step.run(batch)) * batch["labels"].numel())
+        n += batch["labels"].numel()
+    r = t.step.fold()
+    assert r.samples == n and r.bad_steps == 0 and r.first_bad == -1
+    assert r.loss_sum == pytest.approx(sum(losses), rel=1e-6)
+    assert 0 <= r.correct <= n
+
+
+def test_auto_settings_per_device():
+    from kdseq_fast.trainer import resolve_train_settings
+
+    cfg = load_config(None, BASE)
+    cpu = resolve_train_settings(cfg, torch.device("cpu"))
+    assert cpu["amp"] == "none" and cpu["log_every_steps"] == 1 and cpu["fused_optimizer"] is True
+    assert cpu["compile"] is False and cpu["channels_last"] is True
+    det = resolve_train_settings(load_config(None, BASE + ["deterministic=true"]), torch.device("cpu"))
+    assert det["channels_last"] is False
+    forced = resolve_train_settings(load_config(None, BASE + ["train.log_every_steps=7",
+                                                              "train.channels_last=false"]),
+                                    torch.device("cpu"))
+    assert forced["log_every_steps"] == 7 and forced["channels_last"] is False
+
+
+@pytest.mark.slow
+def test_compiled_training_reports_compile_time(tmp_path, teacher_run):
+    # torch.compile of the student and teacher (train.compile=true) runs through the same device
+    # step: flat BatchNorm buffers, fused SGD and the device guard included.
+    cfg = load_config(None, BASE + ["train.compile=true", "optim.epochs=2", "curriculum.warmup_epochs=1",
+                                    "curriculum.num_phases=0", "curriculum.final_full_epochs=1",
+                                    "data.augment=cifar"])
+    t = Trainer(cfg, str(tmp_path / "compiled"), method="kd", teacher=teacher_run.weights_path, quiet=True,
+                log=lambda m: None)
+    res = t.fit()
+    with open(os.path.join(res.out_dir, "metrics.jsonl")) as fh:
+        records = [json.loads(line) for line in fh]
+    assert records[0]["time_compile"] > 0 and records[1]["time_compile"] == 0
+    assert res.summary["methods"]["kd"]["test_acc"] >= 0.5

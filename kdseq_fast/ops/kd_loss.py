@@ -3,9 +3,10 @@
     loss_i = kd_weight * T^2 * KL(softmax(t_i / T) || softmax(s_i / T)) + ce_weight * CE(s_i, y_i)
 
 One kernel (``torch.ops.kdseq.kd_loss``; CPU and CUDA) gets each row's loss from one read of the
-student and teacher rows (online softmax statistics plus the KL numerator) and writes the student
-gradient once: the CPU reuses the exponentials of that read, the GPU re-reads the row from L2.
-Backward (a C++ autograd kernel) only scales the stored gradient by ``grad_output``.
+student and teacher rows and writes the student gradient once: the CPU keeps the exponentials of
+that read in a row buffer, the GPU keeps the row in registers (a warp, a CTA or a thread-block
+cluster per row). Backward (a C++ autograd kernel) only scales the stored gradient by
+``grad_output`` (on CUDA in place, returning at once for a factor of 1).
 ``kd_loss_reference`` is the same math in plain PyTorch, used by the tests and as documentation.
 """
 from __future__ import annotations

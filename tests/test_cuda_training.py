@@ -1,0 +1,139 @@
+"""Whole training runs on a GPU (issue 15): every method, augmentation and precision on CUDA,
+the demo, resume, the benchmark smoke run, and a device step that never waits for the GPU.
+
+All `cuda`-marked: they run wherever a GPU exists and are skipped elsewhere (the CPU suite covers
+the same code paths on the CPU).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kdseq_fast import cli
+from kdseq_fast.config import load_config
+from kdseq_fast.trainer import Trainer, train_teacher
+
+pytestmark = pytest.mark.cuda
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BASE = [
+    "data.name=digits", "data.loader_backend=torch", "data.num_threads=1",
+    "teacher.arch=resnet8", "teacher.epochs=3", "teacher.lr=0.1", "student.arch=resnet8",
+    "optim.epochs=4", "optim.lr=0.1", "optim.lr_decay_epochs=[3]",
+    "curriculum.warmup_epochs=1", "curriculum.num_phases=1", "curriculum.final_full_epochs=2",
+    "train.tensorboard=false", "device=cuda",
+]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    cfg = load_config(None, BASE + ["data.augment=none"])
+    return train_teacher(cfg, str(tmp_path_factory.mktemp("t")), quiet=True, log=lambda m: None).weights_path
+
+
+@pytest.mark.parametrize("augment", ["none", "cifar"])
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+@pytest.mark.parametrize("method", ["ce", "kd", "isl"])
+def test_every_method_augmentation_and_precision(tmp_path, teacher, method, amp, augment):
+    cfg = load_config(None, BASE + [f"data.augment={augment}", f"train.amp={amp}"])
+    t = Trainer(cfg, str(tmp_path / "run"), method=method, teacher=teacher if method != "ce" else None,
+                quiet=True, log=lambda m: None)
+    res = t.fit()
+    entry = res.summary["methods"][method]
+    assert entry["steps"] == 4 * t.steps_per_epoch and entry["skipped_batches"] == 0
+    assert 0.5 <= entry["test_acc"] <= 1.0, entry
+    if method != "ce" and augment == "none":
+        # The cached teacher logits live on the training device.
+        assert t.step.teacher_logits.device.type == "cuda"
+
+
+def test_demo_on_cuda(tmp_path, capsys):
+    assert cli.main(["demo", "--device", "cuda", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"ce", "kd", "isl"}
+    assert summary["teacher"]["test_acc"] >= 0.9
+    for m in summary["methods"].values():
+        assert m["test_acc"] >= 0.8
+
+
+def test_resume_on_cuda_is_bit_identical(tmp_path, teacher):
+    args = ["distill", "--method", "isl", "--teacher", teacher, "--quiet", "--device", "cuda"]
+    extra = ["--set", "deterministic=true", "--set", "train.checkpoint_every_steps=5"]
+    for s in BASE:
+        extra += ["--set", s]
+
+    def run(out, env=None, resume=False):
+        full = dict(os.environ, **(env or {}))
+        cmd = [sys.executable, "-m", "kdseq_fast", *args, "--out", str(out), *extra] + (["--resume"] if resume else [])
+        return subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=900)
+
+    assert run(tmp_path / "ref").returncode == 0
+    killed = run(tmp_path / "k", {"KDSEQ_TEST_KILL_AT_STEP": "12"})
+    assert killed.returncode != 0
+    done = run(tmp_path / "k", resume=True)
+    assert done.returncode == 0, done.stderr
+    a = torch.load(tmp_path / "ref" / "student.pt", weights_only=True)
+    b = torch.load(tmp_path / "k" / "student.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_device_step_never_waits_for_the_gpu(tmp_path, teacher):
+    for method, augment in (("kd", "none"), ("isl", "cifar"), ("ce", "cifar")):
+        cfg = load_config(None, BASE + [f"data.augment={augment}", "train.amp=bf16"])
+        t = Trainer(cfg, str(tmp_path / f"{method}-{augment}"), method=method,
+                    teacher=teacher if method != "ce" else None, quiet=True, log=lambda m: None)
+        if method != "ce":
+            t.teacher_train_logits()
+        t.train_loader.set_order(t.plan.order(0, None)[0])
+        batches = [b for _, b in zip(range(6), t.train_loader)]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for b in batches:
+                t.step.run(b)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        r = t.step.fold()
+        assert r.samples == sum(int(b["labels"].numel()) for b in batches) and r.bad_steps == 0
+
+
+def test_nonfinite_step_is_skipped_on_the_device(tmp_path, teacher):
+    cfg = load_config(None, BASE + ["data.augment=none", "train.amp=none"])
+    t = Trainer(cfg, str(tmp_path / "nan"), method="kd", teacher=teacher, quiet=True, log=lambda m: None)
+    t.teacher_train_logits()
+    t.train_loader.set_order(t.plan.order(0, None)[0])
+    batch = next(iter(t.train_loader))
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    bad = dict(batch, images=batch["images"].clone().fill_(float("nan")))
+    t.step.run(bad)
+    r = t.step.fold()
+    assert r.bad_steps == 1 and r.first_bad >= 1 and r.samples == 0
+    after = t.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
+
+
+def test_bench_train_bf16_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--device", "cuda",
+                           "--num-train", "2048", "--phases", "1", "--amp", "bf16", "--json", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["results"]["kd"]["images_per_s"] > 0
+    assert payload["results"]["kd"]["gpu_busy"] is not None
+    assert "projected 240-epoch" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for a 2-rank nccl run")
+def test_torchrun_nccl_two_gpus(tmp_path, teacher):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "kdseq_fast", "distill", "--method", "isl", "--teacher", teacher, "--quiet", "--out", str(tmp_path / "ddp")]
+    for s in BASE + ["data.augment=cifar"]:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["methods"]["isl"]["test_acc"] >= 0.5
