@@ -162,3 +162,19 @@ def test_missing_torch_is_a_message_not_a_traceback(tmp_path):
         exec(fh.read(), version)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == version["__version__"], \
         r.stdout + r.stderr
+
+
+def test_regular_install_with_the_newest_pip(tmp_path):
+    # The other half of the matrix: a non-editable `pip install --no-build-isolation .` with the
+    # newest pip (the editable install with it is what `make install` does on every CI run).
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "*.so", "__pycache__", "runs", "results",
+        ".pytest_cache", ".hypothesis"))
+    py = _venv(str(tmp_path / "venv"), torch_farm=_torch_farm(str(tmp_path)),
+               packages=["--upgrade", "pip", "setuptools", "wheel"])
+    major = int(_pip_version(py).split(".")[0])
+    assert major >= 24, _pip_version(py)
+    _run([py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", str(src)], basedir=src)
+    out = _run([py, "-c", _SMOKE], cwd=str(tmp_path)).stdout.split()
+    assert out[0].startswith(str(tmp_path / "venv")), out

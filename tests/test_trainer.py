@@ -213,16 +213,26 @@ def test_auto_settings_per_device():
 
 
 @pytest.mark.slow
-def test_compiled_training_reports_compile_time(tmp_path, teacher_run):
+def test_compiled_training_matches_eager_and_reports_compile_time(tmp_path, teacher_run):
     # torch.compile of the student and teacher (train.compile=true) runs through the same device
-    # step: flat BatchNorm buffers, fused SGD and the device guard included.
-    cfg = load_config(None, BASE + ["train.compile=true", "optim.epochs=2", "curriculum.warmup_epochs=1",
-                                    "curriculum.num_phases=0", "curriculum.final_full_epochs=1",
-                                    "data.augment=cifar"])
-    t = Trainer(cfg, str(tmp_path / "compiled"), method="kd", teacher=teacher_run.weights_path, quiet=True,
-                log=lambda m: None)
-    res = t.fit()
+    # step: flat BatchNorm buffers, fused SGD, the device guard. One step from the same weights
+    # matches the eager step (inductor's numerics: ~1e-5; training diverges chaotically later, so
+    # end accuracies are not compared), and a short run learns and reports its compile time.
+    short = ["optim.epochs=2", "optim.lr_decay_epochs=[1]", "curriculum.warmup_epochs=1",
+             "curriculum.num_phases=0", "curriculum.final_full_epochs=1", "data.augment=none"]
+    after = {}
+    for compiled in (False, True):
+        cfg = load_config(None, BASE + short + [f"train.compile={str(compiled).lower()}"])
+        t = Trainer(cfg, str(tmp_path / f"step{compiled}"), method="kd", teacher=teacher_run.weights_path,
+                    quiet=True, log=lambda m: None)
+        t.teacher_train_logits()
+        t.step.run(_one_batch(t))
+        after[compiled] = {k: v.clone() for k, v in t.model.state_dict().items()}
+        if compiled:
+            res = t.fit()
+    for k, v in after[True].items():
+        torch.testing.assert_close(v, after[False][k], atol=1e-3, rtol=1e-3, msg=lambda m: f"{k}: {m}")
     with open(os.path.join(res.out_dir, "metrics.jsonl")) as fh:
         records = [json.loads(line) for line in fh]
     assert records[0]["time_compile"] > 0 and records[1]["time_compile"] == 0
-    assert res.summary["methods"]["kd"]["test_acc"] >= 0.5
+    assert res.summary["methods"]["kd"]["test_acc"] > 0.3
