@@ -61,7 +61,7 @@ def liger_loss_fn():
     """A KD loss built on LigerKLDIVLoss, or None when Liger-Kernel is not installed."""
     try:
         from liger_kernel.transformers import LigerKLDIVLoss
-    except ImportError:
+    except Exception:  # not installed, or built for another torch/triton: the peer is skipped
         return None
     kl = LigerKLDIVLoss(reduction="batchmean", log_target=False)
 
@@ -242,8 +242,10 @@ def main(argv=None) -> int:
                 errors[f"{dtype_name} {B}x{Cn} {name}"] = msg
                 print(f"  {dtype_name} {B}x{Cn} {name}: skipped ({msg})")
             for r in case_rows:
+                gpu = "" if r["gpu_s"] is None else f"  GPU {C.fmt_time(r['gpu_s'])}"
+                kernel = "" if r["kernel_s"] is None else f"  kernel-only {C.fmt_time(r['kernel_s'])}"
                 print(f"  {dtype_name} {B:>5}x{Cn:<6} {r['candidate']:8s} {C.fmt_time(r['median_s']):>9} "
-                      f"{r['GBps']:7.2f} GB/s  x{r['speedup_vs_eager'] or float('nan'):.2f} vs eager")
+                      f"{r['GBps']:7.2f} GB/s  x{r['speedup_vs_eager'] or float('nan'):.2f} vs eager{gpu}{kernel}")
     mem_after = C.memcpy_bandwidth(device, nbytes=memcpy_bytes)
     print(f"memcpy bandwidth at the end: {mem_after['GBps']:.1f} GB/s "
           "(fractions use the value measured at the start)")

@@ -467,10 +467,11 @@ inline Plan plan_split(int64_t B, int64_t C, const DeviceCaps& caps, int64_t for
   Plan p;
   p.mode = Mode::kSplit;
   constexpr int64_t kGranule = int64_t(kBlockThreads) * kVec;  // 1024 elements
-  int64_t segs = (C + 8 * kGranule - 1) / (8 * kGranule);       // ~8K elements a tile
-  // Few rows: more, shorter segments so that every SM has tiles.
+  // Whole rows per CTA unless there are too few rows to give every SM two CTAs: measured on an
+  // H200 (benchmarks/bench_kd_plans.py), 4096 rows of 32K or 131K classes run fastest with one
+  // segment a row and 15-45% slower with the ~8K-element tiles used before; 16 rows need them.
   const int64_t want = (2 * int64_t(caps.sms) + B - 1) / std::max<int64_t>(B, 1);
-  segs = std::max(segs, std::min(want, (C + kGranule - 1) / kGranule));
+  int64_t segs = std::max<int64_t>(1, std::min(want, (C + kGranule - 1) / kGranule));
   if (forced_segments > 0) segs = forced_segments;
   segs = std::max<int64_t>(1, std::min(segs, (C + kVec - 1) / kVec));
   int64_t len = (C + segs - 1) / segs;
@@ -479,6 +480,17 @@ inline Plan plan_split(int64_t B, int64_t C, const DeviceCaps& caps, int64_t for
   p.segments = (C + len - 1) / len;
   p.grid = B * p.segments;
   return p;
+}
+
+// Rows too long for one CTA's registers: a cluster holds each row on chip (one HBM read) but runs
+// one resident cluster per few SMs; the split path reads the row twice (the second read mostly
+// from L2) with full occupancy. Measured on an H200 (bench_kd_plans.py, fwd+bwd): with many rows
+// the split path wins -- 4096 x 32000 with the CE term 697 vs 994 us (fp32), 699 vs 1368 us (bf16);
+// without it bf16 658 vs 978 us, fp32 678 vs 645 us (the one 5% loss); 4096 x 131072 15-45%
+// faster in every case -- while at 512 rows clusters stay ahead without the CE term.
+inline bool split_beats_clusters(int64_t B, bool with_ce, const DeviceCaps& caps) {
+  const int64_t sms = std::max<int64_t>(caps.sms, 1);
+  return B >= 8 * sms || (with_ce && B >= 2 * sms);
 }
 
 inline Plan plan_kd_loss(int64_t B, int64_t C, bool with_ce, bool fp64, int reduction, const DeviceCaps& caps,
@@ -500,7 +512,7 @@ inline Plan plan_kd_loss(int64_t B, int64_t C, bool with_ce, bool fp64, int redu
     p.group = kBlockThreads;
     p.e = ov.e > 0 ? ov.e : round_e((C + kBlockThreads - 1) / kBlockThreads);
     p.grid = B;
-  } else if ((ov.mode < 0 && caps.max_cluster >= 2 &&
+  } else if ((ov.mode < 0 && caps.max_cluster >= 2 && !split_beats_clusters(B, with_ce, caps) &&
               C <= int64_t(kBlockThreads) * emax * caps.max_cluster) || forced == Mode::kCluster) {
     p.mode = Mode::kCluster;
     p.group = kBlockThreads;

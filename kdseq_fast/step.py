@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .amp import amp_dtype
 
-__all__ = ["DeviceStep", "DynamicLossScale", "BufferGuard", "FoldResult", "zero_momentum_buffers"]
+__all__ = ["DeviceStep", "StepGraphs", "DynamicLossScale", "BufferGuard", "FoldResult", "zero_momentum_buffers"]
 
 
 class DynamicLossScale:
@@ -144,13 +144,15 @@ class DeviceStep:
             set, used instead of a teacher forward pass when ``use_cached`` (no augmentation).
         guard: the model's :class:`BufferGuard`, when it had to be made before wrapping the model.
         all_reduce: a callable that MAX-reduces a device tensor in place across ranks (DDP), or None.
+        cuda_graphs: replay the whole step as a CUDA graph (:class:`StepGraphs`): one launch a step
+            instead of hundreds, for models too small to keep the GPU busy from Python.
     """
 
     def __init__(self, *, model: torch.nn.Module, train_model: Callable, optimizer: torch.optim.Optimizer,
                  device: torch.device, amp: str, method: str, temperature: float, kd_weight: float,
                  ce_weight: float, teacher: Optional[torch.nn.Module] = None, channels_last: bool = False,
                  guard: Optional["BufferGuard"] = None,
-                 all_reduce: Optional[Callable[[torch.Tensor], None]] = None):
+                 all_reduce: Optional[Callable[[torch.Tensor], None]] = None, cuda_graphs: bool = False):
         self.model, self.train_model, self.optimizer = model, train_model, optimizer
         self.device = torch.device(device)
         self.amp = amp
@@ -174,6 +176,13 @@ class DeviceStep:
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self.step_count = torch.zeros((), dtype=torch.int64, device=self.device)
         self._zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.graphs: Optional[StepGraphs] = None
+        if cuda_graphs:
+            if self.device.type != "cuda" or not self.fused or all_reduce is not None:
+                raise ValueError("CUDA graphs of the step need a CUDA device, the fused optimizer and a "
+                                 f"single process (device {self.device}, fused={self.fused}, "
+                                 f"distributed={all_reduce is not None})")
+            self.graphs = StepGraphs(self)
 
     # ------------------------------------------------------------------ inputs
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,16 +192,17 @@ class DeviceStep:
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # A captured graph must not keep autocast's cast-weight cache (torch.cuda.graph's rule).
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=self.graphs is None)
 
     def set_teacher_logits(self, table: Optional[torch.Tensor], use_cached: bool) -> None:
         """The teacher's logits on the un-augmented training set (on this device when it fits)."""
         self.teacher_logits = table
         self.use_cached = bool(use_cached and table is not None)
 
-    def _teacher_batch(self, batch: dict, images: torch.Tensor) -> torch.Tensor:
+    def _teacher_batch(self, indices: Optional[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         if self.use_cached:
-            idx = batch["indices"]
+            idx = indices
             if idx.device != self.teacher_logits.device:
                 idx = idx.to(self.teacher_logits.device, non_blocking=True)
             return self.teacher_logits.index_select(0, idx).to(self.device, non_blocking=True)
@@ -200,28 +210,39 @@ class DeviceStep:
             return self.teacher(images)
 
     # ------------------------------------------------------------------ the step
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict, images: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, indices: Optional[torch.Tensor],
+             images: torch.Tensor) -> torch.Tensor:
         if self.method == "ce":
             return F.cross_entropy(logits.float(), labels)
         from .ops import kd_loss
 
         # Labels were validated once for the dataset: validate=False keeps the call sync-free.
-        return kd_loss(logits, self._teacher_batch(batch, images), labels, temperature=self.temperature,
+        return kd_loss(logits, self._teacher_batch(indices, images), labels, temperature=self.temperature,
                        kd_weight=self.kd_weight, ce_weight=self.ce_weight, validate=False)
+
+    def _inputs(self, batch: dict):
+        images = self.to_input(batch["images"])
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        indices = batch["indices"] if self.use_cached else None
+        return images, labels, indices
 
     def run(self, batch: dict, weight: float = 1.0, timer=None) -> torch.Tensor:
         """Forward, backward, guarded update; returns the batch's mean loss as a device tensor.
 
-        ``weight`` scales the loss for the backward pass only (the DDP rank weight)."""
-        images = self.to_input(batch["images"])
-        labels = batch["labels"].to(self.device, non_blocking=True)
+        ``weight`` scales the loss for the backward pass only (the DDP rank weight). With CUDA
+        graphs on, the returned tensor is the graph's output: the next step overwrites it."""
+        if self.graphs is not None:
+            return self.graphs.run(batch, weight, timer)
+        return self._compute(*self._inputs(batch), weight, timer)
+
+    def _compute(self, images, labels, indices, weight: float = 1.0, timer=None) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         self.guard.snapshot()
         t0 = timer.now() if timer else 0.0
         with self.autocast():
             logits = self.train_model(images)
         tl = timer.now() if timer else 0.0
-        loss = self.loss(logits, labels, batch, images)
+        loss = self.loss(logits, labels, indices, images)
         if timer:
             timer.add("loss", timer.now() - tl)
         self.scaler.apply(loss * weight if weight != 1.0 else loss).backward()
@@ -277,3 +298,92 @@ class DeviceStep:
 
     def load_state_dict(self, state: dict) -> None:
         self.scaler.load_state_dict(state["loss_scale"])
+
+
+class StepGraphs:
+    """The device step captured as a CUDA graph and replayed: the host launches one graph a step
+    instead of every kernel of the forward, loss, backward, guard and optimizer (a small model at
+    batch 256 is otherwise limited by Python's launch rate, not by the GPU).
+
+    Works because the step never reads the device and writes only persistent tensors: parameters,
+    momentum buffers, the flat BatchNorm buffers, the loss scale and the counters. Each step copies
+    its batch into static input buffers and replays. Steps that do not fit the graph run eagerly
+    on the same tensors, so the two mix freely: a batch of another shape (an epoch's last, partial
+    batch), a DDP rank weight other than 1, the first ``warmup`` steps (run on a side stream, as
+    capture requires, so lazy initialization and cuDNN's algorithm search happen before it). A graph
+    bakes in the learning rate and the teacher-logit table it was captured with; a change of either
+    captures a new one. Capture failures raise (a step that cannot be captured is a bug).
+    """
+
+    def __init__(self, step: DeviceStep, warmup: int = 3):
+        self.step = step
+        self.warmup = warmup
+        self.warm_steps = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.key = None
+        self.shape = None
+        self.static: dict = {}
+        self.out: Optional[torch.Tensor] = None
+        self.captures = 0
+        self.replays = 0
+
+    def _key(self):
+        s = self.step
+        lrs = tuple(float(g["lr"]) for g in s.optimizer.param_groups)
+        table = s.teacher_logits if s.use_cached else None
+        # The graph holds addresses: a loaded optimizer state or moved parameter needs a new one.
+        state = s.optimizer.state
+        where = tuple(p.data_ptr() for p in s.params) + tuple(
+            state[p]["momentum_buffer"].data_ptr() for p in s.params if "momentum_buffer" in state[p])
+        return lrs, s.use_cached, None if table is None else (table.data_ptr(), tuple(table.shape)), where
+
+    def _fits(self, images: torch.Tensor, weight: float) -> bool:
+        s = self.step
+        if weight != 1.0 or not s.model.training:
+            return False
+        if s.use_cached and s.teacher_logits.device != s.device:
+            return False  # a host table's gather copies from pageable memory: not capturable
+        if self.shape is None:
+            self.shape = (tuple(images.shape), images.dtype, images.stride())
+        return (tuple(images.shape), images.dtype, images.stride()) == self.shape
+
+    def run(self, batch: dict, weight: float, timer=None) -> torch.Tensor:
+        s = self.step
+        images, labels, indices = s._inputs(batch)
+        if not self._fits(images, weight):
+            return s._compute(images, labels, indices, weight, timer)
+        t0 = timer.now() if timer else 0.0
+        if self.warm_steps < self.warmup:
+            self.warm_steps += 1
+            side = torch.cuda.Stream(s.device)
+            side.wait_stream(torch.cuda.current_stream(s.device))
+            with torch.cuda.stream(side):
+                out = s._compute(images, labels, indices, weight, None)
+            torch.cuda.current_stream(s.device).wait_stream(side)
+        else:
+            key = self._key()
+            if self.graph is None or key != self.key:
+                self._capture(images, labels, indices, key)
+            self.static["images"].copy_(images, non_blocking=True)
+            self.static["labels"].copy_(labels, non_blocking=True)
+            if indices is not None:
+                self.static["indices"].copy_(indices, non_blocking=True)
+            self.graph.replay()
+            self.replays += 1
+            out = self.out
+        if timer:
+            timer.add("model", timer.now() - t0)
+        return out
+
+    def _capture(self, images, labels, indices, key) -> None:
+        s = self.step
+        self.graph = self.out = None
+        self.static = {"images": images.clone(memory_format=torch.preserve_format), "labels": labels.clone(),
+                       "indices": None if indices is None else indices.to(s.device).clone()}
+        graph = torch.cuda.CUDAGraph()
+        s.optimizer.zero_grad(set_to_none=True)
+        # thread_local: the data loader's threads may touch CUDA (pinned copies) during capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = s._compute(self.static["images"], self.static["labels"], self.static["indices"])
+        self.graph, self.out, self.key = graph, out, key
+        self.captures += 1

@@ -68,7 +68,23 @@ class NonFiniteError(RuntimeError):
     """A NaN/inf loss or gradient; the last good state was checkpointed before raising."""
 
 
-def resolve_train_settings(cfg: Config, device: torch.device) -> dict:
+def _cuda_graphs_setting(t, cuda: bool, distributed: bool, compiled: bool, fused: bool,
+                         deterministic: bool) -> bool:
+    """train.cuda_graphs: auto = on where the captured step applies (one CUDA process, eager
+    modules, fused SGD); true where it cannot apply is a configuration error, named."""
+    ok = cuda and not distributed and not compiled and fused
+    if t.cuda_graphs == "auto":
+        # Bit-exact resume is proven for eager steps; deterministic runs take graphs by choice.
+        return ok and not deterministic
+    if t.cuda_graphs and not ok:
+        why = ("a CUDA device" if not cuda else "a single process (not torchrun)" if distributed
+               else "train.compile off (use train.compile_mode=reduce-overhead for compiled graphs)"
+               if compiled else "train.fused_optimizer on")
+        raise ValueError(f"config field 'train.cuda_graphs' is true, which needs {why}")
+    return bool(t.cuda_graphs)
+
+
+def resolve_train_settings(cfg: Config, device: torch.device, distributed: bool = False) -> dict:
     """The ``auto`` fields of ``cfg.train`` decided for ``device`` (one place, used by the trainer
     and reported by the benchmarks). CPU defaults were chosen by measurement with
     benchmarks/bench_train.py (see benchmarks/README.md); GPU ones follow the issue's targets and
@@ -90,6 +106,8 @@ def resolve_train_settings(cfg: Config, device: torch.device) -> dict:
         "fused_optimizer": bool(pick(t.fused_optimizer, True)),
         "compile": bool(pick(t.compile, False)),
         "compile_mode": t.compile_mode,
+        "cuda_graphs": _cuda_graphs_setting(t, cuda, distributed, pick(t.compile, False),
+                                            pick(t.fused_optimizer, True), cfg.deterministic),
         # A host read per step costs nothing on the CPU and keeps non-finite stops exact there.
         "log_every_steps": int(pick(t.log_every_steps, 50 if cuda else 1)),
         "eval_batch_size": int(pick(t.eval_batch_size, max(cfg.optim.batch_size, 1024) if cuda
@@ -137,7 +155,7 @@ class Trainer:
         self.ctx = ctx or setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
         self.device = self.ctx.device
         self.callbacks = list(callbacks)
-        self.settings = resolve_train_settings(cfg, self.device)
+        self.settings = resolve_train_settings(cfg, self.device, distributed=self.ctx.distributed)
         self.run_dir = RunDirectory(self.out_dir, is_main=self.ctx.is_main)
 
         # Epoch plan ------------------------------------------------------------------------
@@ -240,7 +258,8 @@ class Trainer:
             device=self.device, amp=self.amp, method=method, temperature=cfg.loss.temperature,
             kd_weight=cfg.loss.kd_weight, ce_weight=cfg.loss.ce_weight, teacher=teacher_fwd,
             channels_last=self.channels_last, guard=guard,
-            all_reduce=self.ctx.all_reduce_max if self.ctx.distributed else None)
+            all_reduce=self.ctx.all_reduce_max if self.ctx.distributed else None,
+            cuda_graphs=self.settings["cuda_graphs"])
         self.amp_dtype = self.step.amp_dtype
         self.timer = SegmentTimer(self.device, sync=sync_timing)
         self.log_every = self.settings["log_every_steps"]

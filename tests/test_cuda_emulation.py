@@ -96,6 +96,20 @@ def test_every_layout_matches_reference(emu, B, C, plan, expect, reduction):
                 temperature=2.0, kd_weight=1.3, reduction=reduction, what=f"no labels B={B} C={C} {dtype}")
 
 
+@pytest.mark.parametrize("B,with_labels,expect", [
+    (4, True, "cluster"), (8, True, "split"), (8, False, "cluster"), (32, False, "split")])
+def test_planner_takes_whole_row_split_with_many_rows(emu, B, with_labels, expect):
+    # Rows too long for one CTA (9000 classes): clusters while rows are few, the split path with one
+    # segment a row from 2 x SMs rows with the CE term and 8 x SMs without (the H200 measurements
+    # in plan_kd_loss); the emulated device has 4 SMs.
+    s, t = make_logits(B, 9000, seed=B), make_logits(B, 9000, seed=B + 1)
+    y = make_labels(B, 9000) if with_labels else None
+    _, _, ran = compare(emu, s, t, y, plan="", expect=expect, temperature=2.0, kd_weight=0.9,
+                        ce_weight=0.1 if with_labels else 0.0, what=f"B={B}")
+    if expect == "split":
+        assert ",segments=1" in ran, ran
+
+
 def test_sixteen_cta_cluster(emu):
     s, t = make_logits(1, 30000, seed=1), make_logits(1, 30000, seed=2)
     compare(emu, s, t, torch.tensor([29999]), plan="mode=cluster,cluster=16,e=8", expect="cluster",

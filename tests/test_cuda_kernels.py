@@ -230,7 +230,11 @@ def test_cuda_peak_memory_one_gradient():
     (g,) = torch.autograd.grad(loss, s)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert extra <= B * C * s.element_size() + (1 << 20), extra
+    # One B x C gradient plus small per-row buffers (row losses, workspace; the caching allocator
+    # rounds them up): measured 1.03 MiB over the gradient on an H200. A second B x C buffer (the
+    # old backward's separate multiply) would double it.
+    grad_bytes = B * C * s.element_size()
+    assert extra <= grad_bytes + (4 << 20), (extra, grad_bytes)
 
 
 @pytest.mark.cuda

@@ -210,6 +210,15 @@ def test_auto_settings_per_device():
                                                               "train.channels_last=false"]),
                                     torch.device("cpu"))
     assert forced["log_every_steps"] == 7 and forced["channels_last"] is False
+    assert cpu["cuda_graphs"] is False  # auto: CUDA only
+    with pytest.raises(ValueError, match="train.cuda_graphs.*CUDA device"):
+        resolve_train_settings(load_config(None, BASE + ["train.cuda_graphs=true"]), torch.device("cpu"))
+    with pytest.raises(ValueError, match="train.cuda_graphs.*single process"):
+        resolve_train_settings(load_config(None, BASE + ["train.cuda_graphs=true"]), torch.device("cuda"),
+                               distributed=True)
+    with pytest.raises(ValueError, match="train.cuda_graphs.*reduce-overhead"):
+        resolve_train_settings(load_config(None, BASE + ["train.cuda_graphs=true", "train.compile=true"]),
+                               torch.device("cuda"))
 
 
 @pytest.mark.slow

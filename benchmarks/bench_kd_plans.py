@@ -1,0 +1,142 @@
+"""Every CUDA kernel layout of the fused KD loss timed on the same problems: the measurements
+behind the planner's choice (csrc/kd_loss_kernels.cuh, plan_kd_loss).
+
+For each dtype, (B, C) and with/without the CE term, each layout is forced with
+``torch.ops.kdseq._force_plan`` and timed as forward+backward on the GPU: CUDA events around
+``--calls`` back-to-back calls (large problems, so the host runs ahead and the time is the GPU's),
+reported per call with the fraction of the copy bandwidth measured in the same run (bytes moved:
+student and teacher read once, the gradient written once). The planner's own choice is the row
+``plan=auto``; the fastest layout of each problem is marked.
+
+    python benchmarks/bench_kd_plans.py --device cuda
+    python benchmarks/bench_kd_plans.py --device cuda --shapes 4096x32000 --dtypes bf16 --out results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import _common as C  # noqa: E402
+
+BLOCK_THREADS = 256  # csrc/cuda_rows.cuh kBlockThreads
+SHAPES = [(4096, 32000), (16384, 32000), (4096, 131072), (512, 32000), (16, 131072), (4096, 4096)]
+
+
+def parse_shape(text: str) -> tuple:
+    try:
+        b, c = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes entries look like 4096x32000, got {text!r}") from None
+    if b < 1 or c < 2:
+        raise argparse.ArgumentTypeError(f"--shapes needs B >= 1 and C >= 2, got {text!r}")
+    return b, c
+
+
+def layouts(C_: int, with_ce: bool) -> list:
+    """Plan strings whose register rows hold C_ values (plus the split path at several widths)."""
+    emax = 16 if with_ce else 32
+    out = [""]
+    for e in (8, 16, 32):
+        if e <= emax and BLOCK_THREADS * e >= C_ and (e == 8 or BLOCK_THREADS * e // 2 < C_):
+            out.append(f"mode=cta,e={e}")
+    for k in (2, 3, 4, 6, 8, 12, 16):
+        for e in (8, 16, 32):
+            if e <= emax and BLOCK_THREADS * e * k >= C_ and BLOCK_THREADS * e * k // 2 < C_ * 1.01:
+                out.append(f"mode=cluster,cluster={k},e={e}")
+    for seg in (1, 2, 4, 8, 16, 32):
+        if C_ // seg >= 1024:
+            out.append(f"mode=split,segments={seg}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", choices=("cuda",))
+    ap.add_argument("--shapes", nargs="+", type=parse_shape, default=SHAPES)
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(C.DTYPES))
+    ap.add_argument("--calls", type=int, default=20, help="back-to-back calls per timing")
+    ap.add_argument("--repeats", type=int, default=3, help="timings per layout (median reported)")
+    ap.add_argument("--ce", choices=("both", "on", "off"), default="both", help="the CE term (labels)")
+    ap.add_argument("--out", default=None, help="directory for bench_kd_plans.json / .md")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kd_plans: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import kdseq_fast as kf
+
+    device = torch.device("cuda")
+    info = C.machine_info(device)
+    C.print_header("bench_kd_plans: every KD-loss kernel layout, forward+backward", info)
+    mem = C.memcpy_bandwidth(device, nbytes=1 << 30)
+    print(f"memcpy bandwidth (read+write, 1 GiB): {mem['GBps']:.1f} GB/s")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    ce_modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.ce]
+    for dtype_name in args.dtypes:
+        dtype = C.DTYPES[dtype_name]
+        for B, Cn in args.shapes:
+            s = (torch.randn(B, Cn, generator=gen) * 3).to(device, dtype).requires_grad_(True)
+            t = (torch.randn(B, Cn, generator=gen) * 3).to(device, dtype)
+            y = torch.randint(0, Cn, (B,), generator=gen).to(device)
+            nbytes = 3 * B * Cn * s.element_size()
+            for with_ce in ce_modes:
+                def call():
+                    loss = kf.kd_loss(s, t, y if with_ce else None, ce_weight=0.1 if with_ce else 0.0,
+                                      validate=False)
+                    torch.autograd.grad(loss, s)
+                case = []
+                for plan in layouts(Cn, with_ce):
+                    torch.ops.kdseq._force_plan(plan)
+                    try:
+                        call()
+                        torch.cuda.synchronize()
+                        times = []
+                        for _ in range(args.repeats):
+                            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                            a.record()
+                            for _ in range(args.calls):
+                                call()
+                            b.record()
+                            b.synchronize()
+                            times.append(a.elapsed_time(b) / 1e3 / args.calls)
+                    except RuntimeError as exc:
+                        print(f"  {dtype_name} {B}x{Cn} ce={with_ce} {plan or 'auto'}: skipped ({exc})")
+                        continue
+                    finally:
+                        torch.ops.kdseq._force_plan("")
+                    sec = sorted(times)[len(times) // 2]
+                    case.append({"dtype": dtype_name, "B": B, "C": Cn, "ce": with_ce, "plan": plan or "auto",
+                                 "us": sec * 1e6, "GBps": nbytes / sec / 1e9,
+                                 "of_memcpy": nbytes / sec / 1e9 / mem["GBps"]})
+                best = min(case, key=lambda r: r["us"]) if case else None
+                for r in case:
+                    r["best"] = r is best
+                    print(f"  {dtype_name} {B:>5}x{Cn:<6} ce={int(with_ce)} {r['plan']:32s} {r['us']:9.1f} us "
+                          f"{r['GBps']:8.1f} GB/s {100 * r['of_memcpy']:5.1f}%{'  <- fastest' if r['best'] else ''}")
+                rows += case
+            del s, t, y
+    table = C.markdown_table(["dtype", "B", "C", "CE", "plan", "fwd+bwd", "GB/s", "of memcpy", "fastest"],
+                             [[r["dtype"], r["B"], r["C"], "yes" if r["ce"] else "no", r["plan"], f"{r['us']:.1f} us",
+                               f"{r['GBps']:.0f}", f"{100 * r['of_memcpy']:.1f}%", "*" if r["best"] else ""]
+                              for r in rows])
+    print()
+    print(table)
+    print(f"command: {C.command_line()}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_kd_plans.json"), "w") as fh:
+            json.dump({"machine": info, "memcpy_GBps": mem["GBps"], "rows": rows}, fh, indent=1)
+        with open(os.path.join(args.out, "bench_kd_plans.md"), "w") as fh:
+            fh.write(f"command: `{C.command_line()}`\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
