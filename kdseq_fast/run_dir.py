@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import yaml
 
-from .config import Config, config_hash, save_config
+from .config import Config, config_hash, save_config, validate_config
 from .runtime import atomic_write_bytes, load_latest_checkpoint
 
-__all__ = ["RunDirectory", "RunDirError", "RESUME_IGNORED_KEYS", "TrainResult", "config_diff",
+__all__ = ["RunDirectory", "RunDirError", "RESUME_IGNORED_KEYS", "TrainResult", "config_diff", "same_run_config",
            "write_json", "is_complete", "completed_result"]
 
 # Keys that may change between a run and its resume without changing the result: where it runs,
@@ -30,7 +30,9 @@ __all__ = ["RunDirectory", "RunDirError", "RESUME_IGNORED_KEYS", "TrainResult", 
 RESUME_IGNORED_KEYS = ("device", "data.root", "data.download", "data.num_threads",
                        "data.loader_backend", "train.tensorboard", "train.checkpoint_every_steps",
                        "train.teacher_cache_dir", "train.nonfinite", "train.target_acc",
-                       "train.log_every_steps", "teacher.checkpoint")
+                       "train.log_every_steps", "teacher.checkpoint",
+                       # The graphed step runs the eager step's kernels (a cuda test compares them).
+                       "train.cuda_graphs")
 
 
 class RunDirError(ValueError):
@@ -73,6 +75,24 @@ def resume_hash(cfg: Config) -> str:
     return config_hash(cfg, exclude=RESUME_IGNORED_KEYS)
 
 
+def same_run_config(stored: dict, cfg: Config) -> bool:
+    """Whether a run's stored config (config.yaml, a checkpoint's) is ``cfg`` for resuming. Fields
+    added to the package since it was written take their defaults, so a newer version resumes an
+    older run that way; a renamed or removed field makes it another run."""
+    try:
+        filled = Config(validate_config(stored))
+    except (ValueError, TypeError, KeyError):
+        return False
+    return resume_hash(filled) == resume_hash(cfg)
+
+
+def _filled(stored: dict) -> dict:
+    try:
+        return validate_config(stored)
+    except (ValueError, TypeError, KeyError):
+        return stored
+
+
 class RunDirectory:
     """One run's output directory (``path``); writes happen on the main process only."""
 
@@ -95,15 +115,16 @@ class RunDirectory:
         except (OSError, ValueError):
             other = {}
         mine = resume_hash(cfg)
-        same = (other.get("resume_hash") == mine and other.get("role") == role
-                and other.get("method") == method)
+        stored = None
+        try:
+            with open(self.file("config.yaml")) as fh:
+                stored = yaml.safe_load(fh) or {}
+        except (OSError, ValueError, yaml.YAMLError):
+            pass
+        same_config = other.get("resume_hash") == mine or (stored is not None and same_run_config(stored, cfg))
+        same = same_config and other.get("role") == role and other.get("method") == method
         if not same:
-            diff = []
-            try:
-                with open(self.file("config.yaml")) as fh:
-                    diff = config_diff(yaml.safe_load(fh) or {}, cfg.to_dict())
-            except (OSError, ValueError, yaml.YAMLError):
-                pass
+            diff = [] if stored is None else config_diff(_filled(stored), cfg.to_dict())
             what = ("; config differs: " + "; ".join(diff)) if diff else \
                 (f" (config hash {str(other.get('resume_hash'))[:12]} vs {mine[:12]} now)")
             raise RunDirError(
@@ -179,9 +200,16 @@ def is_complete(out_dir: str, role: str, method: str, cfg: Config) -> bool:
             pass
     except (OSError, ValueError):
         return False
-    if ident.get("role") != role or ident.get("method") != method or \
-            ident.get("resume_hash") != resume_hash(cfg):
+    if ident.get("role") != role or ident.get("method") != method:
         return False
+    if ident.get("resume_hash") != resume_hash(cfg):
+        try:
+            with open(os.path.join(out_dir, "config.yaml")) as fh:
+                stored = yaml.safe_load(fh) or {}
+        except (OSError, ValueError, yaml.YAMLError):
+            return False
+        if not same_run_config(stored, cfg):
+            return False
     found = load_latest_checkpoint(out_dir, log=lambda m: None)
     if found is None:
         return False

@@ -39,7 +39,7 @@ from .callbacks import Callback, ConsoleLogger, TensorBoardLogger
 from .config import Config, config_hash
 from .curriculum import InstanceSequence
 from .run_dir import (RESUME_IGNORED_KEYS, RunDirectory, RunDirError, TrainResult, completed_result,
-                      config_diff, is_complete, resume_hash)
+                      config_diff, is_complete, resume_hash, same_run_config)
 from .run_inputs import (DataBundle, build_data, load_teacher, make_loader, ordered_batch_size,
                          rank_loss_weight, shared_teacher_logits)
 from .runtime import (CheckpointError, GracefulStop, RunContext, SegmentTimer, capture_rng_state,
@@ -373,7 +373,7 @@ class Trainer:
             raise CheckpointError(
                 f"{path} is a checkpoint of role {state.get('role')}/method {state.get('method')}, "
                 f"not {self.role}/{self.method}")
-        if state["resume_hash"] != self._resume_hash:
+        if state["resume_hash"] != self._resume_hash and not same_run_config(state["config"], self.cfg):
             diff = config_diff(state["config"], self.cfg.to_dict())
             raise CheckpointError(
                 f"cannot resume {path}: the config differs from the one the run was started with: "

@@ -243,3 +243,39 @@ def test_rng_state_roundtrip_through_a_checkpoint(tmp_path):
     restore_rng_state(load_checkpoint(str(tmp_path / "checkpoint.pt"))["rng"])
     second = (random.random(), np.random.normal(), torch.rand(3))
     assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
+
+
+def test_run_written_before_a_new_config_field_still_resumes(tmp_path):
+    # A field added to the package later (here: removed from the stored config and the run's
+    # identity hash recomputed without it, as an older version wrote them) takes its default.
+    import json
+
+    import yaml
+
+    from kdseq_fast.config import config_hash, load_config
+    from kdseq_fast.run_dir import RESUME_IGNORED_KEYS, RunDirError, RunDirectory, is_complete, same_run_config
+
+    cfg = load_config(None, ["data.name=digits", "device=cpu"])
+    old = cfg.to_dict()
+    del old["train"]["cuda_graphs"]
+    del old["curriculum"]["mix_frac"]
+    assert same_run_config(old, cfg)
+    changed = json.loads(json.dumps(old))
+    changed["optim"]["lr"] = 0.5
+    assert not same_run_config(changed, cfg)
+    renamed = json.loads(json.dumps(old))
+    renamed["train"]["no_such_field"] = 1
+    assert not same_run_config(renamed, cfg)
+
+    run = RunDirectory(str(tmp_path / "r"))
+    os.makedirs(run.path)
+    with open(run.file("config.yaml"), "w") as fh:
+        yaml.safe_dump(old, fh)
+    with open(run.file("run.json"), "w") as fh:
+        json.dump({"role": "student", "method": "isl",
+                   "resume_hash": config_hash(old, exclude=RESUME_IGNORED_KEYS)}, fh)
+    run.check(cfg, "student", "isl", resume=True, overwrite=False)  # accepted
+    with pytest.raises(RunDirError, match="optim.lr"):
+        run.check(load_config(None, ["data.name=digits", "device=cpu", "optim.lr=0.5"]), "student", "isl",
+                  resume=True, overwrite=False)
+    assert not is_complete(run.path, "student", "isl", cfg)  # no checkpoint: not finished
