@@ -343,9 +343,12 @@ class StepGraphs:
             return False
         if s.use_cached and s.teacher_logits.device != s.device:
             return False  # a host table's gather copies from pageable memory: not capturable
-        if self.shape is None:
-            self.shape = (tuple(images.shape), images.dtype, images.stride())
-        return (tuple(images.shape), images.dtype, images.stride()) == self.shape
+        sig = (tuple(images.shape), images.dtype, images.stride())
+        if self.shape is None or images.shape[0] > self.shape[0][0]:
+            # The graph is for the full batch: a run resumed at an epoch's partial last batch sees
+            # that one first. A new shape warms up again (cuDNN's search cannot run in a capture).
+            self.shape, self.graph, self.warm_steps = sig, None, 0
+        return sig == self.shape
 
     def run(self, batch: dict, weight: float, timer=None) -> torch.Tensor:
         s = self.step

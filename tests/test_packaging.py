@@ -129,13 +129,19 @@ def test_sdist_has_the_sources_and_a_clean_unpack_builds_a_portable_wheel(tmp_pa
     assert out[-1] == "portable"
 
 
-def test_editable_install_with_the_pip_python_ships(tmp_path):
-    # The failing report: pip 23.2 + setuptools >= 80 + wheel took the legacy `setup.py develop`
-    # path, which re-ran pip with build isolation and could not see torch.
+def _source_copy(tmp_path):
+    """The checkout without build outputs, run directories or the venv (what a user clones)."""
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "dist", "*.egg-info", "*.so", "__pycache__", "runs", "results",
-        ".pytest_cache", ".hypothesis"))
+        ".pytest_cache", ".hypothesis", ".whl"))
+    return src
+
+
+def test_editable_install_with_the_pip_python_ships(tmp_path):
+    # The failing report: pip 23.2 + setuptools >= 80 + wheel took the legacy `setup.py develop`
+    # path, which re-ran pip with build isolation and could not see torch.
+    src = _source_copy(tmp_path)
     py = _venv(str(tmp_path / "venv"), torch_farm=_torch_farm(str(tmp_path)),
                packages=["setuptools>=80", "wheel"])
     pip_version = _pip_version(py)
@@ -167,10 +173,7 @@ def test_missing_torch_is_a_message_not_a_traceback(tmp_path):
 def test_regular_install_with_the_newest_pip(tmp_path):
     # The other half of the matrix: a non-editable `pip install --no-build-isolation .` with the
     # newest pip (the editable install with it is what `make install` does on every CI run).
-    src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "*.so", "__pycache__", "runs", "results",
-        ".pytest_cache", ".hypothesis"))
+    src = _source_copy(tmp_path)
     py = _venv(str(tmp_path / "venv"), torch_farm=_torch_farm(str(tmp_path)),
                packages=["--upgrade", "pip", "setuptools", "wheel"])
     major = int(_pip_version(py).split(".")[0])

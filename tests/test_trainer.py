@@ -245,3 +245,74 @@ def test_compiled_training_matches_eager_and_reports_compile_time(tmp_path, teac
         records = [json.loads(line) for line in fh]
     assert records[0]["time_compile"] > 0 and records[1]["time_compile"] == 0
     assert res.summary["methods"]["kd"]["test_acc"] > 0.3
+
+
+class _FakeGraph:
+    """torch.cuda's graph API on the CPU: "capture" records the step, "replay" runs it again on
+    the static buffers (what a real replay does, minus the launches)."""
+
+    def __init__(self):
+        self.fn = None
+
+    def replay(self):
+        self.fn()
+
+
+def test_step_graphs_bookkeeping_with_a_fake_graph_api(tmp_path, teacher_run, monkeypatch):
+    # StepGraphs' decisions (warm-up, capture, replay, recapture on a new learning rate, eager
+    # partial batches, a resumed run whose first batch is the partial one) on the CPU, with the
+    # CUDA graph calls replaced; the result must equal the eager step's. The real capture is
+    # checked against eager on a GPU by tests/test_cuda_training.py.
+    import contextlib
+
+    import kdseq_fast.step as step_mod
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+
+    def fake_capture(self, images, labels, indices, key):
+        s = self.step
+        self.static = {"images": images.clone(), "labels": labels.clone(),
+                       "indices": None if indices is None else indices.clone()}
+        self.out = torch.zeros((), dtype=torch.float32)
+        g = _FakeGraph()
+        g.fn = lambda: self.out.copy_(s._compute(self.static["images"], self.static["labels"],
+                                                 self.static["indices"]))
+        self.graph, self.key = g, key
+        self.captures += 1
+
+    monkeypatch.setattr(step_mod.StepGraphs, "_capture", fake_capture)
+    results = {}
+    for graphed in (False, True):
+        cfg = load_config(None, BASE + ["deterministic=true"])
+        t = Trainer(cfg, str(tmp_path / str(graphed)), method="kd", teacher=teacher_run.weights_path,
+                    quiet=True, log=lambda m: None)
+        if graphed:
+            t.step.graphs = step_mod.StepGraphs(t.step)
+        t.teacher_train_logits()
+        t.train_loader.set_order(t.plan.order(0, None)[0])
+        batches = list(t.train_loader)
+        assert batches[-1]["labels"].numel() < batches[0]["labels"].numel()
+        # Starts like a run resumed at the partial last batch, then full batches, an LR change.
+        for i, b in enumerate([batches[-1]] + batches[:10]):
+            if i == 7:
+                for g in t.optimizer.param_groups:
+                    g["lr"] *= 0.1
+            t.step.run(b)
+        results[graphed] = (t.step.fold(), {k: v.clone() for k, v in t.model.state_dict().items()}, t.step.graphs)
+    (r0, s0, _), (r1, s1, g) = results[False], results[True]
+    # partial first (taken as the shape, then replaced by the full batch: warm-up again),
+    # 3 warm-up steps, capture at step 5, recapture at the LR change; replays = 10 - 3.
+    assert (g.captures, g.replays) == (2, 7)
+    assert (r1.samples, r1.correct, r1.bad_steps) == (r0.samples, r0.correct, r0.bad_steps)
+    assert r1.loss_sum == pytest.approx(r0.loss_sum, rel=1e-9)
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
