@@ -254,8 +254,8 @@ def markdown(stats: dict, teacher: dict, header: dict) -> str:
                 f" ({st['reached']}/{st['of']})"
             kd_steps = f"{st['kd_mean_steps']:.0f}"
         wall = e["wall_s"]["mean"]
-        lines.append(f"| {name} | {len(e['seeds'])} | {acc} | {diff} | {steps} | {kd_steps} | "
-                     f"{wall:.0f} |")
+        wall = "-" if wall is None else f"{wall:.0f}"
+        lines.append(f"| {name} | {len(e['seeds'])} | {acc} | {diff} | {steps} | {kd_steps} | {wall} |")
     lines.append("")
     for text, ok, detail in claims(stats):
         verdict = "n/a" if ok is None else ("PASS" if ok else "MISS")
@@ -398,6 +398,10 @@ def main(argv=None) -> int:
                 eta = (time.perf_counter() - t_start) / done * (total - done)
                 log(f"{done}/{total} {v.name} seed {seed}: test acc {r['test_acc']:.4f} "
                     f"({elapsed:.0f} s; about {eta / 60:.0f} min left)")
+    if not runs:
+        print(f"bench_accuracy: no finished runs under {os.path.join(args.out, 'runs')} for these "
+              "variants and seeds", file=sys.stderr)
+        return 1
     stats = analyse(variants, args.seeds, runs)
     device = torch.device(cfg.device if cfg.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
