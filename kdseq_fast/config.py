@@ -81,7 +81,7 @@ DEFAULTS: dict[str, Any] = {
         "full_at": 0.8,          # a: fraction of the phase after which g == 1, in (0, 1]
         "strict_order": False,   # True: batches follow the sequence exactly
         "order": "easy",         # easy | anti (hard->easy) | random (ablations)
-        "mix_frac": 0.0,         # easy-first mixing: share of each paced batch from the not-yet-admitted rest
+        "mix_frac": 0.2,         # easy-first mixing: share of each paced batch from the not-yet-admitted rest (measured best reading, README)
     },
     "train": {
         "amp": "auto",           # auto (bf16 on GPUs with bf16, fp32 elsewhere) | none | bf16 | fp16
