@@ -75,22 +75,21 @@ def resume_hash(cfg: Config) -> str:
     return config_hash(cfg, exclude=RESUME_IGNORED_KEYS)
 
 
+def _filled(stored: dict):
+    """A stored config with the fields added since it was written at their defaults, or None when
+    it no longer validates (a renamed or removed field)."""
+    try:
+        return validate_config(stored)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 def same_run_config(stored: dict, cfg: Config) -> bool:
     """Whether a run's stored config (config.yaml, a checkpoint's) is ``cfg`` for resuming. Fields
     added to the package since it was written take their defaults, so a newer version resumes an
     older run that way; a renamed or removed field makes it another run."""
-    try:
-        filled = Config(validate_config(stored))
-    except (ValueError, TypeError, KeyError):
-        return False
-    return resume_hash(filled) == resume_hash(cfg)
-
-
-def _filled(stored: dict) -> dict:
-    try:
-        return validate_config(stored)
-    except (ValueError, TypeError, KeyError):
-        return stored
+    filled = _filled(stored)
+    return filled is not None and resume_hash(Config(filled)) == resume_hash(cfg)
 
 
 class RunDirectory:
@@ -124,7 +123,7 @@ class RunDirectory:
         same_config = other.get("resume_hash") == mine or (stored is not None and same_run_config(stored, cfg))
         same = same_config and other.get("role") == role and other.get("method") == method
         if not same:
-            diff = [] if stored is None else config_diff(_filled(stored), cfg.to_dict())
+            diff = [] if stored is None else config_diff(_filled(stored) or stored, cfg.to_dict())
             what = ("; config differs: " + "; ".join(diff)) if diff else \
                 (f" (config hash {str(other.get('resume_hash'))[:12]} vs {mine[:12]} now)")
             raise RunDirError(
