@@ -21,7 +21,7 @@ import yaml
 from .config import Config, config_hash, save_config, validate_config
 from .runtime import atomic_write_bytes, load_latest_checkpoint
 
-__all__ = ["RunDirectory", "RunDirError", "RESUME_IGNORED_KEYS", "TrainResult", "config_diff", "same_run_config",
+__all__ = ["RunDirectory", "RunDirError", "RESUME_IGNORED_KEYS", "ignored_keys", "TrainResult", "config_diff", "same_run_config",
            "write_json", "is_complete", "completed_result"]
 
 # Keys that may change between a run and its resume without changing the result: where it runs,
@@ -33,6 +33,21 @@ RESUME_IGNORED_KEYS = ("device", "data.root", "data.download", "data.num_threads
                        "train.log_every_steps", "teacher.checkpoint",
                        # The graphed step runs the eager step's kernels (a cuda test compares them).
                        "train.cuda_graphs")
+
+
+# Sections a method never reads: they cannot change its result, so they are not part of its identity
+# (a kd run is the same run whatever the curriculum settings beside it; an ablation that changes a
+# curriculum default still reuses the kd and ce runs it compares against).
+UNUSED_BY_METHOD = {"ce": ("curriculum",), "kd": ("curriculum",), "isl": ()}
+
+
+def ignored_keys(method: str | None = None) -> tuple[str, ...]:
+    """Dotted keys (or whole sections) left out of ``method``'s run identity."""
+    return RESUME_IGNORED_KEYS + UNUSED_BY_METHOD.get(method, ())
+
+
+def _is_ignored(dotted: str, keys) -> bool:
+    return any(dotted == k or dotted.startswith(k + ".") for k in keys)
 
 
 class RunDirError(ValueError):
@@ -58,21 +73,25 @@ def write_json(obj, path: str) -> None:
     atomic_write_bytes(json.dumps(obj, indent=2, default=_json_default).encode() + b"\n", path)
 
 
-def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """``"key (old in the checkpoint, new now)"`` for every result-changing key that differs."""
+def config_diff(a: dict, b: dict, prefix: str = "", *, method: str | None = None) -> list[str]:
+    """``"key (old in the checkpoint, new now)"`` for every key that differs and changes
+    ``method``'s result."""
     keys = []
     for k in sorted(set(a) | set(b)):
         dotted = f"{prefix}{k}"
         va, vb = a.get(k), b.get(k)
+        if _is_ignored(dotted, ignored_keys(method)):
+            continue
         if isinstance(va, dict) and isinstance(vb, dict):
-            keys += config_diff(va, vb, dotted + ".")
-        elif va != vb and dotted not in RESUME_IGNORED_KEYS:
+            keys += config_diff(va, vb, dotted + ".", method=method)
+        elif va != vb:
             keys.append(f"{dotted} ({va!r} in the checkpoint, {vb!r} now)")
     return keys
 
 
-def resume_hash(cfg: Config) -> str:
-    return config_hash(cfg, exclude=RESUME_IGNORED_KEYS)
+def resume_hash(cfg: Config, method: str | None = None) -> str:
+    """Hash of the settings that change ``method``'s result (None: every method's settings)."""
+    return config_hash(cfg, exclude=ignored_keys(method))
 
 
 def _filled(stored: dict):
@@ -84,12 +103,12 @@ def _filled(stored: dict):
         return None
 
 
-def same_run_config(stored: dict, cfg: Config) -> bool:
-    """Whether a run's stored config (config.yaml, a checkpoint's) is ``cfg`` for resuming. Fields
-    added to the package since it was written take their defaults, so a newer version resumes an
-    older run that way; a renamed or removed field makes it another run."""
+def same_run_config(stored: dict, cfg: Config, method: str | None = None) -> bool:
+    """Whether a run's stored config (config.yaml, a checkpoint's) is ``cfg`` for resuming a run
+    of ``method``. Fields added to the package since it was written take their defaults, so a newer
+    version resumes an older run that way; a renamed or removed field makes it another run."""
     filled = _filled(stored)
-    return filled is not None and resume_hash(Config(filled)) == resume_hash(cfg)
+    return filled is not None and resume_hash(Config(filled), method) == resume_hash(cfg, method)
 
 
 class RunDirectory:
@@ -113,17 +132,17 @@ class RunDirectory:
                 other = json.load(fh)
         except (OSError, ValueError):
             other = {}
-        mine = resume_hash(cfg)
+        mine = resume_hash(cfg, method)
         stored = None
         try:
             with open(self.file("config.yaml")) as fh:
                 stored = yaml.safe_load(fh) or {}
         except (OSError, ValueError, yaml.YAMLError):
             pass
-        same_config = other.get("resume_hash") == mine or (stored is not None and same_run_config(stored, cfg))
+        same_config = other.get("resume_hash") == mine or (stored is not None and same_run_config(stored, cfg, method))
         same = same_config and other.get("role") == role and other.get("method") == method
         if not same:
-            diff = [] if stored is None else config_diff(_filled(stored) or stored, cfg.to_dict())
+            diff = [] if stored is None else config_diff(_filled(stored) or stored, cfg.to_dict(), method=method)
             what = ("; config differs: " + "; ".join(diff)) if diff else \
                 (f" (config hash {str(other.get('resume_hash'))[:12]} vs {mine[:12]} now)")
             raise RunDirError(
@@ -201,13 +220,13 @@ def is_complete(out_dir: str, role: str, method: str, cfg: Config) -> bool:
         return False
     if ident.get("role") != role or ident.get("method") != method:
         return False
-    if ident.get("resume_hash") != resume_hash(cfg):
+    if ident.get("resume_hash") != resume_hash(cfg, method):
         try:
             with open(os.path.join(out_dir, "config.yaml")) as fh:
                 stored = yaml.safe_load(fh) or {}
         except (OSError, ValueError, yaml.YAMLError):
             return False
-        if not same_run_config(stored, cfg):
+        if not same_run_config(stored, cfg, method):
             return False
     found = load_latest_checkpoint(out_dir, log=lambda m: None)
     if found is None:

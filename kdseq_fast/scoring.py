@@ -1,9 +1,10 @@
 """Dataset-level scoring: a student snapshot -> one row of difficulty measures per instance.
 
 ISL-KD re-scores the whole training set at every phase boundary. The pass here runs the snapshot
-over an un-augmented, ordered loader (eval mode, no grad, AMP on GPU), feeds each batch's logits to
-the fused ``instance_scores`` kernel together with the cached teacher logits of the same rows, and
-scatters the (B, 6) result into an (N, 6) matrix indexed by dataset index.
+over an un-augmented, ordered loader (eval mode, no grad, AMP on GPU), feeds the logits of
+consecutive batches (chunks of about ``CHUNK_BYTES``: one call for a CIFAR-sized set) to the fused
+``instance_scores`` kernel together with the cached teacher logits of the same rows, and scatters
+the (rows, 6) result into an (N, 6) matrix indexed by dataset index.
 
 - :func:`score_dataset`  - the (N, 6) score matrix (columns ``SCORE_FIELDS``)
 - :func:`compute_logits` - (N, C) logits of any model (used for the teacher cache)
@@ -115,19 +116,60 @@ def _fits_on(device: torch.device, nbytes: int) -> bool:
     return nbytes <= free // 4
 
 
-def _traverse(model, loader, *, num_items, device, amp, progress, desc, on_batch):
-    """Runs the model over the loader (eval, no grad) and calls on_batch(logits, labels, indices).
+# Logits of consecutive batches are handed on in chunks of about this many bytes: one scoring
+# kernel (and one index check) per chunk instead of per batch, so the pass pays the per-call host
+# overhead of those small ops once per ~100k CIFAR rows rather than every 256.
+CHUNK_BYTES = 64 << 20
+
+
+class _Chunks:
+    """Per-batch (logits, labels, indices) kept on the device until about ``CHUNK_BYTES`` of logits
+    have gathered, then concatenated, index-checked and passed to ``on_chunk`` together."""
+
+    def __init__(self, num_items, device, on_chunk):
+        self.num_items, self.on_chunk = num_items, on_chunk
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.nbytes = 0
+        self.seen = torch.zeros(num_items, dtype=torch.int32, device=device)
+        self.outside = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, logits, labels, indices) -> None:
+        if indices.numel() == 0:
+            return
+        self.parts.append((logits, labels, indices))
+        self.nbytes += logits.numel() * logits.element_size()
+        if self.nbytes >= CHUNK_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.parts:
+            return
+        parts, self.parts, self.nbytes = self.parts, [], 0
+        if len(parts) == 1:
+            logits, labels, indices = parts[0]
+        else:
+            logits, labels, indices = (torch.cat(xs) for xs in zip(*parts))
+        # Counted on the device and reported at the end; clamped meanwhile so nothing writes out of
+        # bounds.
+        self.outside += ((indices < 0) | (indices >= self.num_items)).sum()
+        indices = indices.clamp(0, self.num_items - 1)
+        self.seen.index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
+        self.on_chunk(logits, labels, indices)
+
+
+def _traverse(model, loader, *, num_items, device, amp, progress, desc, on_chunk):
+    """Runs the model over the loader (eval, no grad) and calls on_chunk(logits, labels, indices)
+    with the rows of one or more consecutive batches (see ``CHUNK_BYTES``).
 
     Nothing is read back per batch (a GPU pass runs at the GPU's speed): indices outside
-    [0, num_items) are counted on the device and reported at the end, and clamped meanwhile so
-    they never write out of bounds. Returns how often each index was seen (CPU)."""
+    [0, num_items) are counted on the device and reported at the end. Returns how often each index
+    was seen (CPU)."""
     was_training = model.training
     model.eval()
     total = None
     with contextlib.suppress(TypeError):
         total = len(loader)
-    seen = torch.zeros(num_items, dtype=torch.int32, device=device)
-    outside = torch.zeros((), dtype=torch.int64, device=device)
+    chunks = _Chunks(num_items, device, on_chunk)
     try:
         with torch.no_grad(), _autocast(device, amp):
             bar = tqdm(loader, total=total, desc=desc, disable=not progress, leave=False, unit="batch")
@@ -137,19 +179,15 @@ def _traverse(model, loader, *, num_items, device, amp, progress, desc, on_batch
                 if indices.dtype != torch.int64:
                     indices = indices.long()
                 indices = indices.to(device, non_blocking=True)
-                bad = (indices < 0) | (indices >= num_items)
-                outside += bad.sum()
-                indices = indices.clamp(0, num_items - 1)
                 images = images.to(device, non_blocking=True)
                 labels = torch.as_tensor(labels).to(device, non_blocking=True)
-                logits = model(images)
-                on_batch(logits, labels, indices)
-                seen.index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
+                chunks.add(model(images), labels, indices)
+            chunks.flush()
     finally:
         model.train(was_training)
-    if int(outside):
-        raise ValueError(f"loader yielded {int(outside)} dataset indices outside [0, {num_items})")
-    return seen.cpu()
+    if int(chunks.outside):
+        raise ValueError(f"loader yielded {int(chunks.outside)} dataset indices outside [0, {num_items})")
+    return chunks.seen.cpu()
 
 
 def _check_coverage(seen: torch.Tensor, what: str) -> None:
@@ -197,7 +235,7 @@ def score_dataset(model: torch.nn.Module, loader: Iterable, teacher_logits=None,
             _fits_on(device, teacher_logits.numel() * teacher_logits.element_size()):
         teacher_logits = teacher_logits.to(device)
 
-    def on_batch(logits, labels, indices):
+    def on_chunk(logits, labels, indices):
         t = None
         if teacher_logits is not None:
             t = teacher_logits.index_select(0, indices.to(teacher_logits.device)).to(logits.device, non_blocking=True)
@@ -208,7 +246,7 @@ def score_dataset(model: torch.nn.Module, loader: Iterable, teacher_logits=None,
         out.index_copy_(0, indices, rows.float())
 
     seen = _traverse(model, loader, num_items=num_items, device=device, amp=amp, progress=progress,
-                     desc="scoring", on_batch=on_batch)
+                     desc="scoring", on_chunk=on_chunk)
     _check_coverage(seen, "score_dataset")
     _sum_across_ranks(out)
     return out.cpu()
@@ -223,7 +261,7 @@ def compute_logits(model: torch.nn.Module, loader: Iterable, *, num_items: Optio
     device = _model_device(model, device)
     holder = {"out": out}
 
-    def on_batch(logits, labels, indices):
+    def on_chunk(logits, labels, indices):
         if holder["out"] is None:
             nbytes = num_items * logits.shape[1] * torch.tensor([], dtype=dtype).element_size()
             where = device if _fits_on(device, nbytes) else torch.device("cpu")
@@ -232,7 +270,7 @@ def compute_logits(model: torch.nn.Module, loader: Iterable, *, num_items: Optio
         dst.index_copy_(0, indices.to(dst.device), logits.detach().to(dtype).to(dst.device))
 
     seen = _traverse(model, loader, num_items=num_items, device=device, amp=amp, progress=progress,
-                     desc="logits", on_batch=on_batch)
+                     desc="logits", on_chunk=on_chunk)
     _check_coverage(seen, "compute_logits")
     if holder["out"] is None:
         raise ValueError("loader yielded no batches")

@@ -300,7 +300,7 @@ class Trainer:
     # ------------------------------------------------------------------ identity and checkpoints
     @property
     def _resume_hash(self) -> str:
-        return resume_hash(self.cfg)
+        return resume_hash(self.cfg, self.method)
 
     def _run_identity(self) -> dict:
         return {"role": self.role, "method": self.method, "resume_hash": self._resume_hash,
@@ -373,8 +373,9 @@ class Trainer:
             raise CheckpointError(
                 f"{path} is a checkpoint of role {state.get('role')}/method {state.get('method')}, "
                 f"not {self.role}/{self.method}")
-        if state["resume_hash"] != self._resume_hash and not same_run_config(state["config"], self.cfg):
-            diff = config_diff(state["config"], self.cfg.to_dict())
+        if state["resume_hash"] != self._resume_hash and \
+                not same_run_config(state["config"], self.cfg, self.method):
+            diff = config_diff(state["config"], self.cfg.to_dict(), method=self.method)
             raise CheckpointError(
                 f"cannot resume {path}: the config differs from the one the run was started with: "
                 + ("; ".join(diff) or "(hash mismatch)") + ". Resume with the original config "

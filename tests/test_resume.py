@@ -279,3 +279,41 @@ def test_run_written_before_a_new_config_field_still_resumes(tmp_path):
         run.check(load_config(None, ["data.name=digits", "device=cpu", "optim.lr=0.5"]), "student", "isl",
                   resume=True, overwrite=False)
     assert not is_complete(run.path, "student", "isl", cfg)  # no checkpoint: not finished
+
+
+def test_curriculum_settings_are_not_part_of_a_ce_or_kd_run(tmp_path):
+    # ce and kd never read the curriculum section: a kd run stays the same run when a curriculum
+    # default changes (an ablation reuses its kd baseline), while an isl run does not.
+    import json
+
+    import yaml
+
+    from kdseq_fast.config import load_config
+    from kdseq_fast.run_dir import RunDirError, RunDirectory, config_diff, resume_hash, same_run_config
+
+    base = load_config(None, ["data.name=digits", "device=cpu", "curriculum.mix_frac=0.0"])
+    mixed = load_config(None, ["data.name=digits", "device=cpu", "curriculum.mix_frac=0.2"])
+    for method in ("ce", "kd"):
+        assert resume_hash(base, method) == resume_hash(mixed, method)
+        assert same_run_config(base.to_dict(), mixed, method)
+        assert config_diff(base.to_dict(), mixed.to_dict(), method=method) == []
+    assert resume_hash(base, "isl") != resume_hash(mixed, "isl")
+    assert not same_run_config(base.to_dict(), mixed, "isl")
+    assert config_diff(base.to_dict(), mixed.to_dict(), method="isl") == [
+        "curriculum.mix_frac (0.0 in the checkpoint, 0.2 now)"]
+    # Other settings still count for kd.
+    other_lr = load_config(None, ["data.name=digits", "device=cpu", "optim.lr=0.5"])
+    assert resume_hash(base, "kd") != resume_hash(other_lr, "kd")
+
+    for method in ("kd", "isl"):
+        run = RunDirectory(str(tmp_path / method))
+        os.makedirs(run.path)
+        with open(run.file("config.yaml"), "w") as fh:
+            yaml.safe_dump(base.to_dict(), fh)
+        with open(run.file("run.json"), "w") as fh:  # the hash as a version without this rule wrote it
+            json.dump({"role": "student", "method": method, "resume_hash": resume_hash(base)}, fh)
+        if method == "kd":
+            run.check(mixed, "student", method, resume=True, overwrite=False)  # accepted
+        else:
+            with pytest.raises(RunDirError, match="curriculum.mix_frac"):
+                run.check(mixed, "student", method, resume=True, overwrite=False)

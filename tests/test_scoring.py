@@ -55,6 +55,41 @@ def test_score_dataset_dict_batches_and_numpy_teacher():
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 7 * 4 * 20, 1 << 30])
+def test_score_dataset_chunks_batches_into_few_scoring_calls(monkeypatch, chunk_bytes):
+    # Batches are scored in chunks of about CHUNK_BYTES of logits: one call per batch (chunk of 1
+    # byte), a few calls (20-row chunks of 8-row batches), or one call for the pass; the scores and
+    # the teacher-logit cache are the same whatever the chunking.
+    from kdseq_fast import scoring
+
+    x, y, model = small_problem()
+    teacher = torch.randn(len(x), 7)
+    calls = []
+    original = scoring.instance_scores
+
+    def counting(student, *args, **kw):
+        calls.append(student.shape[0])
+        return original(student, *args, **kw)
+
+    monkeypatch.setattr(scoring, "instance_scores", counting)
+    monkeypatch.setattr(scoring, "CHUNK_BYTES", chunk_bytes)
+    scores = score_dataset(model, loader_for(x, y, batch_size=8), teacher, num_items=len(x), progress=False)
+    logits = compute_logits(model, loader_for(x, y, batch_size=8), num_items=len(x), progress=False)
+    model.eval()
+    with torch.no_grad():
+        expected = kf.instance_scores(model(x), y, teacher, temperature=4.0)
+        torch.testing.assert_close(logits, model(x))
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+    assert sum(calls) == len(x)
+    assert len(calls) == {1: 7, 7 * 4 * 20: 3, 1 << 30: 1}[chunk_bytes], calls
+    # A bad index anywhere in a chunk is still reported.
+    bad = torch.arange(len(x))
+    bad[-1] = len(x) + 5
+    batches = [(x[i:i + 8], y[i:i + 8], bad[i:i + 8]) for i in range(0, len(x), 8)]
+    with pytest.raises(ValueError, match="1 dataset indices outside"):
+        score_dataset(model, batches, num_items=len(x), progress=False)
+
+
 def test_score_dataset_rejects_missing_or_repeated_indices():
     x, y, model = small_problem(n=20)
     with pytest.raises(ValueError, match="exactly once"):
