@@ -336,7 +336,8 @@ def main(argv=None) -> int:
     from _common import command_line, machine_info
     from kdseq_fast.cli import find_config
     from kdseq_fast.config import load_config
-    from kdseq_fast.trainer import build_data, distill, train_teacher
+    from kdseq_fast.run_inputs import build_data
+    from kdseq_fast.runs import distill, train_teacher
 
     if args.threads:
         torch.set_num_threads(args.threads)

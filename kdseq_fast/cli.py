@@ -100,7 +100,7 @@ def _load_cfg(args, default_config: str | None = None):
 
 
 def _cmd_train_teacher(args, log) -> int:
-    from .trainer import train_teacher
+    from .runs import train_teacher
 
     cfg = _load_cfg(args)
     res = train_teacher(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
@@ -112,7 +112,7 @@ def _cmd_train_teacher(args, log) -> int:
 
 
 def _cmd_distill(args, log) -> int:
-    from .trainer import distill
+    from .runs import distill
 
     cfg = _load_cfg(args)
     res = distill(cfg, args.out, method=args.method, teacher=args.teacher, resume=args.resume,
@@ -125,7 +125,7 @@ def _cmd_distill(args, log) -> int:
 
 def _run_compare(args, log, default_config=None) -> int:
     from . import reports
-    from .trainer import compare
+    from .runs import compare
 
     cfg = _load_cfg(args, default_config)
     methods = [m.strip() for m in getattr(args, "methods", "ce,kd,isl").split(",") if m.strip()]

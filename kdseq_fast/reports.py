@@ -6,9 +6,11 @@ import json
 import os
 import re
 
+from typing import Iterable
+
 import numpy as np
 
-__all__ = ["read_metrics", "plot_accuracy", "plot_pacing", "plot_difficulty_histograms",
+__all__ = ["steps_to_target", "read_metrics", "plot_accuracy", "plot_pacing", "plot_difficulty_histograms",
            "format_table", "results_table_rows"]
 
 
@@ -19,6 +21,17 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def steps_to_target(history: Iterable[tuple[int, float]], target: float | None) -> int | None:
+    """First evaluated step whose test accuracy reaches ``target`` (None if never / no target)."""
+    if target is None:
+        return None
+    for steps, acc in history:
+        # A hair of tolerance: the kd baseline must reach its own final accuracy at its last step.
+        if acc >= target - 1e-12:
+            return int(steps)
+    return None
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -19,10 +19,10 @@ import torch
 import yaml
 
 from .config import Config, config_hash, save_config, validate_config
-from .runtime import atomic_write_bytes, load_latest_checkpoint
+from .runtime import CheckpointError, atomic_write_bytes, load_latest_checkpoint
 
 __all__ = ["RunDirectory", "RunDirError", "RESUME_IGNORED_KEYS", "ignored_keys", "TrainResult", "config_diff", "same_run_config",
-           "write_json", "is_complete", "completed_result"]
+           "write_json", "is_complete", "completed_result", "check_resumable"]
 
 # Keys that may change between a run and its resume without changing the result: where it runs,
 # where data lives, logging, how often it checkpoints and reads the device. `train.nonfinite` is
@@ -207,6 +207,30 @@ class RunDirectory:
     def write_json(self, name: str, obj) -> None:
         if self.is_main:
             write_json(obj, self.file(name))
+
+
+def check_resumable(state: dict, path: str, *, cfg: Config, role: str, method: str, checkpoint_format: int,
+                    teacher_fingerprint: str | None) -> None:
+    """Raises CheckpointError, naming what differs, unless checkpoint ``state`` (read from
+    ``path``) can resume this run: same format, role and method, config and teacher weights."""
+    if state.get("format") != checkpoint_format:
+        raise CheckpointError(
+            f"{path} was written by another version of kdseq-fast (checkpoint format "
+            f"{state.get('format')}, this version reads {checkpoint_format}); start a new --out")
+    if state.get("role") != role or state.get("method") != method:
+        raise CheckpointError(
+            f"{path} is a checkpoint of role {state.get('role')}/method {state.get('method')}, "
+            f"not {role}/{method}")
+    if state["resume_hash"] != resume_hash(cfg, method) and not same_run_config(state["config"], cfg, method):
+        diff = config_diff(state["config"], cfg.to_dict(), method=method)
+        raise CheckpointError(
+            f"cannot resume {path}: the config differs from the one the run was started with: "
+            + ("; ".join(diff) or "(hash mismatch)") + ". Resume with the original config "
+            "(see config.yaml in the run directory) or start a new --out")
+    if state.get("teacher_fingerprint") != teacher_fingerprint:
+        raise CheckpointError(
+            f"cannot resume {path}: the teacher weights differ from the teacher the run was "
+            "started with; pass the original --teacher or start a new --out")
 
 
 def is_complete(out_dir: str, role: str, method: str, cfg: Config) -> bool:

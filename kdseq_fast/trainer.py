@@ -9,7 +9,9 @@ drives, one concern each:
 - :mod:`.run_dir` -- the run directory: identity, refusing another run, metrics, weights, summary;
 - :mod:`.run_inputs` -- data splits, loaders, the teacher and its cached logits;
 - :mod:`.runtime` -- device, seeding, signals, checkpoint files, ``torch.distributed``;
-- :mod:`.callbacks` -- console and TensorBoard logging.
+- :mod:`.callbacks` -- console and TensorBoard logging;
+- :mod:`.train_settings` -- the ``auto`` training settings decided for the device;
+- :mod:`.runs` -- ``train_teacher`` / ``distill`` / ``compare``, the calls behind the CLI.
 
 Every run is resumable bit-exactly (CPU, deterministic mode): the checkpoint holds the student,
 optimizer, LR scheduler, loss scale, all RNG states, the position inside the epoch, the current
@@ -30,7 +32,7 @@ import os
 import signal
 import sys
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,20 +40,21 @@ import torch
 from .callbacks import Callback, ConsoleLogger, TensorBoardLogger
 from .config import Config, config_hash
 from .curriculum import InstanceSequence
-from .run_dir import (RESUME_IGNORED_KEYS, RunDirectory, RunDirError, TrainResult, completed_result,
-                      config_diff, is_complete, resume_hash, same_run_config)
+from .reports import steps_to_target
+from .run_dir import RESUME_IGNORED_KEYS, RunDirectory, RunDirError, TrainResult, check_resumable, resume_hash
 from .run_inputs import (DataBundle, build_data, load_teacher, make_loader, ordered_batch_size,
                          rank_loss_weight, shared_teacher_logits)
-from .runtime import (CheckpointError, GracefulStop, RunContext, SegmentTimer, capture_rng_state,
-                      load_latest_checkpoint, restore_rng_state, save_checkpoint, setup_run,
-                      test_dump_hook, test_kill_hook)
+from .runtime import (GracefulStop, RunContext, SegmentTimer, capture_rng_state, load_latest_checkpoint,
+                      restore_rng_state, save_checkpoint, setup_run, test_dump_hook, test_kill_hook)
 from .schedule import EpochPlan
+from .nonfinite import RejectedSteps
 from .step import BufferGuard, DeviceStep
+from .train_settings import resolve_train_settings
 
 __all__ = [
     "Trainer", "TrainResult", "Callback", "ConsoleLogger", "TensorBoardLogger", "Preempted",
     "NonFiniteError", "RunDirError", "METHODS", "RESUME_IGNORED_KEYS", "build_data",
-    "load_teacher", "train_teacher", "distill", "compare", "ordered_batch_size",
+    "load_teacher", "ordered_batch_size",
     "rank_loss_weight", "shared_teacher_logits", "steps_to_target", "resolve_train_settings",
 ]
 
@@ -60,59 +63,21 @@ METHODS = ("ce", "kd", "isl")
 CHECKPOINT_FORMAT = 2
 
 
+def __getattr__(name: str):
+    # The entry points live in .runs (which imports this module); kept importable from here.
+    if name in ("train_teacher", "distill", "compare"):
+        from . import runs
+
+        return getattr(runs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class Preempted(Exception):
     """Raised after a SIGTERM/SIGINT was honoured: the step finished and a checkpoint was saved."""
 
 
 class NonFiniteError(RuntimeError):
     """A NaN/inf loss or gradient; the last good state was checkpointed before raising."""
-
-
-def _cuda_graphs_setting(t, cuda: bool, distributed: bool, compiled: bool, fused: bool,
-                         deterministic: bool) -> bool:
-    """train.cuda_graphs: auto = on where the captured step applies (one CUDA process, eager
-    modules, fused SGD); true where it cannot apply is a configuration error, named."""
-    ok = cuda and not distributed and not compiled and fused
-    if t.cuda_graphs == "auto":
-        # Bit-exact resume is proven for eager steps; deterministic runs take graphs by choice.
-        return ok and not deterministic
-    if t.cuda_graphs and not ok:
-        why = ("a CUDA device" if not cuda else "a single process (not torchrun)" if distributed
-               else "train.compile off (use train.compile_mode=reduce-overhead for compiled graphs)"
-               if compiled else "train.fused_optimizer on")
-        raise ValueError(f"config field 'train.cuda_graphs' is true, which needs {why}")
-    return bool(t.cuda_graphs)
-
-
-def resolve_train_settings(cfg: Config, device: torch.device, distributed: bool = False) -> dict:
-    """The ``auto`` fields of ``cfg.train`` decided for ``device`` (one place, used by the trainer
-    and reported by the benchmarks). CPU defaults were chosen by measurement with
-    benchmarks/bench_train.py (see benchmarks/README.md); GPU ones follow the issue's targets and
-    stay to be confirmed by measurement where benchmarks/README.md says so."""
-    from .amp import resolve_amp
-
-    t = cfg.train
-    cuda = device.type == "cuda"
-
-    def pick(value, auto):
-        return auto if value == "auto" else value
-
-    return {
-        "amp": resolve_amp(t.amp, device),
-        # oneDNN's channels-last CPU kernels are deterministic within a process but not across a
-        # resume (measured: a killed-and-resumed run drifts from the uninterrupted one), so
-        # deterministic CPU runs keep NCHW.
-        "channels_last": bool(pick(t.channels_last, cuda or not cfg.deterministic)),
-        "fused_optimizer": bool(pick(t.fused_optimizer, True)),
-        "compile": bool(pick(t.compile, False)),
-        "compile_mode": t.compile_mode,
-        "cuda_graphs": _cuda_graphs_setting(t, cuda, distributed, pick(t.compile, False),
-                                            pick(t.fused_optimizer, True), cfg.deterministic),
-        # A host read per step costs nothing on the CPU and keeps non-finite stops exact there.
-        "log_every_steps": int(pick(t.log_every_steps, 50 if cuda else 1)),
-        "eval_batch_size": int(pick(t.eval_batch_size, max(cfg.optim.batch_size, 1024) if cuda
-                                    else cfg.optim.batch_size)),
-    }
 
 
 class Trainer:
@@ -158,8 +123,31 @@ class Trainer:
         self.settings = resolve_train_settings(cfg, self.device, distributed=self.ctx.distributed)
         self.run_dir = RunDirectory(self.out_dir, is_main=self.ctx.is_main)
 
-        # Epoch plan ------------------------------------------------------------------------
-        if role == "teacher":
+        self._plan_epochs()
+        # Rank 0 alone reads the directory (the others would race its writes) and shares the
+        # verdict, so a refused directory stops every rank with the same error.
+        self.ctx.run_on_main(lambda: self.run_dir.check(cfg, role, method, resume=resume,
+                                                        overwrite=overwrite))
+        self._build_data(data)
+        guard = self._build_student()
+        teacher_fwd = self._build_teacher(teacher)
+        self._build_step(guard, teacher_fwd, sync_timing)
+        self._init_progress()
+        from .scoring import teacher_fingerprint
+
+        self.teacher_fingerprint = teacher_fingerprint(self.teacher) if self.teacher is not None else None
+
+        if self.ctx.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+        if resume:
+            self._load_resume_state()
+        if self._resume_state is None:
+            self.run_dir.init(cfg, self._run_identity())
+
+    # ------------------------------------------------------------------ building the run
+    def _plan_epochs(self) -> None:
+        cfg = self.cfg
+        if self.role == "teacher":
             self.total_epochs = cfg.teacher.epochs or cfg.optim.epochs
             self.base_lr = cfg.teacher.lr or cfg.optim.lr
             # A shorter teacher schedule keeps the decay points at the same fractions.
@@ -172,12 +160,8 @@ class Trainer:
             self.milestones = list(cfg.optim.lr_decay_epochs)
             self.arch = cfg.student.arch
 
-        # Rank 0 alone reads the directory (the others would race its writes) and shares the
-        # verdict, so a refused directory stops every rank with the same error.
-        self.ctx.run_on_main(lambda: self.run_dir.check(cfg, role, method, resume=resume,
-                                                        overwrite=overwrite))
-
-        # Data ------------------------------------------------------------------------------
+    def _build_data(self, data: DataBundle | None) -> None:
+        cfg = self.cfg
         if cfg.optim.batch_size < self.ctx.world_size:
             raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is the global batch and must "
                              f"be at least the number of processes ({self.ctx.world_size})")
@@ -193,24 +177,34 @@ class Trainer:
             cfg, self.data.test, self.ctx, augment=False, seed=cfg.seed, shard=shard,
             batch_size=ordered_batch_size(len(self.data.test), eval_bs, self.ctx.world_size))
         self.test_loader.set_order(np.arange(len(self.data.test)))
-        self.plan = EpochPlan(cfg, method=method, total_epochs=self.total_epochs,
+        self.plan = EpochPlan(cfg, method=self.method, total_epochs=self.total_epochs,
                               num_items=self.num_items)
         self.schedule = self.plan.epochs
         self.orders, self.pacing = self.plan.orders, self.plan.pacing
         self.steps_per_epoch = self.plan.steps_per_epoch
 
-        # Models ----------------------------------------------------------------------------
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def _compile(self, module: torch.nn.Module) -> torch.nn.Module:
+        if not self.settings["compile"]:
+            return module
+        mode = self.settings["compile_mode"]
+        return torch.compile(module, **({} if mode == "default" else {"mode": mode}))
+
+    def _build_student(self) -> BufferGuard:
+        """The student, its DDP wrapper and compiled form; returns its BatchNorm buffer guard."""
         from .models import get_model
         from .runtime import seed_everything
 
         # Seed right before initialisation so the initial student depends on the seed alone
         # (not on what dataset loading consumed): every method starts from the same weights.
-        seed_everything(cfg.seed)
-        self.model = get_model(self.arch, self.num_classes, image_size=cfg.data.image_size,
+        seed_everything(self.cfg.seed)
+        self.model = get_model(self.arch, self.num_classes, image_size=self.cfg.data.image_size,
                                in_channels=self.data.in_channels)
         self.channels_last = self.settings["channels_last"]
-        mf = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.model.to(self.device, memory_format=mf)
+        self.model.to(self.device, memory_format=self._memory_format)
         # Before any wrapper holds the buffers: the guard re-points them into one flat tensor.
         guard = BufferGuard(self.model)
         net = self.model
@@ -223,30 +217,32 @@ class Trainer:
             net = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.ddp = net if self.ctx.distributed else None
-        compile_kw = {} if self.settings["compile_mode"] == "default" else \
-            {"mode": self.settings["compile_mode"]}
-        self.train_model = torch.compile(net, **compile_kw) if self.settings["compile"] else net
+        self.train_model = self._compile(net)
+        return guard
 
+    def _build_teacher(self, teacher) -> torch.nn.Module | None:
+        """The teacher (kd and isl) from a module or checkpoint path; returns the module the step
+        calls (compiled when train.compile is on)."""
         self.teacher = None
         self.teacher_path = None
-        if method in ("kd", "isl"):
-            teacher = teacher if teacher is not None else cfg.teacher.checkpoint
-            if teacher is None:
-                raise ValueError(f"method {method!r} needs a teacher: pass --teacher PATH or set "
-                                 "teacher.checkpoint (train one with `kdseq-fast train-teacher`)")
-            if isinstance(teacher, torch.nn.Module):
-                self.teacher = teacher.eval()
-            else:
-                self.teacher_path = os.path.abspath(os.fspath(teacher))
-                self.teacher = load_teacher(cfg, self.teacher_path, self.num_classes,
-                                            in_channels=self.data.in_channels)
-            self.teacher.to(self.device, memory_format=mf)
-        teacher_fwd = self.teacher
-        if self.teacher is not None and self.settings["compile"]:
-            teacher_fwd = torch.compile(self.teacher, **compile_kw)
+        if self.method not in ("kd", "isl"):
+            return None
+        teacher = teacher if teacher is not None else self.cfg.teacher.checkpoint
+        if teacher is None:
+            raise ValueError(f"method {self.method!r} needs a teacher: pass --teacher PATH or set "
+                             "teacher.checkpoint (train one with `kdseq-fast train-teacher`)")
+        if isinstance(teacher, torch.nn.Module):
+            self.teacher = teacher.eval()
+        else:
+            self.teacher_path = os.path.abspath(os.fspath(teacher))
+            self.teacher = load_teacher(self.cfg, self.teacher_path, self.num_classes,
+                                        in_channels=self.data.in_channels)
+        self.teacher.to(self.device, memory_format=self._memory_format)
+        return self._compile(self.teacher)
 
-        # Optimization ----------------------------------------------------------------------
-        o = cfg.optim
+    def _build_step(self, guard: BufferGuard, teacher_fwd, sync_timing: bool) -> None:
+        """Optimizer, LR schedule and the device step."""
+        o, loss = self.cfg.optim, self.cfg.loss
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.base_lr,
                                          momentum=o.momentum, weight_decay=o.weight_decay,
                                          nesterov=o.nesterov, fused=self.settings["fused_optimizer"])
@@ -255,8 +251,8 @@ class Trainer:
         self.amp = self.settings["amp"]
         self.step = DeviceStep(
             model=self.model, train_model=self.train_model, optimizer=self.optimizer,
-            device=self.device, amp=self.amp, method=method, temperature=cfg.loss.temperature,
-            kd_weight=cfg.loss.kd_weight, ce_weight=cfg.loss.ce_weight, teacher=teacher_fwd,
+            device=self.device, amp=self.amp, method=self.method, temperature=loss.temperature,
+            kd_weight=loss.kd_weight, ce_weight=loss.ce_weight, teacher=teacher_fwd,
             channels_last=self.channels_last, guard=guard,
             all_reduce=self.ctx.all_reduce_max if self.ctx.distributed else None,
             cuda_graphs=self.settings["cuda_graphs"])
@@ -264,7 +260,8 @@ class Trainer:
         self.timer = SegmentTimer(self.device, sync=sync_timing)
         self.log_every = self.settings["log_every_steps"]
 
-        # Progress state (everything the checkpoint holds) ------------------------------------
+    def _init_progress(self) -> None:
+        """Progress state: everything the checkpoint holds, at the start of a run."""
         self.epoch = 0              # index of the epoch in progress / next to run
         self.batch_in_epoch = 0     # next batch of that epoch
         self.global_step = 0
@@ -283,19 +280,8 @@ class Trainer:
         self._score_loader_obj = None
         self._resume_state = None
         self._last_checkpoint_step = None
-        self._recent: list = []          # (step, phase, epoch, batch, indices) since the last fold
-        self._pending_bad: list = []     # device folds that reported rejected steps
+        self.rejected = RejectedSteps()
         self._compiled_once = False
-        from .scoring import teacher_fingerprint
-
-        self.teacher_fingerprint = teacher_fingerprint(self.teacher) if self.teacher is not None else None
-
-        if self.ctx.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
-        if resume:
-            self._load_resume_state()
-        if self._resume_state is None:
-            self.run_dir.init(cfg, self._run_identity())
 
     # ------------------------------------------------------------------ identity and checkpoints
     @property
@@ -365,25 +351,8 @@ class Trainer:
             self.log(f"[{self.label}] no checkpoint in {self.out_dir}; starting from scratch")
             return
         state, path = found
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(
-                f"{path} was written by another version of kdseq-fast (checkpoint format "
-                f"{state.get('format')}, this version reads {CHECKPOINT_FORMAT}); start a new --out")
-        if state.get("role") != self.role or state.get("method") != self.method:
-            raise CheckpointError(
-                f"{path} is a checkpoint of role {state.get('role')}/method {state.get('method')}, "
-                f"not {self.role}/{self.method}")
-        if state["resume_hash"] != self._resume_hash and \
-                not same_run_config(state["config"], self.cfg, self.method):
-            diff = config_diff(state["config"], self.cfg.to_dict(), method=self.method)
-            raise CheckpointError(
-                f"cannot resume {path}: the config differs from the one the run was started with: "
-                + ("; ".join(diff) or "(hash mismatch)") + ". Resume with the original config "
-                "(see config.yaml in the run directory) or start a new --out")
-        if state.get("teacher_fingerprint") != self.teacher_fingerprint:
-            raise CheckpointError(
-                f"cannot resume {path}: the teacher weights differ from the teacher the run was "
-                "started with; pass the original --teacher or start a new --out")
+        check_resumable(state, path, cfg=self.cfg, role=self.role, method=self.method,
+                        checkpoint_format=CHECKPOINT_FORMAT, teacher_fingerprint=self.teacher_fingerprint)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -549,31 +518,18 @@ class Trainer:
         a["loss_sum"] += r.loss_sum
         a["samples"] += r.samples
         a["correct"] += r.correct
-        if r.bad_steps:
-            self._pending_bad.append(r)
+        self.rejected.add_read(r)
 
     def _handle_rejected(self, bar=None) -> None:
         """Reports the steps the non-finite guard rejected since the last read: a warning with
         ``train.nonfinite=skip``, else a checkpoint of the last good state and NonFiniteError."""
-        recent, self._recent = self._recent, []
-        if not self._pending_bad:
+        found = self.rejected.take()
+        if found is None:
             if bar is not None and self.accum["samples"]:
                 bar.set_postfix(loss=f"{self.accum['loss_sum'] / self.accum['samples']:.4f}", refresh=False)
             return
-        bad = sum(r.bad_steps for r in self._pending_bad)
-        first = next(r.first_bad for r in self._pending_bad if r.first_bad >= 0)
-        self._pending_bad = []
+        bad, msg = found
         self.skipped_batches += bad
-        where = next((rec for rec in recent if rec[0] == first), None)
-        if where is not None:
-            step, phase, epoch, batch, indices = where
-            idx = indices.cpu().tolist()
-            shown = ", ".join(map(str, idx[:16])) + (f", ... ({len(idx)} in all)" if len(idx) > 16 else "")
-            at = f"step {step}, phase {phase}, epoch {epoch + 1}, batch {batch} with dataset indices [{shown}]"
-        else:
-            at = f"step {first}"
-        more = f" ({bad} rejected steps since the previous check)" if bad > 1 else ""
-        msg = f"non-finite loss or gradient at {at}{more}; the update was not applied"
         if self.cfg.train.nonfinite == "skip":
             self.log(f"[{self.label}] warning: {msg}; batch skipped (train.nonfinite=skip)")
             return
@@ -648,8 +604,8 @@ class Trainer:
                             torch.cuda.synchronize(self.device)
                         self.accum["compile"] += time.perf_counter() - tc
                         self._compiled_once = True
-                    self._recent.append((self.global_step + 1, phase, e, self.batch_in_epoch,
-                                         batch["indices"]))
+                    self.rejected.record(self.global_step + 1, phase, e, self.batch_in_epoch,
+                                         batch["indices"])
                     self.accum["admitted_sum"] += float(admitted[self.batch_in_epoch]) / self.num_items
                     self.accum["steps"] += 1
                     self.batch_in_epoch += 1
@@ -800,121 +756,3 @@ class Trainer:
                                       f" a={self.pacing.full_at})")
             reports.plot_difficulty_histograms(self.out_dir, self.cfg.curriculum.measure,
                                                self.run_dir.file("difficulty_hist.png"))
-
-
-def steps_to_target(history: Iterable[tuple[int, float]], target: float | None) -> int | None:
-    """First evaluated step whose test accuracy reaches ``target`` (None if never / no target)."""
-    if target is None:
-        return None
-    for steps, acc in history:
-        # A hair of tolerance: the kd baseline must reach its own final accuracy at its last step.
-        if acc >= target - 1e-12:
-            return int(steps)
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# High-level entry points (used by the CLI)
-# --------------------------------------------------------------------------------------------
-def _callbacks(cfg: Config, out_dir: str, log, extra=()) -> list:
-    cbs = [ConsoleLogger(log)]
-    if cfg.train.tensorboard:
-        cbs.append(TensorBoardLogger(os.path.join(out_dir, "tb")))
-    return cbs + list(extra)
-
-
-def train_teacher(cfg: Config, out_dir: str, *, resume=False, overwrite=False, quiet=False,
-                  log=print, data: DataBundle | None = None, ctx=None) -> TrainResult:
-    """Train ``cfg.teacher.arch`` with cross-entropy; writes ``out_dir/teacher.pt``."""
-    ctx = ctx or setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
-    if resume and ctx.run_on_main(lambda: is_complete(out_dir, "teacher", "ce", cfg)):
-        return ctx.run_on_main(lambda: completed_result(out_dir, "teacher.pt", log, "teacher"))
-    t = Trainer(cfg, out_dir, role="teacher", resume=resume, overwrite=overwrite, quiet=quiet,
-                callbacks=_callbacks(cfg, out_dir, log), log=log, data=data, ctx=ctx)
-    return t.fit()
-
-
-def distill(cfg: Config, out_dir: str, *, method: str | None = None, teacher=None, resume=False,
-            overwrite=False, quiet=False, log=print, data: DataBundle | None = None,
-            ctx=None) -> TrainResult:
-    """Train the student with ``method`` (``ce``, ``kd`` or ``isl``) into ``out_dir``."""
-    method = method or cfg.method
-    ctx = ctx or setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
-    if resume and ctx.run_on_main(lambda: is_complete(out_dir, "student", method, cfg)):
-        return ctx.run_on_main(lambda: completed_result(out_dir, "student.pt", log, method))
-    t = Trainer(cfg, out_dir, method=method, teacher=teacher, resume=resume, overwrite=overwrite,
-                quiet=quiet, callbacks=_callbacks(cfg, out_dir, log), log=log, data=data, ctx=ctx)
-    return t.fit()
-
-
-def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teacher=None,
-            resume=False, overwrite=False, quiet=False, log=print) -> dict:
-    """Train the teacher if needed, then each method on the same config, seed and budget.
-
-    Layout: ``out_dir/teacher/`` (when trained here), ``out_dir/<method>/`` per method, and in
-    ``out_dir`` the combined ``summary.json``, ``metrics.jsonl`` and comparison plots.
-    ``steps_to_target`` uses ``train.target_acc`` or, when null, the kd run's final accuracy.
-    """
-    import copy
-    import json
-
-    from . import reports
-    from .run_dir import write_json
-
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
-    os.makedirs(out_dir, exist_ok=True)
-    ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
-    data = build_data(cfg)
-    teacher = teacher or cfg.teacher.checkpoint
-    teacher_entry = None
-    if teacher is None and any(m != "ce" for m in methods):
-        res = train_teacher(cfg, os.path.join(out_dir, "teacher"), resume=resume,
-                            overwrite=overwrite, quiet=quiet, log=log, data=data, ctx=ctx)
-        teacher = res.weights_path
-        teacher_entry = res.summary["teacher"]
-    results = {}
-    for m in methods:
-        # Same seed for every method: reseed so each starts from the identical initial student.
-        ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
-        results[m] = distill(cfg, os.path.join(out_dir, m), method=m,
-                             teacher=teacher if m != "ce" else None, resume=resume,
-                             overwrite=overwrite, quiet=quiet, log=log, data=data, ctx=ctx)
-    summary = {"teacher": teacher_entry or {}, "methods": {}}
-    for m, r in results.items():
-        if r.summary.get("teacher", {}).get("test_acc") is not None and not teacher_entry:
-            summary["teacher"] = dict(r.summary["teacher"])
-        summary["methods"][m] = dict(r.summary["methods"][m])
-    if teacher_entry is None and teacher is not None:
-        summary["teacher"].setdefault("checkpoint", os.path.abspath(os.fspath(teacher)))
-    if not ctx.is_main:
-        # The combined files and plots come from rank 0; the other ranks only trained.
-        return {**summary, "plots": []}
-    target = cfg.train.target_acc
-    if target is not None and target > 1:
-        target /= 100.0
-    if target is None and "kd" in summary["methods"]:
-        target = summary["methods"]["kd"]["test_acc"]
-    records = {m: reports.read_metrics(os.path.join(out_dir, m, "metrics.jsonl")) for m in results}
-    for m, entry in summary["methods"].items():
-        hist = [(r["steps"], r["test_acc"]) for r in records[m] if r["test_acc"] is not None]
-        entry["target_acc"] = target
-        entry["steps_to_target"] = steps_to_target(hist, target)
-    if teacher_entry is not None:
-        summary["teacher"] = teacher_entry
-    write_json(summary, os.path.join(out_dir, "summary.json"))
-    with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as fh:
-        for m in results:
-            for r in records[m]:
-                fh.write(json.dumps(r) + "\n")
-    reports.plot_accuracy(records, os.path.join(out_dir, "accuracy_vs_steps.png"), target=target)
-    plots = [os.path.join(out_dir, "accuracy_vs_steps.png")]
-    if "isl" in results:
-        for name in ("pacing.png", "difficulty_hist.png"):
-            src = os.path.join(out_dir, "isl", name)
-            if os.path.exists(src):
-                plots.append(src)
-    summary_out = copy.deepcopy(summary)
-    summary_out["plots"] = plots
-    return summary_out

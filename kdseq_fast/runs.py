@@ -1,0 +1,122 @@
+"""The calls behind the CLI commands: ``train_teacher``, ``distill`` (one method) and ``compare``
+(every method on the same config, seed and budget, with the combined summary and plots). Each
+builds a :class:`~kdseq_fast.trainer.Trainer` per run and skips a run that is already complete."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from .callbacks import ConsoleLogger, TensorBoardLogger
+from .config import Config
+from .reports import steps_to_target
+from .run_dir import TrainResult, completed_result, is_complete
+from .run_inputs import DataBundle, build_data
+from .runtime import setup_run
+from .trainer import METHODS, Trainer
+
+__all__ = ["train_teacher", "distill", "compare"]
+
+
+# --------------------------------------------------------------------------------------------
+def _callbacks(cfg: Config, out_dir: str, log, extra=()) -> list:
+    cbs = [ConsoleLogger(log)]
+    if cfg.train.tensorboard:
+        cbs.append(TensorBoardLogger(os.path.join(out_dir, "tb")))
+    return cbs + list(extra)
+
+
+def train_teacher(cfg: Config, out_dir: str, *, resume=False, overwrite=False, quiet=False,
+                  log=print, data: DataBundle | None = None, ctx=None) -> TrainResult:
+    """Train ``cfg.teacher.arch`` with cross-entropy; writes ``out_dir/teacher.pt``."""
+    ctx = ctx or setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
+    if resume and ctx.run_on_main(lambda: is_complete(out_dir, "teacher", "ce", cfg)):
+        return ctx.run_on_main(lambda: completed_result(out_dir, "teacher.pt", log, "teacher"))
+    t = Trainer(cfg, out_dir, role="teacher", resume=resume, overwrite=overwrite, quiet=quiet,
+                callbacks=_callbacks(cfg, out_dir, log), log=log, data=data, ctx=ctx)
+    return t.fit()
+
+
+def distill(cfg: Config, out_dir: str, *, method: str | None = None, teacher=None, resume=False,
+            overwrite=False, quiet=False, log=print, data: DataBundle | None = None,
+            ctx=None) -> TrainResult:
+    """Train the student with ``method`` (``ce``, ``kd`` or ``isl``) into ``out_dir``."""
+    method = method or cfg.method
+    ctx = ctx or setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
+    if resume and ctx.run_on_main(lambda: is_complete(out_dir, "student", method, cfg)):
+        return ctx.run_on_main(lambda: completed_result(out_dir, "student.pt", log, method))
+    t = Trainer(cfg, out_dir, method=method, teacher=teacher, resume=resume, overwrite=overwrite,
+                quiet=quiet, callbacks=_callbacks(cfg, out_dir, log), log=log, data=data, ctx=ctx)
+    return t.fit()
+
+
+def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teacher=None,
+            resume=False, overwrite=False, quiet=False, log=print) -> dict:
+    """Train the teacher if needed, then each method on the same config, seed and budget.
+
+    Layout: ``out_dir/teacher/`` (when trained here), ``out_dir/<method>/`` per method, and in
+    ``out_dir`` the combined ``summary.json``, ``metrics.jsonl`` and comparison plots.
+    ``steps_to_target`` uses ``train.target_acc`` or, when null, the kd run's final accuracy.
+    """
+    import copy
+    import json
+
+    from . import reports
+    from .run_dir import write_json
+
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
+    os.makedirs(out_dir, exist_ok=True)
+    ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
+    data = build_data(cfg)
+    teacher = teacher or cfg.teacher.checkpoint
+    teacher_entry = None
+    if teacher is None and any(m != "ce" for m in methods):
+        res = train_teacher(cfg, os.path.join(out_dir, "teacher"), resume=resume,
+                            overwrite=overwrite, quiet=quiet, log=log, data=data, ctx=ctx)
+        teacher = res.weights_path
+        teacher_entry = res.summary["teacher"]
+    results = {}
+    for m in methods:
+        # Same seed for every method: reseed so each starts from the identical initial student.
+        ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
+        results[m] = distill(cfg, os.path.join(out_dir, m), method=m,
+                             teacher=teacher if m != "ce" else None, resume=resume,
+                             overwrite=overwrite, quiet=quiet, log=log, data=data, ctx=ctx)
+    summary = {"teacher": teacher_entry or {}, "methods": {}}
+    for m, r in results.items():
+        if r.summary.get("teacher", {}).get("test_acc") is not None and not teacher_entry:
+            summary["teacher"] = dict(r.summary["teacher"])
+        summary["methods"][m] = dict(r.summary["methods"][m])
+    if teacher_entry is None and teacher is not None:
+        summary["teacher"].setdefault("checkpoint", os.path.abspath(os.fspath(teacher)))
+    if not ctx.is_main:
+        # The combined files and plots come from rank 0; the other ranks only trained.
+        return {**summary, "plots": []}
+    target = cfg.train.target_acc
+    if target is not None and target > 1:
+        target /= 100.0
+    if target is None and "kd" in summary["methods"]:
+        target = summary["methods"]["kd"]["test_acc"]
+    records = {m: reports.read_metrics(os.path.join(out_dir, m, "metrics.jsonl")) for m in results}
+    for m, entry in summary["methods"].items():
+        hist = [(r["steps"], r["test_acc"]) for r in records[m] if r["test_acc"] is not None]
+        entry["target_acc"] = target
+        entry["steps_to_target"] = steps_to_target(hist, target)
+    if teacher_entry is not None:
+        summary["teacher"] = teacher_entry
+    write_json(summary, os.path.join(out_dir, "summary.json"))
+    with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as fh:
+        for m in results:
+            for r in records[m]:
+                fh.write(json.dumps(r) + "\n")
+    reports.plot_accuracy(records, os.path.join(out_dir, "accuracy_vs_steps.png"), target=target)
+    plots = [os.path.join(out_dir, "accuracy_vs_steps.png")]
+    if "isl" in results:
+        for name in ("pacing.png", "difficulty_hist.png"):
+            src = os.path.join(out_dir, "isl", name)
+            if os.path.exists(src):
+                plots.append(src)
+    summary_out = copy.deepcopy(summary)
+    summary_out["plots"] = plots
+    return summary_out
