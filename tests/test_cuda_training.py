@@ -181,3 +181,43 @@ def test_torchrun_nccl_two_gpus(tmp_path, teacher):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["methods"]["isl"]["test_acc"] >= 0.5
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])
+def test_snapshot_pass_never_waits_for_the_gpu_and_matches_the_cpu(monkeypatch, chunk_bytes):
+    # The scoring pass (model, chunking, index checks, instance_scores, scatter) issues no host
+    # sync per batch, whether every batch is its own chunk or the pass is one chunk; the result
+    # is the CPU pass's (fp32 on both, amp off).
+    from kdseq_fast import scoring
+    from kdseq_fast.models import get_model
+
+    monkeypatch.setattr(scoring, "CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(0)
+    n, classes = 300, 10
+    images = torch.randn(n, 3, 32, 32, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    teacher = torch.randn(n, classes, generator=g) * 3
+    torch.manual_seed(0)
+    model = get_model("resnet8", classes).eval()
+    cpu = scoring.score_dataset(model, [(images[i:i + 64], labels[i:i + 64], torch.arange(i, min(i + 64, n)))
+                                        for i in range(0, n, 64)], teacher, num_items=n, progress=False)
+    model.cuda()
+    batches = [(images[i:i + 64].cuda(), labels[i:i + 64].cuda(), torch.arange(i, min(i + 64, n)).cuda())
+               for i in range(0, n, 64)]
+    teacher_gpu = teacher.cuda()
+    on_chunk_calls = []
+    chunks = scoring._Chunks(n, torch.device("cuda"), lambda s, y, idx: on_chunk_calls.append(
+        scoring.instance_scores(s, y, teacher_gpu.index_select(0, idx), temperature=4.0, validate=False)))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            for x, y, idx in batches:
+                chunks.add(model(x), y, idx)
+            chunks.flush()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(on_chunk_calls) == (len(batches) if chunk_bytes == 1 else 1)
+    assert int(chunks.outside) == 0 and bool((chunks.seen == 1).all())
+    gpu = scoring.score_dataset(model, batches, teacher_gpu, num_items=n, amp="none", progress=False)
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)
