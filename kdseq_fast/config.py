@@ -88,7 +88,7 @@ DEFAULTS: dict[str, Any] = {
         "compile": "auto",       # torch.compile student and teacher: auto (off until measured) | true | false
         "compile_mode": "default",  # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
         "channels_last": "auto",  # auto (on for CUDA) | true | false
-        "cuda_graphs": "auto",   # training step replayed as one CUDA graph: auto (one CUDA process, not compiled, not deterministic) | true | false
+        "cuda_graphs": "auto",   # training step replayed as one CUDA graph: auto (one CUDA process, not compiled, not deterministic) | true (also a compiled step, unless compile_mode=reduce-overhead) | false
         "fused_optimizer": "auto",  # fused SGD (skips a non-finite step on a device flag): auto | true | false
         "log_every_steps": "auto",  # host reads of the device's loss/accuracy/guard counters: auto | N
         "eval_batch_size": "auto",  # evaluation, scoring and teacher-logit passes: auto | N

@@ -10,18 +10,22 @@ from .config import Config
 __all__ = ["resolve_train_settings"]
 
 
-def _cuda_graphs_setting(t, cuda: bool, distributed: bool, compiled: bool, fused: bool,
+def _cuda_graphs_setting(t, cuda: bool, distributed: bool, compiled: bool, compile_mode: str, fused: bool,
                          deterministic: bool) -> bool:
-    """train.cuda_graphs: auto = on where the captured step applies (one CUDA process, eager
-    modules, fused SGD); true where it cannot apply is a configuration error, named."""
-    ok = cuda and not distributed and not compiled and fused
+    """train.cuda_graphs: auto = on where the captured step applies and was measured (one CUDA
+    process, eager modules, fused SGD); true also captures a torch.compile'd step (inductor's
+    kernels in the graph; compiled during the warm-up steps); true where it cannot apply is a
+    configuration error, named."""
+    # reduce-overhead makes inductor capture graphs of its own, which cannot nest in ours.
+    ok = cuda and not distributed and fused and not (compiled and compile_mode == "reduce-overhead")
     if t.cuda_graphs == "auto":
         # Bit-exact resume is proven for eager steps; deterministic runs take graphs by choice.
-        return ok and not deterministic
+        # A compiled step in a graph is not measured yet: by choice too.
+        return ok and not deterministic and not compiled
     if t.cuda_graphs and not ok:
         why = ("a CUDA device" if not cuda else "a single process (not torchrun)" if distributed
-               else "train.compile off (use train.compile_mode=reduce-overhead for compiled graphs)"
-               if compiled else "train.fused_optimizer on")
+               else "train.fused_optimizer on" if not fused
+               else "train.compile_mode other than reduce-overhead (which captures graphs itself)")
         raise ValueError(f"config field 'train.cuda_graphs' is true, which needs {why}")
     return bool(t.cuda_graphs)
 
@@ -48,7 +52,7 @@ def resolve_train_settings(cfg: Config, device: torch.device, distributed: bool 
         "fused_optimizer": bool(pick(t.fused_optimizer, True)),
         "compile": bool(pick(t.compile, False)),
         "compile_mode": t.compile_mode,
-        "cuda_graphs": _cuda_graphs_setting(t, cuda, distributed, pick(t.compile, False),
+        "cuda_graphs": _cuda_graphs_setting(t, cuda, distributed, pick(t.compile, False), t.compile_mode,
                                             pick(t.fused_optimizer, True), cfg.deterministic),
         # A host read per step costs nothing on the CPU and keeps non-finite stops exact there.
         "log_every_steps": int(pick(t.log_every_steps, 50 if cuda else 1)),

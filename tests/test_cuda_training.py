@@ -110,15 +110,16 @@ def test_device_step_never_waits_for_the_gpu(tmp_path, teacher, graphs):
         assert r.samples == sum(int(b["labels"].numel()) for b in batches) and r.bad_steps == 0
 
 
-@pytest.mark.parametrize("amp", ["none", "fp16"])
-def test_graphed_step_matches_eager_and_recaptures(tmp_path, teacher, amp):
+@pytest.mark.parametrize("amp,compiled", [("none", "false"), ("fp16", "false"), ("bf16", "true")])
+def test_graphed_step_matches_eager_and_recaptures(tmp_path, teacher, amp, compiled):
     # The same batches through the eager step and the captured one: the same kernels on the same
     # tensors, so the same weights, BN statistics, momentum and counters. A learning-rate change
-    # captures a new graph; the epoch's partial last batch runs eagerly between replays.
+    # captures a new graph; the epoch's partial last batch runs eagerly between replays. With
+    # train.compile the graph holds inductor's kernels, compiled during the warm-up steps.
     results = {}
     for graphs in ("false", "true"):
         cfg = load_config(None, BASE + ["data.augment=none", f"train.amp={amp}", f"train.cuda_graphs={graphs}",
-                                        "deterministic=true"])
+                                        f"train.compile={compiled}", "deterministic=true"])
         t = Trainer(cfg, str(tmp_path / graphs), method="kd", teacher=teacher, quiet=True, log=lambda m: None)
         t.teacher_train_logits()
         t.train_loader.set_order(t.plan.order(0, None)[0])

@@ -217,8 +217,19 @@ def test_auto_settings_per_device():
         resolve_train_settings(load_config(None, BASE + ["train.cuda_graphs=true"]), torch.device("cuda"),
                                distributed=True)
     with pytest.raises(ValueError, match="train.cuda_graphs.*reduce-overhead"):
-        resolve_train_settings(load_config(None, BASE + ["train.cuda_graphs=true", "train.compile=true"]),
+        resolve_train_settings(load_config(None, BASE + ["train.cuda_graphs=true", "train.compile=true",
+                                                         "train.compile_mode=reduce-overhead"]),
                                torch.device("cuda"))
+    with pytest.raises(ValueError, match="train.cuda_graphs.*fused_optimizer"):
+        resolve_train_settings(load_config(None, BASE + ["train.cuda_graphs=true", "train.fused_optimizer=false"]),
+                               torch.device("cuda"))
+    cuda = torch.device("cuda")
+    assert resolve_train_settings(cfg, cuda)["cuda_graphs"] is True
+    assert resolve_train_settings(load_config(None, BASE + ["deterministic=true"]), cuda)["cuda_graphs"] is False
+    compiled = load_config(None, BASE + ["train.compile=true"])
+    assert resolve_train_settings(compiled, cuda)["cuda_graphs"] is False  # auto: not measured compiled
+    both = load_config(None, BASE + ["train.compile=true", "train.cuda_graphs=true"])
+    assert resolve_train_settings(both, cuda)["cuda_graphs"] is True
 
 
 @pytest.mark.slow
@@ -258,11 +269,13 @@ class _FakeGraph:
         self.fn()
 
 
-def test_step_graphs_bookkeeping_with_a_fake_graph_api(tmp_path, teacher_run, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_step_graphs_bookkeeping_with_a_fake_graph_api(tmp_path, teacher_run, monkeypatch, compiled):
     # StepGraphs' decisions (warm-up, capture, replay, recapture on a new learning rate, eager
     # partial batches, a resumed run whose first batch is the partial one) on the CPU, with the
-    # CUDA graph calls replaced; the result must equal the eager step's. The real capture is
-    # checked against eager on a GPU by tests/test_cuda_training.py.
+    # CUDA graph calls replaced; the result must equal the eager step's, also for a compiled step
+    # (train.compile with train.cuda_graphs). The real capture is checked against eager on a GPU
+    # by tests/test_cuda_training.py.
     import contextlib
 
     import kdseq_fast.step as step_mod
@@ -292,7 +305,7 @@ def test_step_graphs_bookkeeping_with_a_fake_graph_api(tmp_path, teacher_run, mo
     monkeypatch.setattr(step_mod.StepGraphs, "_capture", fake_capture)
     results = {}
     for graphed in (False, True):
-        cfg = load_config(None, BASE + ["deterministic=true"])
+        cfg = load_config(None, BASE + ["deterministic=true", f"train.compile={str(compiled).lower()}"])
         t = Trainer(cfg, str(tmp_path / str(graphed)), method="kd", teacher=teacher_run.weights_path,
                     quiet=True, log=lambda m: None)
         if graphed:
