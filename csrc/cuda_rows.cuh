@@ -12,6 +12,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_compat.cuh"
 #include "row_math.h"
@@ -80,6 +81,89 @@ __device__ __forceinline__ void load4(const void* row, int dtype, int64_t j, int
   } else {
 #pragma unroll
     for (int i = 0; i < kVec; ++i) out[i] = j + i < cols ? load_one<acc_t>(row, dtype, j + i) : fill;
+  }
+}
+
+// The bytes of one vector access of a 16- or 32-bit element type (8 or 16 bytes), not yet converted.
+struct RawVec {
+  uint32_t w[kVec];
+};
+
+// Issues the load of elements [j, j + 4) (aligned vector rows, fp32/fp16/bf16) and nothing else:
+// no instruction reads the registers until decode4(). A conversion right behind each load would
+// make the thread wait for that load before issuing the next one (the runtime dtype switch keeps
+// them in separate branches), so a bf16 row was read one vector latency at a time.
+__device__ __forceinline__ void load_raw4(const void* row, int dtype, int64_t j, int64_t cols, RawVec& r) {
+  if (j >= cols) return;
+  if (dtype == kF32) {
+    const AlignedVec<uint32_t, 4> v = *reinterpret_cast<const AlignedVec<uint32_t, 4>*>(static_cast<const float*>(row) + j);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r.w[i] = v.v[i];
+  } else {
+    const AlignedVec<uint32_t, 2> v = *reinterpret_cast<const AlignedVec<uint32_t, 2>*>(static_cast<const uint16_t*>(row) + j);
+    r.w[0] = v.v[0];
+    r.w[1] = v.v[1];
+  }
+}
+
+// The four elements of a load_raw4() as floats (past the end of the row: `fill`).
+__device__ __forceinline__ void decode4(const RawVec& r, int dtype, int64_t j, int64_t cols, float fill,
+                                        float (&out)[kVec]) {
+  if (j >= cols) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) out[i] = fill;
+    return;
+  }
+  if (dtype == kF32) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) out[i] = rowmath::bits_to_float(r.w[i]);
+  } else if (dtype == kBF16) {
+    // A bf16 is the top half of an fp32; pairs are little-endian.
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) out[i] = rowmath::bits_to_float(i % 2 ? r.w[i / 2] & 0xffff0000u : r.w[i / 2] << 16);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i)
+      out[i] = static_cast<float>(
+          c10::Half(static_cast<uint16_t>((r.w[i / 2] >> (16 * (i % 2))) & 0xffffu), c10::Half::from_bits()));
+  }
+}
+
+// Elements [j[k], j[k] + 4) of a student and a teacher row for K vector positions, all 2K loads
+// issued before any is converted (see load_raw4). A null teacher row reads as zeros. fp64 rows
+// (the split path's gradcheck) and unaligned rows take load4 one vector at a time.
+template <int K, bool VECTOR, typename acc_t>
+__device__ __forceinline__ void load_pairs(const void* srow, int s_dtype, const void* trow, int t_dtype,
+                                           const int64_t (&j)[K], int64_t cols, acc_t fill, acc_t (&x)[K][kVec],
+                                           acc_t (&z)[K][kVec]) {
+  if constexpr (VECTOR && std::is_same_v<acc_t, float>) {
+    RawVec rs[K], rt[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      load_raw4(srow, s_dtype, j[k], cols, rs[k]);
+      if (trow != nullptr) load_raw4(trow, t_dtype, j[k], cols, rt[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      decode4(rs[k], s_dtype, j[k], cols, fill, x[k]);
+      if (trow != nullptr) {
+        decode4(rt[k], t_dtype, j[k], cols, fill, z[k]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) z[k][i] = acc_t(0);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      load4<VECTOR>(srow, s_dtype, j[k], cols, fill, x[k]);
+      if (trow != nullptr) {
+        load4<VECTOR>(trow, t_dtype, j[k], cols, fill, z[k]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) z[k][i] = acc_t(0);
+      }
+    }
   }
 }
 

@@ -77,20 +77,17 @@ __global__ void __launch_bounds__(kBlockThreads) instance_scores_kernel(const Sc
     ScoreStats<acc_t> st = score_stats_init<acc_t>();
     for (int64_t j0 = int64_t(lane) * kChunk; j0 < cols; j0 += int64_t(GROUP) * kChunk) {
       acc_t sv[kChunk], tv[kChunk];
+      {
+        const int64_t j[2] = {j0, j0 + kVec};
+        acc_t x[2][kVec], z[2][kVec];
+        load_pairs<2, VECTOR>(srow, a.s_dtype, trow, a.t_dtype, j, cols, neg_inf<acc_t>(), x, z);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        acc_t x[kVec], z[kVec];
-        load4<VECTOR>(srow, a.s_dtype, j0 + h * kVec, cols, neg_inf<acc_t>(), x);
-        if (trow != nullptr) {
-          load4<VECTOR>(trow, a.t_dtype, j0 + h * kVec, cols, neg_inf<acc_t>(), z);
-        } else {
+        for (int h = 0; h < 2; ++h) {
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) z[i] = acc_t(0);
-        }
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          sv[h * kVec + i] = x[i];
-          tv[h * kVec + i] = z[i];
+          for (int i = 0; i < kVec; ++i) {
+            sv[h * kVec + i] = x[h][i];
+            tv[h * kVec + i] = z[h][i];
+          }
         }
       }
       // Chunk maxima, the chunk's first maximum and its runner-up excluding the label.

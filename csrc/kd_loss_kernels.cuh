@@ -166,16 +166,22 @@ __global__ void __launch_bounds__(kBlockThreads, 2) kd_rows_kernel(const KDArgs<
     const int64_t slice0 = int64_t(rank) * GROUP * E;
 
     acc_t sv[E], tv[E];
+    // Up to four vectors of each row in flight per thread at a time (more would only add registers).
+    constexpr int KB = NV < 4 ? NV : 4;
 #pragma unroll
-    for (int k = 0; k < NV; ++k) {
-      const int64_t j = slice0 + (int64_t(k) * GROUP + lane) * kVec;
-      acc_t x[kVec], z[kVec];
-      load4<VECTOR>(srow, a.s_dtype, j, cols, neg_inf<acc_t>(), x);
-      load4<VECTOR>(trow, a.t_dtype, j, cols, neg_inf<acc_t>(), z);
+    for (int k0 = 0; k0 < NV; k0 += KB) {
+      int64_t j[KB];
+      acc_t x[KB][kVec], z[KB][kVec];
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        sv[k * kVec + i] = x[i];
-        tv[k * kVec + i] = z[i];
+      for (int k = 0; k < KB; ++k) j[k] = slice0 + (int64_t(k0 + k) * GROUP + lane) * kVec;
+      load_pairs<KB, VECTOR>(srow, a.s_dtype, trow, a.t_dtype, j, cols, neg_inf<acc_t>(), x, z);
+#pragma unroll
+      for (int k = 0; k < KB; ++k) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          sv[(k0 + k) * kVec + i] = x[k][i];
+          tv[(k0 + k) * kVec + i] = z[k][i];
+        }
       }
     }
 
@@ -295,15 +301,17 @@ __global__ void __launch_bounds__(kBlockThreads) kd_split_stats_kernel(const KDA
   constexpr int kChunk = 2 * kVec;
   for (int64_t j0 = begin + int64_t(threadIdx.x) * kChunk; j0 < end; j0 += int64_t(kBlockThreads) * kChunk) {
     acc_t sv[kChunk], tv[kChunk];
+    {
+      const int64_t j[2] = {j0, j0 + kVec};
+      acc_t x[2][kVec], z[2][kVec];
+      load_pairs<2, VECTOR>(srow, a.s_dtype, trow, a.t_dtype, j, end, neg_inf<acc_t>(), x, z);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      acc_t x[kVec], z[kVec];
-      load4<VECTOR>(srow, a.s_dtype, j0 + h * kVec, end, neg_inf<acc_t>(), x);
-      load4<VECTOR>(trow, a.t_dtype, j0 + h * kVec, end, neg_inf<acc_t>(), z);
+      for (int h = 0; h < 2; ++h) {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        sv[h * kVec + i] = x[i];
-        tv[h * kVec + i] = z[i];
+        for (int i = 0; i < kVec; ++i) {
+          sv[h * kVec + i] = x[h][i];
+          tv[h * kVec + i] = z[h][i];
+        }
       }
     }
     acc_t cms = neg_inf<acc_t>(), cmt = neg_inf<acc_t>();
@@ -340,17 +348,23 @@ __global__ void __launch_bounds__(kBlockThreads) kd_split_grad_kernel(const KDAr
   if (a.grad != nullptr) {
     const int64_t begin = seg * a.seg_len, end = std::min(a.C, begin + a.seg_len);
     char* grow = static_cast<char*>(a.grad) + row * a.C * dtype_size(a.s_dtype);
-    for (int64_t j = begin + int64_t(threadIdx.x) * kVec; j < end; j += int64_t(kBlockThreads) * kVec) {
-      acc_t x[kVec], z[kVec], g[kVec];
-      load4<VECTOR>(srow, a.s_dtype, j, end, neg_inf<acc_t>(), x);
-      load4<VECTOR>(trow, a.t_dtype, j, end, neg_inf<acc_t>(), z);
+    // Two vectors a thread per step, a CTA-width apart (coalesced), both rows' loads in flight.
+    constexpr int64_t kSpan = int64_t(kBlockThreads) * kVec;
+    for (int64_t j0 = begin + int64_t(threadIdx.x) * kVec; j0 < end; j0 += 2 * kSpan) {
+      const int64_t j[2] = {j0, j0 + kSpan};
+      acc_t x[2][kVec], z[2][kVec];
+      load_pairs<2, VECTOR>(srow, a.s_dtype, trow, a.t_dtype, j, end, neg_inf<acc_t>(), x, z);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        acc_t v = kd_grad_elem_t<WITH_CE>(x[i], z[i], k);
-        if (WITH_CE && j + i == lab.y) v -= k.ce_coef;
-        g[i] = lab.ignored ? acc_t(0) : lab.bad ? quiet_nan<acc_t>() : v;
+      for (int h = 0; h < 2; ++h) {
+        acc_t g[kVec];
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          acc_t v = kd_grad_elem_t<WITH_CE>(x[h][i], z[h][i], k);
+          if (WITH_CE && j[h] + i == lab.y) v -= k.ce_coef;
+          g[i] = lab.ignored ? acc_t(0) : lab.bad ? quiet_nan<acc_t>() : v;
+        }
+        store4<VECTOR>(grow, a.s_dtype, j[h], end, g);
       }
-      store4<VECTOR>(grow, a.s_dtype, j, end, g);
     }
   }
   if (a.loss != nullptr) last_cta_reduce(a.row_loss, a.B, &a.ws->counter, call_scale(a), a.loss, red, flag);
