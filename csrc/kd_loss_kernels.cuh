@@ -13,7 +13,8 @@
 // re-reads its segment.
 //
 // The mean divisor (the number of non-ignored rows) and the loss reduction are computed on the
-// device: a single-CTA launch counts and reduces itself (small problems: one launch); otherwise a
+// device: a small problem is one launch that counts and reduces itself (one CTA, or on sm_90 a
+// cluster of up to 8 CTAs sharing the rows and adding through distributed shared memory); otherwise a
 // one-CTA prologue counts the labels and zeroes a ticket counter, and the CTA that finishes last sums
 // the row losses in a fixed order (deterministic).
 //
@@ -107,6 +108,26 @@ __device__ __forceinline__ acc_t count_scale(const KDArgs<acc_t>& a, acc_t* smem
   return n[0] > acc_t(0) ? acc_t(1) / n[0] : acc_t(0);
 }
 
+// The mean scale of a single-cluster call (Mode::kSingleCta: one CTA, or on sm_90 a cluster of
+// CTAs sharing the rows): each CTA counts its share of the labels and the counts are added through
+// distributed shared memory. `slot` and `bcast` as for cluster_allreduce.
+template <typename acc_t>
+__device__ __forceinline__ acc_t single_call_scale(const KDArgs<acc_t>& a, acc_t* red, acc_t* slot, acc_t* bcast) {
+  if (a.reduction != kReduceMean) return acc_t(1);
+  acc_t n[1] = {acc_t(0)};
+  if (a.labels == nullptr) {
+    n[0] = static_cast<acc_t>(a.B);
+  } else {
+    for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < a.B; r += int64_t(gridDim.x) * blockDim.x)
+      n[0] += a.labels[r] != a.ignore_index ? acc_t(1) : acc_t(0);
+    group_allreduce<kBlockThreads>(n, SumOp<acc_t>(), red);
+#if KDSEQ_HAS_CLUSTERS
+    if (gridDim.x > 1) cluster_allreduce(n, SumOp<acc_t>(), slot, bcast);
+#endif
+  }
+  return n[0] > acc_t(0) ? acc_t(1) / n[0] : acc_t(0);
+}
+
 // One CTA: counts the non-ignored labels and prepares the workspace of a multi-CTA reduced call.
 template <typename acc_t>
 __global__ void __launch_bounds__(kBlockThreads) kd_prologue_kernel(const KDArgs<acc_t> a) {
@@ -150,7 +171,9 @@ __global__ void __launch_bounds__(kBlockThreads, 2) kd_rows_kernel(const KDArgs<
     rank = dev::cluster_rank();
   }
 #endif
-  const acc_t scale = a.single_cta ? count_scale(a, red) : a.ws != nullptr ? call_scale(a) : acc_t(1);
+  const acc_t scale = a.single_cta ? single_call_scale(a, red, slot_sum, bcast)
+                                   : a.ws != nullptr ? call_scale(a) : acc_t(1);
+  acc_t loss_part = acc_t(0);  // single-cluster calls: this lane's rows' losses, in row order
 
   const int64_t first = GROUP == kBlockThreads ? int64_t(blockIdx.x / ctas) : int64_t(blockIdx.x) * kGroupsPerCta;
   const int64_t step = GROUP == kBlockThreads ? int64_t(gridDim.x / ctas) : int64_t(gridDim.x) * kGroupsPerCta;
@@ -224,7 +247,11 @@ __global__ void __launch_bounds__(kBlockThreads, 2) kd_rows_kernel(const KDArgs<
     st.u = sums[3];
     const KDRowConsts<acc_t> k = kd_row_consts(st, a.T, a.kd_weight, a.ce_weight, scale);
 
-    if (active && lane == 0 && rank == 0) a.row_loss[row] = row_loss_value<WITH_CE>(a, lab, st, k, srow);
+    if (active && lane == 0 && rank == 0) {
+      const acc_t v = row_loss_value<WITH_CE>(a, lab, st, k, srow);
+      a.row_loss[row] = v;
+      loss_part += v;
+    }
 
     if (a.grad != nullptr && active) {
       const KDChunkCoefs<acc_t> cf = kd_chunk_coefs(m[0], m[1], k, WITH_CE);
@@ -251,11 +278,17 @@ __global__ void __launch_bounds__(kBlockThreads, 2) kd_rows_kernel(const KDArgs<
 
   if (a.loss == nullptr) return;
   if (a.single_cta) {
-    __syncthreads();
-    acc_t part[1] = {acc_t(0)};
-    for (int64_t r = threadIdx.x; r < a.B; r += blockDim.x) part[0] += a.row_loss[r];
+    // Each CTA adds what its lanes summed, then the cluster adds the CTAs: a fixed order, and no
+    // second launch or ticket counter (the rows never leave the CTA that computed them).
+    acc_t part[1] = {loss_part};
     group_allreduce<kBlockThreads>(part, SumOp<acc_t>(), red);
-    if (threadIdx.x == 0) *a.loss = part[0] * scale;
+#if KDSEQ_HAS_CLUSTERS
+    if (gridDim.x > 1) cluster_allreduce(part, SumOp<acc_t>(), slot_max, bcast);
+#endif
+    if (blockIdx.x == 0 && threadIdx.x == 0) *a.loss = part[0] * scale;
+#if KDSEQ_HAS_CLUSTERS
+    if (gridDim.x > 1) dev::cluster_sync();  // the other CTAs may still read this CTA's slot
+#endif
   } else {
     last_cta_reduce(a.row_loss, a.B, &a.ws->counter, call_scale(a), a.loss, red, flag);
   }
@@ -472,6 +505,7 @@ struct Plan {
 };
 
 constexpr int64_t kSingleCtaMaxElements = int64_t(1) << 17;
+constexpr int64_t kSingleClusterMaxCtas = 8;
 
 inline int round_e(int64_t per_thread) {
   return per_thread <= 8 ? 8 : per_thread <= 16 ? 16 : 32;
@@ -521,6 +555,15 @@ inline Plan plan_kd_loss(int64_t B, int64_t C, bool with_ce, bool fp64, int redu
     const bool single = forced == Mode::kSingleCta || (ov.mode < 0 && B * C <= kSingleCtaMaxElements);
     p.mode = single ? Mode::kSingleCta : Mode::kWarpRows;
     p.grid = single ? 1 : (B + rows_per_cta - 1) / rows_per_cta;
+    if (single) {
+      // On sm_90 the small call is still one launch but spread over a cluster of CTAs (up to the
+      // portable 8) that share the rows and reduce through distributed shared memory: (256, 100)
+      // takes 8 CTAs of one pass each instead of one CTA looping 8 times.
+      const int64_t want = (B + rows_per_cta - 1) / rows_per_cta;
+      const int64_t cap = std::min<int64_t>(caps.max_cluster, kSingleClusterMaxCtas);
+      p.cluster = ov.cluster > 0 ? ov.cluster : static_cast<int>(std::max<int64_t>(1, std::min(want, cap)));
+      p.grid = p.cluster;
+    }
   } else if ((ov.mode < 0 && C <= int64_t(kBlockThreads) * emax) || forced == Mode::kCtaRows) {
     p.mode = Mode::kCtaRows;
     p.group = kBlockThreads;
@@ -544,7 +587,8 @@ inline Plan plan_kd_loss(int64_t B, int64_t C, bool with_ce, bool fp64, int redu
 // Whether a planned register layout holds the whole row (forced plans may not).
 inline bool plan_covers_row(const Plan& p, int64_t C) {
   if (p.mode == Mode::kSplit) return true;
-  return int64_t(p.group) * p.e * p.cluster >= C;
+  // Only the column-split cluster spreads a row over CTAs; a single-call cluster shares rows.
+  return int64_t(p.group) * p.e * (p.mode == Mode::kCluster ? p.cluster : 1) >= C;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -553,11 +597,14 @@ inline bool plan_covers_row(const Plan& p, int64_t C) {
 // cluster of that size can be launched on this device.
 // ------------------------------------------------------------------------------------------------
 template <typename acc_t, int GROUP, bool WITH_CE, bool VECTOR, typename Launcher>
-bool launch_rows_e(const Plan& p, const KDArgs<acc_t>& a, Launcher& launch) {
-  const LaunchDims d{static_cast<unsigned>(p.grid), kBlockThreads, static_cast<unsigned>(p.cluster)};
+bool launch_rows_e(Plan& p, const KDArgs<acc_t>& a, Launcher& launch) {
   auto go = [&](auto kernel) {
-    if (p.cluster > 1 && !launch.cluster_ok(kernel, p.cluster)) return false;
-    launch(d, kernel, a);
+    if (p.cluster > 1 && !launch.cluster_ok(kernel, p.cluster)) {
+      if (p.mode != Mode::kSingleCta) return false;  // a row needs the cluster: the split path
+      p.cluster = 1;  // a single call runs in one CTA as well
+      p.grid = 1;
+    }
+    launch(LaunchDims{static_cast<unsigned>(p.grid), kBlockThreads, static_cast<unsigned>(p.cluster)}, kernel, a);
     return true;
   };
   switch (p.e) {
@@ -570,7 +617,7 @@ bool launch_rows_e(const Plan& p, const KDArgs<acc_t>& a, Launcher& launch) {
 }
 
 template <typename acc_t, bool WITH_CE, bool VECTOR, typename Launcher>
-bool launch_rows(const Plan& p, const KDArgs<acc_t>& a, Launcher& launch) {
+bool launch_rows(Plan& p, const KDArgs<acc_t>& a, Launcher& launch) {
   switch (p.group) {
     case 8: return launch_rows_e<acc_t, 8, WITH_CE, VECTOR>(p, a, launch);
     case 32: return launch_rows_e<acc_t, 32, WITH_CE, VECTOR>(p, a, launch);

@@ -67,7 +67,10 @@ def compare(emu, s, t, y=None, *, plan="", expect=None, what="", **kw):
 
 LAYOUTS = [
     # (B, C, forced plan, mode the call must report)
-    (40, 100, "", "single"),                        # small: one CTA counts, computes, reduces
+    (40, 100, "", "single,group=8,e=16,cluster=2"),  # small: one launch counts, computes, reduces
+    (257, 100, "", "single,group=8,e=16,cluster=8"),  # 8 CTAs sharing 9 row blocks, one cluster sum
+    (300, 100, "mode=single,group=8,e=16,cluster=5", "single,group=8,e=16,cluster=5"),
+    (300, 100, "mode=single,group=8,e=16,cluster=5,nocluster", "single,group=8,e=16,cluster=1"),  # one CTA
     (300, 100, "mode=warp,group=8,e=16", "warp,group=8"),  # 8-lane groups, several CTAs, last-CTA sum
     (70, 500, "mode=warp,group=32,e=16", "warp,group=32"),
     (9, 1000, "", "cta"),                           # a CTA per row

@@ -77,7 +77,10 @@ def forced_plan():
 
 
 CUDA_LAYOUTS = [
-    (40, 100, ""),                            # one CTA for everything
+    (40, 100, ""),                            # one launch for everything (a 2-CTA cluster on sm_90)
+    (257, 100, ""),                           # one launch, an 8-CTA cluster sharing the rows
+    (300, 100, "mode=single,group=8,e=16,cluster=5"),
+    (300, 100, "mode=single,group=8,e=16,cluster=1"),
     (300, 100, "mode=warp,group=8,e=16"),
     (70, 500, "mode=warp,group=32,e=16"),
     (9, 1000, "mode=cta,e=8"),
