@@ -184,6 +184,38 @@ def cuda_event_times(fn: Callable[[], object], device: torch.device, *, repeats:
     return out
 
 
+def cuda_graph_times(fn: Callable[[], object], device: torch.device, *, repeats: int,
+                     replays: int = 20) -> List[float]:
+    """GPU seconds per call with the host out of the picture: ``fn`` is captured once in a CUDA
+    graph (after warm-up calls on a side stream, as capture requires) and the graph is replayed
+    ``replays`` times between two events per sample. What remains is the GPU's own time: its
+    kernels and the gaps between them, none of Python's, the dispatcher's or autograd's launch
+    work. Raises when ``fn`` cannot be captured (e.g. it synchronizes)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    sync(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    sync(device)
+    out = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) / 1e3 / replays)
+    del graph
+    return out
+
+
 def summarize(samples: Sequence[float]) -> dict:
     """Median and inter-quartile range (seconds) of a list of samples."""
     xs = sorted(samples)
