@@ -53,6 +53,7 @@ def layouts(C_: int, with_ce: bool) -> list:
     for seg in (1, 2, 4, 8, 16, 32):
         if C_ // seg >= 1024:
             out.append(f"mode=split,segments={seg}")
+    out.append("mode=twopass")  # statistics and gradient of a row in one CTA (L2 re-read)
     return out
 
 

@@ -10,7 +10,7 @@
 // exchange their partial results through distributed shared memory (rows up to 16 CTAs long).
 // Longer rows, fp64 (gradcheck) and GPUs without clusters use the split path: a statistics kernel
 // over (row, segment) tiles and a gradient kernel that merges a row's partial statistics and
-// re-reads its segment.
+// re-reads its segment. (The two-pass kernel, forced only, does both passes of a row in one CTA.)
 //
 // The mean divisor (the number of non-ignored rows) and the loss reduction are computed on the
 // device: a small problem is one launch that counts and reduces itself (one CTA, or on sm_90 a
@@ -320,13 +320,11 @@ struct KDStatsMerge {
   }
 };
 
+// Statistics of columns [begin, end) of a row, merged over the CTA (every thread gets the same bits).
 template <typename acc_t, bool VECTOR>
-__global__ void __launch_bounds__(kBlockThreads) kd_split_stats_kernel(const KDArgs<acc_t> a) {
-  KDSEQ_SHARED(KDStats<acc_t>, smem, 32);
-  const int64_t row = blockIdx.x / a.segments, seg = blockIdx.x % a.segments;
-  const bool with_ce = a.labels != nullptr && a.ce_weight != acc_t(0);
-  const acc_t invT = acc_t(1) / a.T;
-  const int64_t begin = seg * a.seg_len, end = std::min(a.C, begin + a.seg_len);
+__device__ __forceinline__ KDStats<acc_t> segment_stats(const KDArgs<acc_t>& a, int64_t row, int64_t begin,
+                                                        int64_t end, bool with_ce, acc_t invT,
+                                                        KDStats<acc_t>* smem /* 32 */) {
   const char* srow = static_cast<const char*>(a.s) + row * a.s_row * dtype_size(a.s_dtype);
   const char* trow = static_cast<const char*>(a.t) + row * a.t_row * dtype_size(a.t_dtype);
   KDStats<acc_t> st = kd_stats_init<acc_t>();
@@ -359,7 +357,48 @@ __global__ void __launch_bounds__(kBlockThreads) kd_split_stats_kernel(const KDA
       kd_stats_add(st, with_ce ? kd_terms<true>(sv[i], tv[i], st.ms, st.mt, invT)
                                : kd_terms<false>(sv[i], tv[i], st.ms, st.mt, invT));
   }
-  st = group_allmerge<kBlockThreads>(st, smem, KDStatsShfl<acc_t>(), KDStatsMerge<acc_t>{invT, with_ce});
+  return group_allmerge<kBlockThreads>(st, smem, KDStatsShfl<acc_t>(), KDStatsMerge<acc_t>{invT, with_ce});
+}
+
+// From a row's final statistics: its loss (when `write_loss`) and the gradient of columns
+// [begin, end), re-reading them (from L2 when they were read recently).
+template <typename acc_t, bool WITH_CE, bool VECTOR>
+__device__ __forceinline__ void segment_grad(const KDArgs<acc_t>& a, int64_t row, const KDStats<acc_t>& st,
+                                             int64_t begin, int64_t end, bool write_loss, acc_t scale) {
+  const RowLabel<acc_t> lab = row_label(a, row, true);
+  const KDRowConsts<acc_t> k = kd_row_consts(st, a.T, a.kd_weight, a.ce_weight, scale);
+  const char* srow = static_cast<const char*>(a.s) + row * a.s_row * dtype_size(a.s_dtype);
+  const char* trow = static_cast<const char*>(a.t) + row * a.t_row * dtype_size(a.t_dtype);
+  if (write_loss && threadIdx.x == 0) a.row_loss[row] = row_loss_value<WITH_CE>(a, lab, st, k, srow);
+  if (a.grad == nullptr) return;
+  char* grow = static_cast<char*>(a.grad) + row * a.C * dtype_size(a.s_dtype);
+  // Two vectors a thread per step, a CTA-width apart (coalesced), both rows' loads in flight.
+  constexpr int64_t kSpan = int64_t(kBlockThreads) * kVec;
+  for (int64_t j0 = begin + int64_t(threadIdx.x) * kVec; j0 < end; j0 += 2 * kSpan) {
+    const int64_t j[2] = {j0, j0 + kSpan};
+    acc_t x[2][kVec], z[2][kVec];
+    load_pairs<2, VECTOR>(srow, a.s_dtype, trow, a.t_dtype, j, end, neg_inf<acc_t>(), x, z);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      acc_t g[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        acc_t v = kd_grad_elem_t<WITH_CE>(x[h][i], z[h][i], k);
+        if (WITH_CE && j[h] + i == lab.y) v -= k.ce_coef;
+        g[i] = lab.ignored ? acc_t(0) : lab.bad ? quiet_nan<acc_t>() : v;
+      }
+      store4<VECTOR>(grow, a.s_dtype, j[h], end, g);
+    }
+  }
+}
+
+template <typename acc_t, bool VECTOR>
+__global__ void __launch_bounds__(kBlockThreads) kd_split_stats_kernel(const KDArgs<acc_t> a) {
+  KDSEQ_SHARED(KDStats<acc_t>, smem, 32);
+  const int64_t row = blockIdx.x / a.segments, seg = blockIdx.x % a.segments;
+  const bool with_ce = a.labels != nullptr && a.ce_weight != acc_t(0);
+  const int64_t begin = seg * a.seg_len, end = std::min(a.C, begin + a.seg_len);
+  const KDStats<acc_t> st = segment_stats<acc_t, VECTOR>(a, row, begin, end, with_ce, acc_t(1) / a.T, smem);
   if (threadIdx.x == 0) a.partial[blockIdx.x] = st;
 }
 
@@ -369,36 +408,28 @@ __global__ void __launch_bounds__(kBlockThreads) kd_split_grad_kernel(const KDAr
   KDSEQ_SHARED(unsigned, flag, 1);
   const int64_t row = blockIdx.x / a.segments, seg = blockIdx.x % a.segments;
   const acc_t invT = acc_t(1) / a.T;
-  const acc_t scale = a.ws != nullptr ? call_scale(a) : acc_t(1);
-  const RowLabel<acc_t> lab = row_label(a, row, true);
   // Every thread merges the row's partial statistics in the same order (same bits everywhere).
   KDStats<acc_t> st = a.partial[row * a.segments];
   for (int64_t g = 1; g < a.segments; ++g) st = kd_stats_merge(st, a.partial[row * a.segments + g], invT, WITH_CE);
-  const KDRowConsts<acc_t> k = kd_row_consts(st, a.T, a.kd_weight, a.ce_weight, scale);
-  const char* srow = static_cast<const char*>(a.s) + row * a.s_row * dtype_size(a.s_dtype);
-  const char* trow = static_cast<const char*>(a.t) + row * a.t_row * dtype_size(a.t_dtype);
-  if (seg == 0 && threadIdx.x == 0) a.row_loss[row] = row_loss_value<WITH_CE>(a, lab, st, k, srow);
-  if (a.grad != nullptr) {
-    const int64_t begin = seg * a.seg_len, end = std::min(a.C, begin + a.seg_len);
-    char* grow = static_cast<char*>(a.grad) + row * a.C * dtype_size(a.s_dtype);
-    // Two vectors a thread per step, a CTA-width apart (coalesced), both rows' loads in flight.
-    constexpr int64_t kSpan = int64_t(kBlockThreads) * kVec;
-    for (int64_t j0 = begin + int64_t(threadIdx.x) * kVec; j0 < end; j0 += 2 * kSpan) {
-      const int64_t j[2] = {j0, j0 + kSpan};
-      acc_t x[2][kVec], z[2][kVec];
-      load_pairs<2, VECTOR>(srow, a.s_dtype, trow, a.t_dtype, j, end, neg_inf<acc_t>(), x, z);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        acc_t g[kVec];
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          acc_t v = kd_grad_elem_t<WITH_CE>(x[h][i], z[h][i], k);
-          if (WITH_CE && j[h] + i == lab.y) v -= k.ce_coef;
-          g[i] = lab.ignored ? acc_t(0) : lab.bad ? quiet_nan<acc_t>() : v;
-        }
-        store4<VECTOR>(grow, a.s_dtype, j[h], end, g);
-      }
-    }
+  const int64_t begin = seg * a.seg_len, end = std::min(a.C, begin + a.seg_len);
+  segment_grad<acc_t, WITH_CE, VECTOR>(a, row, st, begin, end, seg == 0, a.ws != nullptr ? call_scale(a) : acc_t(1));
+  if (a.loss != nullptr) last_cta_reduce(a.row_loss, a.B, &a.ws->counter, call_scale(a), a.loss, red, flag);
+}
+
+// Two passes over a row in one CTA: the statistics, then at once the gradient, so the second read
+// of the row finds it in L2 when few enough rows are in flight (the split path's second kernel
+// comes after every row's statistics and re-reads from HBM once B x C outgrows L2). An experiment
+// for bench_kd_plans.py: the planner takes it only when forced ("mode=twopass").
+template <typename acc_t, bool WITH_CE, bool VECTOR>
+__global__ void __launch_bounds__(kBlockThreads) kd_twopass_kernel(const KDArgs<acc_t> a) {
+  KDSEQ_SHARED(KDStats<acc_t>, smem, 32);
+  KDSEQ_SHARED(acc_t, red, 32);
+  KDSEQ_SHARED(unsigned, flag, 1);
+  const acc_t invT = acc_t(1) / a.T;
+  const acc_t scale = a.ws != nullptr ? call_scale(a) : acc_t(1);
+  for (int64_t row = blockIdx.x; row < a.B; row += gridDim.x) {
+    const KDStats<acc_t> st = segment_stats<acc_t, VECTOR>(a, row, 0, a.C, WITH_CE, invT, smem);
+    segment_grad<acc_t, WITH_CE, VECTOR>(a, row, st, 0, a.C, true, scale);
   }
   if (a.loss != nullptr) last_cta_reduce(a.row_loss, a.B, &a.ws->counter, call_scale(a), a.loss, red, flag);
 }
@@ -442,7 +473,7 @@ __global__ void __launch_bounds__(kBlockThreads) kd_grad_scale_kernel(void* grad
 // ------------------------------------------------------------------------------------------------
 // Planning (host): which kernel, layout and grid for a (B, C) problem.
 // ------------------------------------------------------------------------------------------------
-enum class Mode : int { kSingleCta = 0, kWarpRows = 1, kCtaRows = 2, kCluster = 3, kSplit = 4 };
+enum class Mode : int { kSingleCta = 0, kWarpRows = 1, kCtaRows = 2, kCluster = 3, kSplit = 4, kTwoPass = 5 };
 
 struct DeviceCaps {
   int sms = 132;
@@ -472,11 +503,12 @@ inline PlanOverride parse_plan_override(const std::string& spec) {
     if (eq == std::string::npos) throw std::invalid_argument("kdseq._force_plan: expected key=value, got '" + item + "'");
     const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
     if (key == "mode") {
-      const char* names[] = {"single", "warp", "cta", "cluster", "split"};
+      const char* names[] = {"single", "warp", "cta", "cluster", "split", "twopass"};
       ov.mode = -1;
-      for (int i = 0; i < 5; ++i)
+      for (int i = 0; i < 6; ++i)
         if (value == names[i]) ov.mode = i;
-      if (ov.mode < 0) throw std::invalid_argument("kdseq._force_plan: mode must be single, warp, cta, cluster or split");
+      if (ov.mode < 0)
+        throw std::invalid_argument("kdseq._force_plan: mode must be single, warp, cta, cluster, split or twopass");
     } else if (key == "group") {
       ov.group = std::stoi(value);
       if (ov.group != 8 && ov.group != 32) throw std::invalid_argument("kdseq._force_plan: group must be 8 or 32");
@@ -546,7 +578,11 @@ inline Plan plan_kd_loss(int64_t B, int64_t C, bool with_ce, bool fp64, int redu
   Plan p;
   const int emax = with_ce ? 16 : 32;  // 3 (CE) or 2 register arrays of E values a thread
   const Mode forced = static_cast<Mode>(ov.mode);
-  if (fp64 || forced == Mode::kSplit) {
+  if (forced == Mode::kTwoPass) {
+    p.mode = Mode::kTwoPass;
+    p.seg_len = C;
+    p.grid = B;
+  } else if (fp64 || forced == Mode::kSplit) {
     p = plan_split(B, C, caps, ov.segments);
   } else if ((ov.mode < 0 && C <= 32 * emax) || forced == Mode::kSingleCta || forced == Mode::kWarpRows) {
     p.group = ov.group > 0 ? ov.group : C <= 8 * 16 ? 8 : 32;
@@ -586,7 +622,7 @@ inline Plan plan_kd_loss(int64_t B, int64_t C, bool with_ce, bool fp64, int redu
 
 // Whether a planned register layout holds the whole row (forced plans may not).
 inline bool plan_covers_row(const Plan& p, int64_t C) {
-  if (p.mode == Mode::kSplit) return true;
+  if (p.mode == Mode::kSplit || p.mode == Mode::kTwoPass) return true;
   // Only the column-split cluster spreads a row over CTAs; a single-call cluster shares rows.
   return int64_t(p.group) * p.e * (p.mode == Mode::kCluster ? p.cluster : 1) >= C;
 }
@@ -640,6 +676,17 @@ Plan run_kd_loss(Plan p, KDArgs<acc_t> a, bool with_ce, bool vector, Launcher& l
   a.single_cta = p.mode == Mode::kSingleCta;
   a.ws = p.prologue ? alloc.alloc_ws() : nullptr;
   if (p.prologue) launch(LaunchDims{1, kBlockThreads, 1}, kd_prologue_kernel<acc_t>, a);
+  if (p.mode == Mode::kTwoPass) {
+    a.segments = 1;
+    a.seg_len = a.C;
+    const LaunchDims d{static_cast<unsigned>(p.grid), kBlockThreads, 1};
+    if (with_ce) {
+      vector ? launch(d, kd_twopass_kernel<acc_t, true, true>, a) : launch(d, kd_twopass_kernel<acc_t, true, false>, a);
+    } else {
+      vector ? launch(d, kd_twopass_kernel<acc_t, false, true>, a) : launch(d, kd_twopass_kernel<acc_t, false, false>, a);
+    }
+    return p;
+  }
   if (p.mode != Mode::kSplit) {
     if constexpr (std::is_same_v<acc_t, float>) {
       a.segments = 1;

@@ -15,7 +15,7 @@ LAYOUTS = [
     (40, 100, ""), (257, 100, ""), (300, 100, "mode=single,group=8,e=16,cluster=5"),
     (300, 100, "mode=warp,group=8,e=16"), (70, 500, "mode=warp,group=32,e=16"),
     (9, 1000, "mode=cta,e=8"), (3, 5000, "mode=cluster,cluster=3,e=8"), (2, 30000, "mode=cluster,cluster=16,e=8"),
-    (4, 5001, "mode=split,segments=3"), (2, 131076, ""), (5, 103, ""),
+    (4, 5001, "mode=split,segments=3"), (4, 5001, "mode=twopass"), (2, 131076, ""), (5, 103, ""),
 ]
 
 

@@ -78,6 +78,8 @@ LAYOUTS = [
     (3, 5000, "mode=cluster,cluster=3,e=8", "cluster,group=256,e=8,cluster=3"),
     (2, 9000, "mode=cluster,cluster=5,e=8", "cluster,group=256,e=8,cluster=5"),
     (4, 5000, "mode=split,segments=3", "split"),
+    (4, 5001, "mode=twopass", "twopass"),          # statistics then gradient in one CTA per row
+    (300, 100, "mode=twopass", "twopass"),
     (3, 5000, "mode=cluster,cluster=3,e=8,nocluster", "split"),   # cluster refused at launch
 ]
 
@@ -121,7 +123,7 @@ def test_sixteen_cta_cluster(emu):
 
 @pytest.mark.parametrize("s_dtype,t_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
                                              (torch.float16, torch.float32), (torch.float16, torch.bfloat16)])
-@pytest.mark.parametrize("plan", ["", "mode=cta,e=8", "mode=split,segments=2"])
+@pytest.mark.parametrize("plan", ["", "mode=cta,e=8", "mode=split,segments=2", "mode=twopass"])
 def test_mixed_dtypes(emu, s_dtype, t_dtype, plan):
     for C in (100, 1500):
         s = make_logits(16, C, dtype=s_dtype, seed=C)
@@ -154,7 +156,7 @@ def test_fp16_and_all_dtypes_every_size(emu):
 
 
 @pytest.mark.parametrize("plan", ["", "mode=warp,group=32,e=16", "mode=cta,e=8", "mode=cluster,cluster=2,e=8",
-                                  "mode=split,segments=2"])
+                                  "mode=split,segments=2", "mode=twopass"])
 def test_masks_extremes_and_nan(emu, plan):
     B, C = 6, 300
     s, t = make_logits(B, C, seed=11), make_logits(B, C, seed=12)
@@ -178,7 +180,8 @@ def test_masks_extremes_and_nan(emu, plan):
         assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all(), where
 
 
-@pytest.mark.parametrize("plan", ["", "mode=cta,e=8", "mode=cluster,cluster=2,e=8", "mode=split,segments=2"])
+@pytest.mark.parametrize("plan", ["", "mode=cta,e=8", "mode=cluster,cluster=2,e=8", "mode=split,segments=2",
+                                  "mode=twopass"])
 def test_out_of_range_labels_give_nan_rows_never_a_bad_read(emu, plan):
     C = 300
     s, t = make_logits(5, C), make_logits(5, C, seed=1)

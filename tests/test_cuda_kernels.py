@@ -90,6 +90,8 @@ CUDA_LAYOUTS = [
     (4, 32000, ""),
     (2, 131072 + 4, ""),                      # beyond one cluster: split
     (4, 5000, "mode=split,segments=3"),
+    (4, 5001, "mode=twopass"),
+    (64, 32000, "mode=twopass"),
 ]
 
 

@@ -31,6 +31,7 @@ const char* mode_name(kd_kernels::Mode m) {
     case kd_kernels::Mode::kWarpRows: return "warp";
     case kd_kernels::Mode::kCtaRows: return "cta";
     case kd_kernels::Mode::kCluster: return "cluster";
+    case kd_kernels::Mode::kTwoPass: return "twopass";
     default: return "split";
   }
 }
