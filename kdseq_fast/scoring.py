@@ -214,7 +214,10 @@ def score_dataset(model: torch.nn.Module, loader: Iterable, teacher_logits=None,
     :func:`difficulty` reports.
 
     Args:
-        model: the snapshot; put in eval mode for the pass, its mode restored afterwards.
+        model: the snapshot; put in eval mode for the pass, its mode restored afterwards. Its
+            outputs are kept until their chunk is scored, so it must return a new tensor per call
+            (a model replayed from a CUDA graph, e.g. ``torch.compile(mode="reduce-overhead")``,
+            overwrites its output: wrap it to return ``out.clone()``).
         loader: yields ``{"images", "labels", "indices"}`` dicts (``CurriculumLoader`` with
             ``augment=None``) or ``(images, labels, indices)`` tuples; must cover every index once.
         teacher_logits: (N, C) tensor or array indexed by dataset index (see
