@@ -17,7 +17,6 @@ from .trainer import METHODS, Trainer
 __all__ = ["train_teacher", "distill", "compare"]
 
 
-# --------------------------------------------------------------------------------------------
 def _callbacks(cfg: Config, out_dir: str, log, extra=()) -> list:
     cbs = [ConsoleLogger(log)]
     if cfg.train.tensorboard:
