@@ -329,3 +329,21 @@ def test_step_graphs_bookkeeping_with_a_fake_graph_api(tmp_path, teacher_run, mo
     assert r1.loss_sum == pytest.approx(r0.loss_sum, rel=1e-9)
     for k in s0:
         torch.testing.assert_close(s1[k], s0[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+
+
+def test_python_entry_points_in_runs_module(tmp_path, teacher_run):
+    # README: `from kdseq_fast.runs import distill` returns the TrainResult the CLI prints from; a
+    # finished run asked again with resume is returned as it is. The trainer module keeps the names.
+    import kdseq_fast.trainer as trainer_mod
+    from kdseq_fast import runs
+
+    assert trainer_mod.distill is runs.distill and trainer_mod.compare is runs.compare
+    cfg = load_config(None, BASE + ["optim.epochs=3", "optim.lr_decay_epochs=[2]", "curriculum.warmup_epochs=1",
+                                    "curriculum.num_phases=1", "curriculum.final_full_epochs=1"])
+    res = runs.distill(cfg, str(tmp_path / "kd"), method="kd", teacher=teacher_run.weights_path, quiet=True,
+                       log=lambda m: None)
+    assert os.path.exists(res.weights_path) and 0.0 <= res.summary["methods"]["kd"]["test_acc"] <= 1.0
+    messages = []
+    again = runs.distill(cfg, str(tmp_path / "kd"), method="kd", teacher=teacher_run.weights_path, resume=True,
+                         quiet=True, log=messages.append)
+    assert again.summary == res.summary and any("already complete" in m for m in messages)
