@@ -10,7 +10,10 @@ method's two claims as measured: "isl - kd, lower end of the 95% CI > 0" and "is
 student's final accuracy in fewer steps".
 
 Finished runs are reused when the command is run again (each run resumes from its checkpoint, a
-complete one is skipped), so an interrupted benchmark continues where it stopped.
+complete one is skipped), so an interrupted benchmark continues where it stopped. ``--reuse DIR``
+also copies finished runs from an earlier ``--out`` when they are the same run (method, the
+settings that change its result, seed and teacher): e.g. the kd baseline, which no curriculum
+setting changes, for an ablation of a curriculum default in a new directory.
 
     # Fashion-MNIST on a 2-core CPU (20,000-image subset, 3 seeds, the order ablation):
     python benchmarks/bench_accuracy.py --config configs/fashion_mnist_resnet20_resnet8_cpu.yaml \\
@@ -24,10 +27,12 @@ complete one is skipped), so an interrupted benchmark continues where it stopped
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -305,6 +310,27 @@ def plot(stats: dict, runs: dict, seeds, path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
+def reusable_run(dirs, seed: int, method: str, cfg, teacher_path) -> str | None:
+    """A finished run under ``DIR/runs/*/seed<seed>`` of one of ``dirs`` that is this run: same
+    method and result-changing settings (the run directory's identity) and, unless ``ce``, the same
+    teacher checkpoint. None when there is none."""
+    from kdseq_fast.run_dir import is_complete
+
+    for d in dirs:
+        for cand in sorted(glob.glob(os.path.join(d, "runs", "*", f"seed{seed}"))):
+            if not is_complete(cand, "student", method, cfg):
+                continue
+            try:
+                with open(os.path.join(cand, "run.json")) as fh:
+                    recorded = json.load(fh).get("teacher")
+            except (OSError, ValueError):
+                continue
+            if method == "ce" or (recorded is not None and teacher_path is not None
+                                  and os.path.abspath(recorded) == os.path.abspath(teacher_path)):
+                return cand
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -329,6 +355,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="results directory (reused runs live here)")
     ap.add_argument("--report-only", action="store_true",
                     help="only summarize the finished runs in --out (no training)")
+    ap.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                    help="an earlier --out: its finished runs that are the same run (method, result-"
+                         "changing settings, seed, teacher) are copied instead of trained (repeatable)")
     args = ap.parse_args(argv)
 
     import torch
@@ -391,6 +420,11 @@ def main(argv=None) -> int:
             done += 1
             if not args.report_only:
                 v_cfg = load_config(config_path, base_overrides + v.overrides + [f"seed={seed}"])
+                if args.reuse and not os.path.exists(os.path.join(run_dir, "run.json")):
+                    src = reusable_run(args.reuse, seed, v.method, v_cfg, teacher_path)
+                    if src is not None:
+                        shutil.copytree(src, run_dir, dirs_exist_ok=True)
+                        log(f"{v.name} seed {seed}: reusing the finished run in {src}")
                 t0 = time.perf_counter()
                 distill(v_cfg, run_dir, method=v.method,
                         teacher=teacher_path if v.method != "ce" else None, resume=True,

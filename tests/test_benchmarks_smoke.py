@@ -156,6 +156,16 @@ def test_bench_accuracy_quick_and_resumable(tmp_path):
     elapsed = [int(x) for x in re.findall(r": test acc [0-9.]+ \((\d+) s;", again.stdout)]
     assert len(elapsed) == 8 and max(elapsed) <= 3, again.stdout
     assert json.loads((out / "results.json").read_text())["variants"]["isl"]["test_acc"] == isl["test_acc"]
+    # Another --out, a changed curriculum default, the same teacher: the kd runs (which never read
+    # the curriculum) are copied from the first one instead of trained again.
+    out2 = tmp_path / "acc2"
+    cmd2 = [c if c != str(out) else str(out2) for c in cmd if c not in ("isl", "--ablation", "order")]
+    cmd2 += ["--set", "curriculum.mix_frac=0.5", "--reuse", str(out), "--teacher", str(out / "teacher" / "teacher.pt")]
+    reused = subprocess.run(cmd2, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert reused.returncode == 0, reused.stderr[-3000:]
+    assert reused.stdout.count("reusing the finished run") == 2, reused.stdout
+    assert json.loads((out2 / "results.json").read_text())["variants"]["kd"]["test_acc"] == \
+        res["variants"]["kd"]["test_acc"]
 
 
 def test_bench_accuracy_statistics():
