@@ -147,6 +147,7 @@ def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
     for name, samples in times.items():
         st = C.summarize(samples)
         gbps = roofline_bytes / st["median_s"] / 1e9
+        graph_gbps = roofline_bytes / graph_s[name] / 1e9 if name in graph_s else None
         rows.append({
             "dtype": dtype_name, "B": B, "C": Cn, "candidate": name, **st,
             "GBps": gbps, "roofline_fraction": gbps / memcpy_gbps,
@@ -157,9 +158,8 @@ def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
             "compile_time_s": compile_s if name == "compile" else None,
             "gpu_s": gpu_s.get(name),
             "graph_s": graph_s.get(name),
-            "graph_GBps": roofline_bytes / graph_s[name] / 1e9 if name in graph_s else None,
-            "graph_roofline_fraction": (roofline_bytes / graph_s[name] / 1e9 / memcpy_gbps
-                                        if name in graph_s else None),
+            "graph_GBps": graph_gbps,
+            "graph_roofline_fraction": None if graph_gbps is None else graph_gbps / memcpy_gbps,
             "kernel_s": kernel_s if name == "kdseq" else None,
         })
     return rows, errors

@@ -146,23 +146,20 @@ __device__ __forceinline__ void load_pairs(const void* srow, int s_dtype, const 
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       decode4(rs[k], s_dtype, j[k], cols, fill, x[k]);
-      if (trow != nullptr) {
-        decode4(rt[k], t_dtype, j[k], cols, fill, z[k]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) z[k][i] = acc_t(0);
-      }
+      if (trow != nullptr) decode4(rt[k], t_dtype, j[k], cols, fill, z[k]);
     }
   } else {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       load4<VECTOR>(srow, s_dtype, j[k], cols, fill, x[k]);
-      if (trow != nullptr) {
-        load4<VECTOR>(trow, t_dtype, j[k], cols, fill, z[k]);
-      } else {
+      if (trow != nullptr) load4<VECTOR>(trow, t_dtype, j[k], cols, fill, z[k]);
+    }
+  }
+  if (trow == nullptr) {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) z[k][i] = acc_t(0);
-      }
+    for (int k = 0; k < K; ++k) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) z[k][i] = acc_t(0);
     }
   }
 }

@@ -94,25 +94,12 @@ __device__ __forceinline__ acc_t row_loss_value(const KDArgs<acc_t>& a, const Ro
   return kd_row_loss(st, k, a.T, a.kd_weight, a.ce_weight, WITH_CE, s_label);
 }
 
-// Number of non-ignored labels, counted by every thread of the CTA; returns the mean scale.
+// The mean scale (1 / the number of non-ignored labels; 1 for other reductions), the same in every
+// thread. The CTAs of the grid count their share of the labels: one CTA (the prologue, a single
+// call off sm_90) counts them all; the CTAs of a single-call cluster add their counts through
+// distributed shared memory (`slot` and `bcast` as for cluster_allreduce; unused for one CTA).
 template <typename acc_t>
-__device__ __forceinline__ acc_t count_scale(const KDArgs<acc_t>& a, acc_t* smem) {
-  if (a.reduction != kReduceMean) return acc_t(1);
-  acc_t n[1] = {acc_t(0)};
-  if (a.labels == nullptr) {
-    n[0] = static_cast<acc_t>(a.B);
-  } else {
-    for (int64_t r = threadIdx.x; r < a.B; r += blockDim.x) n[0] += a.labels[r] != a.ignore_index ? acc_t(1) : acc_t(0);
-    group_allreduce<kBlockThreads>(n, SumOp<acc_t>(), smem);
-  }
-  return n[0] > acc_t(0) ? acc_t(1) / n[0] : acc_t(0);
-}
-
-// The mean scale of a single-cluster call (Mode::kSingleCta: one CTA, or on sm_90 a cluster of
-// CTAs sharing the rows): each CTA counts its share of the labels and the counts are added through
-// distributed shared memory. `slot` and `bcast` as for cluster_allreduce.
-template <typename acc_t>
-__device__ __forceinline__ acc_t single_call_scale(const KDArgs<acc_t>& a, acc_t* red, acc_t* slot, acc_t* bcast) {
+__device__ __forceinline__ acc_t mean_scale(const KDArgs<acc_t>& a, acc_t* red, acc_t* slot, acc_t* bcast) {
   if (a.reduction != kReduceMean) return acc_t(1);
   acc_t n[1] = {acc_t(0)};
   if (a.labels == nullptr) {
@@ -132,7 +119,7 @@ __device__ __forceinline__ acc_t single_call_scale(const KDArgs<acc_t>& a, acc_t
 template <typename acc_t>
 __global__ void __launch_bounds__(kBlockThreads) kd_prologue_kernel(const KDArgs<acc_t> a) {
   KDSEQ_SHARED(acc_t, red, 32);
-  const acc_t scale = count_scale(a, red);
+  const acc_t scale = mean_scale<acc_t>(a, red, nullptr, nullptr);  // a one-CTA launch
   if (threadIdx.x == 0) {
     a.ws->counter = 0u;
     a.ws->scale = static_cast<double>(scale);
@@ -171,7 +158,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2) kd_rows_kernel(const KDArgs<
     rank = dev::cluster_rank();
   }
 #endif
-  const acc_t scale = a.single_cta ? single_call_scale(a, red, slot_sum, bcast)
+  const acc_t scale = a.single_cta ? mean_scale(a, red, slot_sum, bcast)
                                    : a.ws != nullptr ? call_scale(a) : acc_t(1);
   acc_t loss_part = acc_t(0);  // single-cluster calls: this lane's rows' losses, in row order
 
@@ -668,6 +655,16 @@ void launch_split(const Plan& p, const KDArgs<acc_t>& a, Launcher& launch) {
   launch(d, kd_split_grad_kernel<acc_t, WITH_CE, VECTOR>, a);
 }
 
+// f(std::bool_constant<WITH_CE>{}, std::bool_constant<VECTOR>{}) for the runtime flags: the one
+// place the four kernel instantiations of a layout are chosen.
+template <typename F>
+decltype(auto) with_flags(bool with_ce, bool vector, F&& f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  if (with_ce) return vector ? f(T{}, T{}) : f(T{}, N{});
+  return vector ? f(N{}, T{}) : f(N{}, N{});
+}
+
 // Runs a planned call. `a` has every pointer set except the workspace ones, which `alloc` provides:
 // alloc_ws() -> Workspace*, alloc_partials(n) -> KDStats<acc_t>*. Returns the plan that ran (a cluster
 // plan the device cannot launch falls back to the split path).
@@ -680,20 +677,17 @@ Plan run_kd_loss(Plan p, KDArgs<acc_t> a, bool with_ce, bool vector, Launcher& l
     a.segments = 1;
     a.seg_len = a.C;
     const LaunchDims d{static_cast<unsigned>(p.grid), kBlockThreads, 1};
-    if (with_ce) {
-      vector ? launch(d, kd_twopass_kernel<acc_t, true, true>, a) : launch(d, kd_twopass_kernel<acc_t, true, false>, a);
-    } else {
-      vector ? launch(d, kd_twopass_kernel<acc_t, false, true>, a) : launch(d, kd_twopass_kernel<acc_t, false, false>, a);
-    }
+    with_flags(with_ce, vector, [&](auto ce, auto vec) {
+      launch(d, kd_twopass_kernel<acc_t, decltype(ce)::value, decltype(vec)::value>, a);
+    });
     return p;
   }
   if (p.mode != Mode::kSplit) {
     if constexpr (std::is_same_v<acc_t, float>) {
       a.segments = 1;
-      const bool ran = with_ce ? (vector ? launch_rows<acc_t, true, true>(p, a, launch)
-                                         : launch_rows<acc_t, true, false>(p, a, launch))
-                               : (vector ? launch_rows<acc_t, false, true>(p, a, launch)
-                                         : launch_rows<acc_t, false, false>(p, a, launch));
+      const bool ran = with_flags(with_ce, vector, [&](auto ce, auto vec) {
+        return launch_rows<acc_t, decltype(ce)::value, decltype(vec)::value>(p, a, launch);
+      });
       if (ran) return p;
     }
     // fp64, or a cluster the device cannot launch: the split path (the prologue already ran).
@@ -707,11 +701,9 @@ Plan run_kd_loss(Plan p, KDArgs<acc_t> a, bool with_ce, bool vector, Launcher& l
   a.segments = p.segments;
   a.seg_len = p.seg_len;
   a.partial = alloc.alloc_partials(a.B * p.segments);
-  if (with_ce) {
-    vector ? launch_split<acc_t, true, true>(p, a, launch) : launch_split<acc_t, true, false>(p, a, launch);
-  } else {
-    vector ? launch_split<acc_t, false, true>(p, a, launch) : launch_split<acc_t, false, false>(p, a, launch);
-  }
+  with_flags(with_ce, vector, [&](auto ce, auto vec) {
+    launch_split<acc_t, decltype(ce)::value, decltype(vec)::value>(p, a, launch);
+  });
   return p;
 }
 

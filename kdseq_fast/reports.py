@@ -10,7 +10,7 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["steps_to_target", "read_metrics", "plot_accuracy", "plot_pacing", "plot_difficulty_histograms",
+__all__ = ["steps_to_target", "accuracy_target", "read_metrics", "plot_accuracy", "plot_pacing", "plot_difficulty_histograms",
            "format_table", "results_table_rows"]
 
 
@@ -32,6 +32,11 @@ def steps_to_target(history: Iterable[tuple[int, float]], target: float | None) 
         if acc >= target - 1e-12:
             return int(steps)
     return None
+
+
+def accuracy_target(value: float | None) -> float | None:
+    """``train.target_acc`` as a fraction (a config may give a percentage); None stays None."""
+    return value / 100.0 if value is not None and value > 1 else value
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -111,6 +111,24 @@ def same_run_config(stored: dict, cfg: Config, method: str | None = None) -> boo
     return filled is not None and resume_hash(Config(filled), method) == resume_hash(cfg, method)
 
 
+def same_run(recorded_hash: str | None, stored, cfg: Config, method: str | None) -> bool:
+    """Whether a recorded run is ``cfg``'s run of ``method``: its identity hash matches, or else its
+    stored config (``stored()``, read only then; None when unreadable) does with today's defaults."""
+    if recorded_hash == resume_hash(cfg, method):
+        return True
+    config = stored()
+    return config is not None and same_run_config(config, cfg, method)
+
+
+def read_stored_config(run_dir: str) -> dict | None:
+    """A run directory's ``config.yaml`` as written, or None when it is missing or unreadable."""
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as fh:
+            return yaml.safe_load(fh) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
 class RunDirectory:
     """One run's output directory (``path``); writes happen on the main process only."""
 
@@ -132,16 +150,11 @@ class RunDirectory:
                 other = json.load(fh)
         except (OSError, ValueError):
             other = {}
-        mine = resume_hash(cfg, method)
-        stored = None
-        try:
-            with open(self.file("config.yaml")) as fh:
-                stored = yaml.safe_load(fh) or {}
-        except (OSError, ValueError, yaml.YAMLError):
-            pass
-        same_config = other.get("resume_hash") == mine or (stored is not None and same_run_config(stored, cfg, method))
-        same = same_config and other.get("role") == role and other.get("method") == method
+        stored = read_stored_config(self.path)
+        same = (other.get("role") == role and other.get("method") == method
+                and same_run(other.get("resume_hash"), lambda: stored, cfg, method))
         if not same:
+            mine = resume_hash(cfg, method)
             diff = [] if stored is None else config_diff(_filled(stored) or stored, cfg.to_dict(), method=method)
             what = ("; config differs: " + "; ".join(diff)) if diff else \
                 (f" (config hash {str(other.get('resume_hash'))[:12]} vs {mine[:12]} now)")
@@ -221,7 +234,7 @@ def check_resumable(state: dict, path: str, *, cfg: Config, role: str, method: s
         raise CheckpointError(
             f"{path} is a checkpoint of role {state.get('role')}/method {state.get('method')}, "
             f"not {role}/{method}")
-    if state["resume_hash"] != resume_hash(cfg, method) and not same_run_config(state["config"], cfg, method):
+    if not same_run(state["resume_hash"], lambda: state["config"], cfg, method):
         diff = config_diff(state["config"], cfg.to_dict(), method=method)
         raise CheckpointError(
             f"cannot resume {path}: the config differs from the one the run was started with: "
@@ -244,14 +257,8 @@ def is_complete(out_dir: str, role: str, method: str, cfg: Config) -> bool:
         return False
     if ident.get("role") != role or ident.get("method") != method:
         return False
-    if ident.get("resume_hash") != resume_hash(cfg, method):
-        try:
-            with open(os.path.join(out_dir, "config.yaml")) as fh:
-                stored = yaml.safe_load(fh) or {}
-        except (OSError, ValueError, yaml.YAMLError):
-            return False
-        if not same_run_config(stored, cfg, method):
-            return False
+    if not same_run(ident.get("resume_hash"), lambda: read_stored_config(out_dir), cfg, method):
+        return False
     found = load_latest_checkpoint(out_dir, log=lambda m: None)
     if found is None:
         return False

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from .callbacks import ConsoleLogger, TensorBoardLogger
 from .config import Config
-from .reports import steps_to_target
+from .reports import accuracy_target, steps_to_target
 from .run_dir import TrainResult, completed_result, is_complete
 from .run_inputs import DataBundle, build_data
 from .runtime import setup_run
@@ -92,9 +92,7 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
     if not ctx.is_main:
         # The combined files and plots come from rank 0; the other ranks only trained.
         return {**summary, "plots": []}
-    target = cfg.train.target_acc
-    if target is not None and target > 1:
-        target /= 100.0
+    target = accuracy_target(cfg.train.target_acc)
     if target is None and "kd" in summary["methods"]:
         target = summary["methods"]["kd"]["test_acc"]
     records = {m: reports.read_metrics(os.path.join(out_dir, m, "metrics.jsonl")) for m in results}

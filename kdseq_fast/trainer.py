@@ -40,14 +40,14 @@ import torch
 from .callbacks import Callback, ConsoleLogger, TensorBoardLogger
 from .config import Config, config_hash
 from .curriculum import InstanceSequence
-from .reports import steps_to_target
+from .nonfinite import RejectedSteps
+from .reports import accuracy_target, steps_to_target
 from .run_dir import RESUME_IGNORED_KEYS, RunDirectory, RunDirError, TrainResult, check_resumable, resume_hash
 from .run_inputs import (DataBundle, build_data, load_teacher, make_loader, ordered_batch_size,
                          rank_loss_weight, shared_teacher_logits)
 from .runtime import (GracefulStop, RunContext, SegmentTimer, capture_rng_state, load_latest_checkpoint,
                       restore_rng_state, save_checkpoint, setup_run, test_dump_hook, test_kill_hook)
 from .schedule import EpochPlan
-from .nonfinite import RejectedSteps
 from .step import BufferGuard, DeviceStep
 from .train_settings import resolve_train_settings
 
@@ -715,9 +715,7 @@ class Trainer:
     def _finish(self) -> TrainResult:
         wall = self.wall_before + self._wall_this_process()
         final_acc = self.history[-1][1] if self.history else self.evaluate()
-        target = self.cfg.train.target_acc
-        if target is not None and target > 1:
-            target = target / 100.0  # accept percentages in the config
+        target = accuracy_target(self.cfg.train.target_acc)
         if target is None and self.method == "kd" and self.role == "student":
             target = final_acc
         entry = {"test_acc": final_acc, "best_acc": self.best_acc, "steps": self.global_step,
