@@ -8,6 +8,8 @@ drives, one concern each:
   never waits for the GPU, and the device counters read at log intervals;
 - :mod:`.run_dir` -- the run directory: identity, refusing another run, metrics, weights, summary;
 - :mod:`.run_inputs` -- data splits, loaders, the teacher and its cached logits;
+- :mod:`.progress` -- where the run stands (epoch, step, curriculum, history, best model);
+- :mod:`.epoch_sums` -- the epoch's running sums (per rank) and its metrics record;
 - :mod:`.runtime` -- device, seeding, signals, checkpoint files, ``torch.distributed``;
 - :mod:`.callbacks` -- console and TensorBoard logging;
 - :mod:`.train_settings` -- the ``auto`` training settings decided for the device;
@@ -27,7 +29,6 @@ identical instance sequence, and evaluation counts are summed over ranks.
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -40,7 +41,9 @@ import torch
 from .callbacks import Callback, ConsoleLogger, TensorBoardLogger
 from .config import Config, config_hash
 from .curriculum import InstanceSequence
+from .epoch_sums import EpochSums
 from .nonfinite import RejectedSteps
+from .progress import RunProgress
 from .reports import accuracy_target, steps_to_target
 from .run_dir import RESUME_IGNORED_KEYS, RunDirectory, RunDirError, TrainResult, check_resumable, resume_hash
 from .run_inputs import (DataBundle, build_data, load_teacher, make_loader, ordered_batch_size,
@@ -261,21 +264,9 @@ class Trainer:
         self.log_every = self.settings["log_every_steps"]
 
     def _init_progress(self) -> None:
-        """Progress state: everything the checkpoint holds, at the start of a run."""
-        self.epoch = 0              # index of the epoch in progress / next to run
-        self.batch_in_epoch = 0     # next batch of that epoch
-        self.global_step = 0
-        self.scored_phase = -1      # phase whose sequence/scores are held
-        self.sequence: np.ndarray | None = None
-        self.scores: torch.Tensor | None = None
-        self.accum = self._new_accum()
-        self.history: list[tuple[int, float]] = []   # (steps, test_acc) at each evaluation
-        self.best_acc = 0.0
-        self.best_state = None
-        self.wall_before = 0.0      # training wall time spent by earlier processes of this run
-        self.metrics_lines = 0
-        self.teacher_acc = None
-        self.skipped_batches = 0
+        """The state of a run at its start: where it stands, the epoch's sums, empty caches."""
+        self.progress = RunProgress()
+        self.sums = EpochSums()
         self._teacher_train_logits = None
         self._score_loader_obj = None
         self._resume_state = None
@@ -292,7 +283,7 @@ class Trainer:
         return {"role": self.role, "method": self.method, "resume_hash": self._resume_hash,
                 "config_hash": config_hash(self.cfg), "teacher": self.teacher_path}
 
-    def state_dict(self) -> dict:
+    def _checkpoint_state(self, sums: dict) -> dict:
         return {
             "format": CHECKPOINT_FORMAT,
             "role": self.role, "method": self.method,
@@ -302,46 +293,23 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step.state_dict(),
             "rng": capture_rng_state(),
-            "progress": {"epoch": self.epoch, "batch": self.batch_in_epoch,
-                         "global_step": self.global_step, "scored_phase": self.scored_phase,
-                         "metrics_lines": self.metrics_lines,
-                         "wall_s": self.wall_before + self._wall_this_process(),
-                         "skipped_batches": self.skipped_batches},
-            "curriculum": {
-                "sequence": None if self.sequence is None else torch.from_numpy(self.sequence),
-                "scores": self.scores},
-            "accum": dict(self.accum),
-            "history": [list(h) for h in self.history],
-            "best_acc": self.best_acc, "best_state": self.best_state,
-            "teacher_acc": self.teacher_acc, "teacher_fingerprint": self.teacher_fingerprint,
+            **self.progress.state_dict(wall_s=self._wall_s()),
+            "accum": sums,
+            "teacher_fingerprint": self.teacher_fingerprint,
         }
 
-    def _wall_this_process(self) -> float:
-        return time.perf_counter() - self._t_start if getattr(self, "_t_start", None) else 0.0
+    def _wall_s(self) -> float:
+        """The run's training wall time: earlier processes' plus this one's."""
+        this = time.perf_counter() - self._t_start if getattr(self, "_t_start", None) else 0.0
+        return self.progress.wall_before + this
 
     def save_checkpoint(self, reason: str = "") -> None:
         self._fold()
-        # Every rank calls this at the same points. The epoch's running sums are per rank: the
-        # checkpoint keeps each rank's (an exact resume with the same world size) and their totals
-        # (what a resume with another world size gives rank 0).
-        keys = ("loss_sum", "samples", "correct")
-        per_rank = None
-        if self.ctx.distributed:
-            w, r = self.ctx.world_size, self.ctx.rank
-            slots = [0.0] * (len(keys) * w)
-            for i, k in enumerate(keys):
-                slots[len(keys) * r + i] = float(self.accum[k])
-            slots = self.ctx.reduce_sum(slots)  # a sum of one-hot slots: an all-gather
-            per_rank = [slots[len(keys) * q:len(keys) * (q + 1)] for q in range(w)]
+        # Every rank calls this at the same points (the epoch sums gather the ranks' counts).
+        sums = self.sums.state_dict(self.ctx)
         if self.ctx.is_main:
-            state = self.state_dict()
-            if per_rank is not None:
-                state["accum"]["rank_sums"] = per_rank
-                state["accum"]["loss_sum"] = math.fsum(p[0] for p in per_rank)
-                state["accum"]["samples"] = int(sum(p[1] for p in per_rank))
-                state["accum"]["correct"] = int(sum(p[2] for p in per_rank))
-            save_checkpoint(state, self.out_dir)
-        self._last_checkpoint_step = self.global_step
+            save_checkpoint(self._checkpoint_state(sums), self.out_dir)
+        self._last_checkpoint_step = self.progress.global_step
 
     def _load_resume_state(self) -> None:
         # Rank 0 reads the checkpoint and sends it to the others: one consistent state even if
@@ -359,41 +327,17 @@ class Trainer:
         self.step.load_state_dict(state["step"])
         # Last, after everything that consumed random numbers while building this trainer.
         restore_rng_state(state["rng"])
-        p = state["progress"]
-        self.epoch, self.batch_in_epoch = p["epoch"], p["batch"]
-        self.global_step, self.scored_phase = p["global_step"], p["scored_phase"]
-        self.step.set_step_count(self.global_step)
-        self.metrics_lines, self.wall_before = p["metrics_lines"], p["wall_s"]
-        self.skipped_batches = p["skipped_batches"]
-        seq = state["curriculum"]["sequence"]
-        self.sequence = None if seq is None else seq.numpy().astype(np.int64)
-        self.scores = state["curriculum"]["scores"]
-        accum = dict(state["accum"])
-        per_rank = accum.pop("rank_sums", None)
-        self.accum = {**self._new_accum(), **accum}
-        if per_rank is not None and len(per_rank) == self.ctx.world_size:
-            loss_sum, samples, correct = per_rank[self.ctx.rank]
-            self.accum.update(loss_sum=loss_sum, samples=int(samples), correct=int(correct))
-        elif not self.ctx.is_main:
-            self.accum.update(loss_sum=0.0, samples=0, correct=0)  # rank 0 holds the totals
-        self.history = [(int(s), float(a)) for s, a in state["history"]]
-        self.best_acc, self.best_state = state["best_acc"], state["best_state"]
-        self.teacher_acc = state["teacher_acc"]
+        self.progress = p = RunProgress.from_state(state)
+        self.step.set_step_count(p.global_step)
+        self.sums.load_state_dict(state["accum"], self.ctx)
         self._resume_state = state
-        self._last_checkpoint_step = self.global_step
+        self._last_checkpoint_step = p.global_step
         # Epoch records written after this checkpoint will be produced again.
-        self.run_dir.truncate_metrics(self.metrics_lines)
+        self.run_dir.truncate_metrics(p.metrics_lines)
         self.log(f"[{self.label}] resuming from {os.path.basename(path)}: epoch "
-                 f"{self.epoch + 1}/{self.total_epochs}, batch {self.batch_in_epoch}, "
-                 f"step {self.global_step}")
+                 f"{p.epoch + 1}/{self.total_epochs}, batch {p.batch_in_epoch}, step {p.global_step}")
 
     # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _new_accum() -> dict:
-        return {"loss_sum": 0.0, "samples": 0, "correct": 0, "steps": 0, "admitted_sum": 0.0,
-                "data": 0.0, "model": 0.0, "loss": 0.0, "scoring": 0.0, "teacher_cache": 0.0,
-                "train_time": 0.0, "compile": 0.0}
-
     def _emit(self, hook: str, *args) -> None:
         if not self.ctx.is_main:
             return
@@ -501,8 +445,8 @@ class Trainer:
         scores = self.score_snapshot()
         diff = difficulty(scores, self.cfg.curriculum.measure)
         seq = InstanceSequence(diff, self.cfg.curriculum.order, seed=self.cfg.seed, phase=phase)
-        self.sequence, self.scores, self.scored_phase = seq.sequence, scores, phase
-        self.accum["scoring"] += time.perf_counter() - t0
+        self.progress.sequence, self.progress.scores, self.progress.scored_phase = seq.sequence, scores, phase
+        self.sums.add_time("scoring", time.perf_counter() - t0)
         self.run_dir.save_npy(f"phase_{phase}_order.npy", seq.sequence)
         self.run_dir.save_npy(f"phase_{phase}_scores.npy", scores.numpy())
         self._emit("on_phase_start", phase, seq.sequence, scores)
@@ -514,10 +458,7 @@ class Trainer:
     def _fold(self) -> None:
         """Moves the device counters into the epoch sums (one host read)."""
         r = self.step.fold()
-        a = self.accum
-        a["loss_sum"] += r.loss_sum
-        a["samples"] += r.samples
-        a["correct"] += r.correct
+        self.sums.add_read(r)
         self.rejected.add_read(r)
 
     def _handle_rejected(self, bar=None) -> None:
@@ -525,17 +466,18 @@ class Trainer:
         ``train.nonfinite=skip``, else a checkpoint of the last good state and NonFiniteError."""
         found = self.rejected.take()
         if found is None:
-            if bar is not None and self.accum["samples"]:
-                bar.set_postfix(loss=f"{self.accum['loss_sum'] / self.accum['samples']:.4f}", refresh=False)
+            loss = self.sums.mean_loss()
+            if bar is not None and loss is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             return
         bad, msg = found
-        self.skipped_batches += bad
+        self.progress.skipped_batches += bad
         if self.cfg.train.nonfinite == "skip":
             self.log(f"[{self.label}] warning: {msg}; batch skipped (train.nonfinite=skip)")
             return
         if self.step.params_finite():
             self.save_checkpoint("non-finite")
-            saved = f"the last good state (step {self.global_step}) is saved in"
+            saved = f"the last good state (step {self.progress.global_step}) is saved in"
         else:
             # An earlier update overflowed the weights while its loss and gradient were still
             # finite; keep the older checkpoint rather than overwrite it with broken weights.
@@ -553,35 +495,36 @@ class Trainer:
 
     def _fit(self, stop: GracefulStop) -> TrainResult:
         self._t_start = time.perf_counter()
+        prog = self.progress  # mutated in place from here on
         self.model.train()
         self._emit("on_train_start")
-        if self.teacher is not None and self.teacher_acc is None:
-            self.teacher_acc = self.evaluate(self.teacher)
-            self.log(f"[{self.label}] teacher {self.cfg.teacher.arch} test acc {self.teacher_acc:.4f}")
+        if self.teacher is not None and prog.teacher_acc is None:
+            prog.teacher_acc = self.evaluate(self.teacher)
+            self.log(f"[{self.label}] teacher {self.cfg.teacher.arch} test acc {prog.teacher_acc:.4f}")
         if self.method == "isl" or (self.cfg.data.augment == "none" and self.teacher is not None):
             t0 = time.perf_counter()
             self.teacher_train_logits()
-            self.accum["teacher_cache"] += time.perf_counter() - t0
+            self.sums.add_time("teacher_cache", time.perf_counter() - t0)
         every = self.cfg.train.checkpoint_every_steps
-        if self._resume_state is None and self.global_step == 0:
+        if self._resume_state is None and prog.global_step == 0:
             # A step-0 checkpoint: a run that fails or is killed early still has a good state.
             self.save_checkpoint("start")
         if self._stop_agreed(stop, at_read=True):
             self._preempt(stop, saved=True)
         bs, world = self.cfg.optim.batch_size, self.ctx.world_size
         dump = bool(os.environ.get("KDSEQ_TEST_DUMP_DIR"))
-        for e in range(self.epoch, self.total_epochs):
+        for e in range(prog.epoch, self.total_epochs):
             phase, kind, eip, plen = self.schedule[e]
-            if kind == "curriculum" and self.scored_phase != phase:
+            if kind == "curriculum" and prog.scored_phase != phase:
                 self._start_phase(phase)
                 if self._stop_agreed(stop, at_read=True):
                     self._preempt(stop)
-            order, admitted = self.plan.order(e, self.sequence)
+            order, admitted = self.plan.order(e, prog.sequence)
             seen = []
             self.train_loader.set_epoch(e)
-            self.train_loader.set_order(order, start_batch=self.batch_in_epoch)
+            self.train_loader.set_order(order, start_batch=prog.batch_in_epoch)
             t_epoch = time.perf_counter()
-            bar = self._bar(self.steps_per_epoch, self.batch_in_epoch,
+            bar = self._bar(self.steps_per_epoch, prog.batch_in_epoch,
                             f"{self.label} ep {e + 1}/{self.total_epochs}")
             it = iter(self.train_loader)
             try:
@@ -592,7 +535,7 @@ class Trainer:
                         break
                     self.timer.add("data", self.timer.now() - t0)
                     b = int(batch["labels"].numel())
-                    weight = rank_loss_weight(b, min(bs, len(order) - self.batch_in_epoch * bs), world)
+                    weight = rank_loss_weight(b, min(bs, len(order) - prog.batch_in_epoch * bs), world)
                     if dump:
                         seen.append(batch["indices"].cpu().numpy())
                     first_compile = self.settings["compile"] and not self._compiled_once
@@ -602,19 +545,16 @@ class Trainer:
                         # The first compiled step pays for compilation: reported apart.
                         if self.device.type == "cuda":
                             torch.cuda.synchronize(self.device)
-                        self.accum["compile"] += time.perf_counter() - tc
+                        self.sums.add_time("compile", time.perf_counter() - tc)
                         self._compiled_once = True
-                    self.rejected.record(self.global_step + 1, phase, e, self.batch_in_epoch,
-                                         batch["indices"])
-                    self.accum["admitted_sum"] += float(admitted[self.batch_in_epoch]) / self.num_items
-                    self.accum["steps"] += 1
-                    self.batch_in_epoch += 1
-                    self.global_step += 1
+                    self.rejected.record(prog.global_step + 1, phase, e, prog.batch_in_epoch, batch["indices"])
+                    self.sums.add_step(float(admitted[prog.batch_in_epoch]) / self.num_items)
+                    prog.next_batch()
                     bar.update(1)
-                    self._emit("on_step_end", self.global_step, loss)
-                    read = self.global_step % self.log_every == 0
+                    self._emit("on_step_end", prog.global_step, loss)
+                    read = prog.global_step % self.log_every == 0
                     saved = False
-                    if every and self.global_step % every == 0:
+                    if every and prog.global_step % every == 0:
                         self._fold_times(t_epoch)
                         t_epoch = time.perf_counter()
                         self._fold()
@@ -624,7 +564,7 @@ class Trainer:
                     elif read:
                         self._fold()
                         self._handle_rejected(bar)
-                    test_kill_hook("step", self.global_step)
+                    test_kill_hook("step", prog.global_step)
                     if self._stop_agreed(stop, at_read=read or saved):
                         # Signals only set a flag; the finished step is checkpointed here.
                         self._fold()
@@ -663,15 +603,14 @@ class Trainer:
         return False
 
     def _fold_times(self, t_epoch: float) -> None:
-        self.accum["train_time"] += time.perf_counter() - t_epoch
-        for k, v in self.timer.reset().items():
-            self.accum[k] += v
+        self.sums.add_time("train_time", time.perf_counter() - t_epoch)
+        self.sums.add_times(self.timer.reset())
 
     def _preempt(self, stop: GracefulStop, saved: bool = False) -> None:
         if not saved:
             self.save_checkpoint("preempted")
         raise Preempted(f"[{self.label}] received {stop.name}: checkpoint saved in {self.out_dir} "
-                        f"at step {self.global_step}; resume with the same command plus --resume")
+                        f"at step {self.progress.global_step}; resume with the same command plus --resume")
 
     def _end_epoch(self, e: int) -> None:
         phase, kind, eip, plen = self.schedule[e]
@@ -682,56 +621,50 @@ class Trainer:
         t0 = time.perf_counter()
         if (e + 1) % self.cfg.train.eval_every_epochs == 0 or last:
             acc = self.evaluate()
-            self.history.append((self.global_step, acc))
-            if acc > self.best_acc or len(self.history) == 1:
-                self.best_acc = acc
-                if self.role == "teacher":
-                    self.best_state = {k: v.detach().cpu().clone()
-                                       for k, v in self.model.state_dict().items()}
+            if self.progress.record_eval(acc) and self.role == "teacher":
+                self.progress.best_state = {k: v.detach().cpu().clone()
+                                            for k, v in self.model.state_dict().items()}
         eval_s = time.perf_counter() - t0
-        a = self.accum
-        loss_sum, samples, correct = self.ctx.reduce_sum([a["loss_sum"], a["samples"], a["correct"]])
+        sums = self.sums.record(self.ctx)
         record = {
             "method": self.label, "phase": phase, "epoch": e + 1, "epoch_in_phase": eip + 1,
-            "steps": self.global_step, "lr": lr_used,
-            "train_loss": loss_sum / max(samples, 1), "train_acc": correct / max(samples, 1),
-            "test_acc": acc, "admitted_frac": a["admitted_sum"] / max(a["steps"], 1),
-            "images_per_s": samples / max(a["train_time"] - a["compile"], 1e-9),
-            "wall_s": self.wall_before + self._wall_this_process(),
-            # The model segment encloses the loss call; report them disjoint.
-            "time_data": a["data"], "time_model": a["model"] - a["loss"], "time_loss": a["loss"],
-            "time_scoring": a["scoring"], "time_teacher_cache": a["teacher_cache"],
-            "time_eval": eval_s, "time_train": a["train_time"], "time_compile": a["compile"],
-            "skipped_batches": self.skipped_batches,
+            "steps": self.progress.global_step, "lr": lr_used,
+            "train_loss": sums["train_loss"], "train_acc": sums["train_acc"], "test_acc": acc,
+            "admitted_frac": sums["admitted_frac"], "images_per_s": sums["images_per_s"],
+            "wall_s": self._wall_s(),
+            "time_data": sums["time_data"], "time_model": sums["time_model"], "time_loss": sums["time_loss"],
+            "time_scoring": sums["time_scoring"], "time_teacher_cache": sums["time_teacher_cache"],
+            "time_eval": eval_s, "time_train": sums["time_train"], "time_compile": sums["time_compile"],
+            "skipped_batches": self.progress.skipped_batches,
         }
         self.run_dir.append_metrics(record)
-        self.metrics_lines += 1
+        self.progress.metrics_lines += 1
         self._emit("on_epoch_end", record)
-        self.epoch, self.batch_in_epoch = e + 1, 0
-        self.accum = self._new_accum()
+        self.progress.epoch, self.progress.batch_in_epoch = e + 1, 0
+        self.sums.reset()
         self.save_checkpoint("epoch end")
 
     # ------------------------------------------------------------------ outputs
     def _finish(self) -> TrainResult:
-        wall = self.wall_before + self._wall_this_process()
-        final_acc = self.history[-1][1] if self.history else self.evaluate()
+        wall = self._wall_s()
+        final_acc = self.progress.history[-1][1] if self.progress.history else self.evaluate()
         target = accuracy_target(self.cfg.train.target_acc)
         if target is None and self.method == "kd" and self.role == "student":
             target = final_acc
-        entry = {"test_acc": final_acc, "best_acc": self.best_acc, "steps": self.global_step,
-                 "steps_to_target": steps_to_target(self.history, target),
+        entry = {"test_acc": final_acc, "best_acc": self.progress.best_acc, "steps": self.progress.global_step,
+                 "steps_to_target": steps_to_target(self.progress.history, target),
                  "target_acc": target, "wall_s": wall, "epochs": self.total_epochs,
-                 "arch": self.arch, "skipped_batches": self.skipped_batches}
+                 "arch": self.arch, "skipped_batches": self.progress.skipped_batches}
         weights_name = "teacher.pt" if self.role == "teacher" else "student.pt"
         if self.role == "teacher":
             summary = {"teacher": {**entry, "checkpoint": self.run_dir.file(weights_name)}, "methods": {}}
         else:
-            summary = {"teacher": {"test_acc": self.teacher_acc, "arch": self.cfg.teacher.arch,
+            summary = {"teacher": {"test_acc": self.progress.teacher_acc, "arch": self.cfg.teacher.arch,
                                    "checkpoint": self.teacher_path},
                        "methods": {self.method: entry}}
         weights_path = self.run_dir.save_weights(weights_name, self.model.state_dict())
-        if self.role == "teacher" and self.best_state is not None:
-            self.run_dir.save_weights("teacher_best.pt", self.best_state)
+        if self.role == "teacher" and self.progress.best_state is not None:
+            self.run_dir.save_weights("teacher_best.pt", self.progress.best_state)
         self.run_dir.write_json("summary.json", summary)
         if self.ctx.is_main:
             self._write_plots()
