@@ -6,7 +6,9 @@ For each dtype, (B, C) and with/without the CE term, each layout is forced with
 ``--calls`` back-to-back calls (large problems, so the host runs ahead and the time is the GPU's),
 reported per call with the fraction of the copy bandwidth measured in the same run (bytes moved:
 student and teacher read once, the gradient written once). The planner's own choice is the row
-``plan=auto``; the fastest layout of each problem is marked.
+``plan=auto``; the fastest layout of each problem is marked. ``ran`` is the layout that actually ran
+(``torch.ops.kdseq._last_plan``): a forced layout the device cannot launch falls back to the split
+path, and is then reported as such.
 
     python benchmarks/bench_kd_plans.py --device cuda
     python benchmarks/bench_kd_plans.py --device cuda --shapes 4096x32000 --dtypes bf16 --out results
@@ -54,6 +56,12 @@ def layouts(C_: int, with_ce: bool) -> list:
         if C_ // seg >= 1024:
             out.append(f"mode=split,segments={seg}")
     out.append("mode=twopass")  # statistics and gradient of a row in one CTA (L2 re-read)
+    # Row slices staged in shared memory (one HBM read): slices of 1K+ columns that fit an fp32
+    # student and teacher in ~200 KiB (16-bit rows need half); unaligned rows run the split path.
+    for k in (1, 2, 4, 8, 16):
+        per = -(-C_ // k)
+        if per * 8 <= 200 * 1024 and (k == 1 or per >= 1024):
+            out.append(f"mode=staged,cluster={k}")
     return out
 
 
@@ -97,6 +105,7 @@ def main(argv=None) -> int:
                     torch.ops.kdseq._force_plan(plan)
                     try:
                         call()
+                        ran = torch.ops.kdseq._last_plan().split(",")[0]
                         torch.cuda.synchronize()
                         times = []
                         for _ in range(args.repeats):
@@ -114,17 +123,19 @@ def main(argv=None) -> int:
                         torch.ops.kdseq._force_plan("")
                     sec = sorted(times)[len(times) // 2]
                     case.append({"dtype": dtype_name, "B": B, "C": Cn, "ce": with_ce, "plan": plan or "auto",
-                                 "us": sec * 1e6, "GBps": nbytes / sec / 1e9,
+                                 "ran": ran, "us": sec * 1e6, "GBps": nbytes / sec / 1e9,
                                  "of_memcpy": nbytes / sec / 1e9 / mem["GBps"]})
                 best = min(case, key=lambda r: r["us"]) if case else None
                 for r in case:
                     r["best"] = r is best
-                    print(f"  {dtype_name} {B:>5}x{Cn:<6} ce={int(with_ce)} {r['plan']:32s} {r['us']:9.1f} us "
+                    print(f"  {dtype_name} {B:>5}x{Cn:<6} ce={int(with_ce)} {r['plan']:32s} ran={r['ran']:8s} "
+                          f"{r['us']:9.1f} us "
                           f"{r['GBps']:8.1f} GB/s {100 * r['of_memcpy']:5.1f}%{'  <- fastest' if r['best'] else ''}")
                 rows += case
             del s, t, y
-    table = C.markdown_table(["dtype", "B", "C", "CE", "plan", "fwd+bwd", "GB/s", "of memcpy", "fastest"],
-                             [[r["dtype"], r["B"], r["C"], "yes" if r["ce"] else "no", r["plan"], f"{r['us']:.1f} us",
+    table = C.markdown_table(["dtype", "B", "C", "CE", "plan", "ran", "fwd+bwd", "GB/s", "of memcpy", "fastest"],
+                             [[r["dtype"], r["B"], r["C"], "yes" if r["ce"] else "no", r["plan"], r["ran"],
+                               f"{r['us']:.1f} us",
                                f"{r['GBps']:.0f}", f"{100 * r['of_memcpy']:.1f}%", "*" if r["best"] else ""]
                               for r in rows])
     print()

@@ -32,6 +32,13 @@
 #define KDSEQ_SHARED(type, name, count) __shared__ type name[count]
 #endif
 
+// The CTA's dynamic shared memory (bytes, 16-byte aligned; its size is the launch's LaunchDims::smem).
+#if defined(KDSEQ_CUDA_EMULATION)
+#define KDSEQ_DYN_SHARED(name) unsigned char* name = ::kdseq_emu::dyn_shared()
+#else
+#define KDSEQ_DYN_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace kdseq {
 namespace dev {
 
@@ -61,6 +68,32 @@ __device__ __forceinline__ unsigned atomic_add(unsigned* p, unsigned v) {
   return ::kdseq_emu::atomic_add(p, v);
 #else
   return atomicAdd(p, v);
+#endif
+}
+
+// An asynchronous copy of 16 bytes (both addresses 16-byte aligned) from global to shared memory
+// (sm_80's cp.async, through L2 only): it holds no register while in flight, so a thread can have
+// its whole share of a row slice on the way at once. The bytes may be read only after
+// cp_async_wait_all() and a barrier. The emulation defers the copy to cp_async_wait_all(), so a
+// read before the wait sees the uninitialized (NaN) bytes and fails the tests.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+#if defined(KDSEQ_CUDA_EMULATION)
+  ::kdseq_emu::cp_async16(smem_dst, gmem_src);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+#else
+  *static_cast<uint4*>(smem_dst) = *static_cast<const uint4*>(gmem_src);
+#endif
+}
+
+// Waits for every cp_async16() this thread issued.
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(KDSEQ_CUDA_EMULATION)
+  ::kdseq_emu::cp_async_wait_all();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 #endif
 }
 

@@ -1,6 +1,7 @@
 // How the CUDA glue launches the kernels of kd_loss_kernels.cuh / instance_scores_kernels.cuh:
-// plain launches on the current stream, cluster launches through cudaLaunchKernelEx, and a cached
-// check that a cluster size can be scheduled at all on this device for that kernel.
+// plain launches on the current stream, cluster launches through cudaLaunchKernelEx, and cached
+// checks that a cluster size can be scheduled at all on this device for that kernel, and how much
+// dynamic shared memory a CTA of the kernel may have.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -28,7 +29,7 @@ struct CudaLauncher {
       cudaLaunchConfig_t cfg = {};
       cfg.gridDim = dim3(d.grid);
       cfg.blockDim = dim3(d.block);
-      cfg.dynamicSmemBytes = 0;
+      cfg.dynamicSmemBytes = d.smem;
       cfg.stream = stream;
       cudaLaunchAttribute attr[1];
       attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -39,17 +40,45 @@ struct CudaLauncher {
       cfg.numAttrs = 1;
       C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
     } else {
-      kernel<<<d.grid, d.block, 0, stream>>>(std::forward<Args>(args)...);
+      kernel<<<d.grid, d.block, d.smem, stream>>>(std::forward<Args>(args)...);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
 
-  // Whether `ctas`-CTA clusters of `kernel` fit on this device (asked once per kernel, size, device).
+  // Whether a CTA of `kernel` may have `bytes` of dynamic shared memory on this device. The first
+  // call per (kernel, device) raises the kernel's limit to all the device allows (above the default
+  // 48 KiB a kernel must opt in), so the answer never depends on an earlier call's size.
   template <typename... KArgs>
-  bool cluster_ok(void (*kernel)(KArgs...), int ctas) {
+  bool smem_ok(void (*kernel)(KArgs...), int64_t bytes) {
     static std::mutex mu;
-    static std::map<std::tuple<const void*, int, int>, bool> known;
-    const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), ctas, device);
+    static std::map<std::pair<const void*, int>, int64_t> limits;
+    const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = limits.find(key);
+    if (it == limits.end()) {
+      int64_t limit = 0;
+      cudaFuncAttributes attr;
+      if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess) {
+        limit = static_cast<int64_t>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin) -
+                static_cast<int64_t>(attr.sharedSizeBytes);
+        if (limit <= 0 ||
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)) !=
+                cudaSuccess)
+          limit = 0;
+      }
+      (void)cudaGetLastError();  // a refused query is an answer, not a sticky error
+      it = limits.emplace(key, limit).first;
+    }
+    return bytes <= it->second;
+  }
+
+  // Whether `ctas`-CTA clusters of `kernel` (with `smem` bytes of dynamic shared memory a CTA, after
+  // smem_ok) fit on this device (asked once per kernel, size, shared memory, device).
+  template <typename... KArgs>
+  bool cluster_ok(void (*kernel)(KArgs...), int ctas, int64_t smem = 0) {
+    static std::mutex mu;
+    static std::map<std::tuple<const void*, int, int64_t, int>, bool> known;
+    const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), ctas, smem, device);
     std::lock_guard<std::mutex> lock(mu);
     const auto it = known.find(key);
     if (it != known.end()) return it->second;
@@ -62,6 +91,7 @@ struct CudaLauncher {
       cudaLaunchConfig_t cfg = {};
       cfg.gridDim = dim3(ctas);
       cfg.blockDim = dim3(cuda_rows::kBlockThreads);
+      cfg.dynamicSmemBytes = static_cast<size_t>(smem);
       cudaLaunchAttribute attr[1];
       attr[0].id = cudaLaunchAttributeClusterDimension;
       attr[0].val.clusterDim.x = ctas;

@@ -26,6 +26,7 @@ constexpr int kBlockThreads = 256;  // threads of every CTA
 
 struct LaunchDims {
   unsigned grid = 1, block = kBlockThreads, cluster = 1;
+  unsigned smem = 0;  // dynamic shared memory per CTA, bytes
 };
 
 __host__ __device__ inline int dtype_size(int dtype) {
@@ -160,6 +161,27 @@ __device__ __forceinline__ void load_pairs(const void* srow, int s_dtype, const 
     for (int k = 0; k < K; ++k) {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) z[k][i] = acc_t(0);
+    }
+  }
+}
+
+// Elements [j0, j0 + 8) of a student and a teacher row as flat arrays (two adjacent vectors through
+// load_pairs; past the end of the row: -inf): the step of the streaming statistics loops, whose
+// running state is re-based once per chunk.
+constexpr int kChunk = 2 * kVec;
+
+template <bool VECTOR, typename acc_t>
+__device__ __forceinline__ void load_chunk(const void* srow, int s_dtype, const void* trow, int t_dtype, int64_t j0,
+                                           int64_t cols, acc_t (&sv)[kChunk], acc_t (&tv)[kChunk]) {
+  const int64_t j[2] = {j0, j0 + kVec};
+  acc_t x[2][kVec], z[2][kVec];
+  load_pairs<2, VECTOR>(srow, s_dtype, trow, t_dtype, j, cols, rowmath::neg_inf<acc_t>(), x, z);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      sv[h * kVec + i] = x[h][i];
+      tv[h * kVec + i] = z[h][i];
     }
   }
 }

@@ -57,7 +57,6 @@ struct ScoreMerge {
 template <typename acc_t, int GROUP, bool VECTOR>
 __global__ void __launch_bounds__(kBlockThreads) instance_scores_kernel(const ScoreArgs<acc_t> a) {
   constexpr int kGroupsPerCta = kBlockThreads / GROUP;
-  constexpr int kChunk = 2 * kVec;
   KDSEQ_SHARED(ScoreStats<acc_t>, smem, 32);
   const int lane = threadIdx.x % GROUP;
   const int group = threadIdx.x / GROUP;
@@ -77,19 +76,7 @@ __global__ void __launch_bounds__(kBlockThreads) instance_scores_kernel(const Sc
     ScoreStats<acc_t> st = score_stats_init<acc_t>();
     for (int64_t j0 = int64_t(lane) * kChunk; j0 < cols; j0 += int64_t(GROUP) * kChunk) {
       acc_t sv[kChunk], tv[kChunk];
-      {
-        const int64_t j[2] = {j0, j0 + kVec};
-        acc_t x[2][kVec], z[2][kVec];
-        load_pairs<2, VECTOR>(srow, a.s_dtype, trow, a.t_dtype, j, cols, neg_inf<acc_t>(), x, z);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) {
-            sv[h * kVec + i] = x[h][i];
-            tv[h * kVec + i] = z[h][i];
-          }
-        }
-      }
+      load_chunk<VECTOR>(srow, a.s_dtype, trow, a.t_dtype, j0, cols, sv, tv);
       // Chunk maxima, the chunk's first maximum and its runner-up excluding the label.
       acc_t cms = neg_inf<acc_t>(), cmt = neg_inf<acc_t>();
       int64_t cfirst = -1;

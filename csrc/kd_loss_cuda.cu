@@ -15,6 +15,12 @@ namespace kdseq {
 
 using cuda_glue::current_launcher;
 
+namespace {
+// The plan of the calling thread's last forward call (planning happens in the forward, on the
+// caller's thread), for torch.ops.kdseq._last_plan.
+thread_local std::string last_plan;
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> kd_loss_cuda_forward(const at::Tensor& student, const at::Tensor& teacher,
                                                         const at::Tensor& labels, const KDLossArgs& args,
                                                         int64_t reduction, bool compute_grad) {
@@ -23,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cuda_forward(const at::Tensor& studen
   auto [loss, grad, plan] = glue::kd_loss_launch(student, teacher, labels, args, reduction, compute_grad,
                                                  cuda_glue::device_caps(student.get_device()),
                                                  kd_kernels::plan_override, launch);
-  (void)plan;
+  last_plan = kd_kernels::describe_plan(plan);
   return {loss, grad};
 }
 
@@ -36,5 +42,7 @@ void kd_grad_scale_cuda_(const at::Tensor& grad, const at::Tensor& factor, bool 
 void set_cuda_plan_override(const std::string& spec) {
   kd_kernels::plan_override = kd_kernels::parse_plan_override(spec);
 }
+
+std::string cuda_last_plan() { return last_plan; }
 
 }  // namespace kdseq

@@ -10,7 +10,9 @@
 // exchange their partial results through distributed shared memory (rows up to 16 CTAs long).
 // Longer rows, fp64 (gradcheck) and GPUs without clusters use the split path: a statistics kernel
 // over (row, segment) tiles and a gradient kernel that merges a row's partial statistics and
-// re-reads its segment. (The two-pass kernel, forced only, does both passes of a row in one CTA.)
+// re-reads its segment. Two layouts are forced only, candidates for bench_kd_plans.py until a GPU
+// measures them: the two-pass kernel does both passes of a row in one CTA (the re-read from L2),
+// and staged rows copy a row (slice) into shared memory asynchronously and work from there.
 //
 // The mean divisor (the number of non-ignored rows) and the loss reduction are computed on the
 // device: a small problem is one launch that counts and reduces itself (one CTA, or on sm_90 a
@@ -131,6 +133,29 @@ __device__ __forceinline__ acc_t call_scale(const KDArgs<acc_t>& a) {
   return a.reduction == kReduceMean ? static_cast<acc_t>(a.ws->scale) : acc_t(1);
 }
 
+// v reduced over a row's group of threads and, when the row spans the CTAs of a cluster, over them.
+template <int GROUP, int N, typename acc_t, typename Op>
+__device__ __forceinline__ void row_allreduce(acc_t (&v)[N], Op op, acc_t* red, bool over_cluster, acc_t* slot,
+                                              acc_t* bcast) {
+  group_allreduce<GROUP>(v, op, red);
+#if KDSEQ_HAS_CLUSTERS
+  if (over_cluster) cluster_allreduce(v, op, slot, bcast);
+#endif
+}
+
+// A row's statistics from its reduced maxima (student, teacher) and sums (zsT, zs1, ztT, u).
+template <typename acc_t>
+__device__ __forceinline__ KDStats<acc_t> row_stats(const acc_t (&m)[2], const acc_t (&sums)[4]) {
+  KDStats<acc_t> st;
+  st.ms = m[0];
+  st.mt = m[1];
+  st.zsT = sums[0];
+  st.zs1 = sums[1];
+  st.ztT = sums[2];
+  st.u = sums[3];
+  return st;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Register rows: a group of GROUP threads (8 or 32 lanes, or a CTA of kBlockThreads, or a cluster of
 // such CTAs) holds a row in registers, E elements per thread.
@@ -202,10 +227,8 @@ __global__ void __launch_bounds__(kBlockThreads, 2) kd_rows_kernel(const KDArgs<
       m[0] = kd_max(m[0], sv[i]);
       m[1] = kd_max(m[1], tv[i]);
     }
-    group_allreduce<GROUP>(m, MaxOp<acc_t>(), red);
-#if KDSEQ_HAS_CLUSTERS
-    if (GROUP == kBlockThreads && ctas > 1) cluster_allreduce(m, MaxOp<acc_t>(), slot_max, bcast);
-#endif
+    const bool over_cluster = GROUP == kBlockThreads && ctas > 1;
+    row_allreduce<GROUP>(m, MaxOp<acc_t>(), red, over_cluster, slot_max, bcast);
 
     // Sums relative to the maxima; the exponentials stay in registers for the gradient.
     acc_t e1[WITH_CE ? E : 1];
@@ -221,17 +244,8 @@ __global__ void __launch_bounds__(kBlockThreads, 2) kd_rows_kernel(const KDArgs<
       sums[2] += tm.etT;
       sums[3] += tm.u;
     }
-    group_allreduce<GROUP>(sums, SumOp<acc_t>(), red);
-#if KDSEQ_HAS_CLUSTERS
-    if (GROUP == kBlockThreads && ctas > 1) cluster_allreduce(sums, SumOp<acc_t>(), slot_sum, bcast);
-#endif
-    KDStats<acc_t> st;
-    st.ms = m[0];
-    st.mt = m[1];
-    st.zsT = sums[0];
-    st.zs1 = sums[1];
-    st.ztT = sums[2];
-    st.u = sums[3];
+    row_allreduce<GROUP>(sums, SumOp<acc_t>(), red, over_cluster, slot_sum, bcast);
+    const KDStats<acc_t> st = row_stats(m, sums);
     const KDRowConsts<acc_t> k = kd_row_consts(st, a.T, a.kd_weight, a.ce_weight, scale);
 
     if (active && lane == 0 && rank == 0) {
@@ -316,22 +330,9 @@ __device__ __forceinline__ KDStats<acc_t> segment_stats(const KDArgs<acc_t>& a, 
   const char* trow = static_cast<const char*>(a.t) + row * a.t_row * dtype_size(a.t_dtype);
   KDStats<acc_t> st = kd_stats_init<acc_t>();
   // Two vectors a thread per step: one re-basing of the running state per eight elements.
-  constexpr int kChunk = 2 * kVec;
   for (int64_t j0 = begin + int64_t(threadIdx.x) * kChunk; j0 < end; j0 += int64_t(kBlockThreads) * kChunk) {
     acc_t sv[kChunk], tv[kChunk];
-    {
-      const int64_t j[2] = {j0, j0 + kVec};
-      acc_t x[2][kVec], z[2][kVec];
-      load_pairs<2, VECTOR>(srow, a.s_dtype, trow, a.t_dtype, j, end, neg_inf<acc_t>(), x, z);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          sv[h * kVec + i] = x[h][i];
-          tv[h * kVec + i] = z[h][i];
-        }
-      }
-    }
+    load_chunk<VECTOR>(srow, a.s_dtype, trow, a.t_dtype, j0, end, sv, tv);
     acc_t cms = neg_inf<acc_t>(), cmt = neg_inf<acc_t>();
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) {
@@ -422,6 +423,110 @@ __global__ void __launch_bounds__(kBlockThreads) kd_twopass_kernel(const KDArgs<
 }
 
 // ------------------------------------------------------------------------------------------------
+// Staged rows (forced only, "mode=staged,cluster=K"; a candidate for bench_kd_plans.py): a CTA --
+// or each CTA of a cluster of K, for a slice of C / K columns -- copies its student and teacher
+// slice into shared memory with asynchronous copies, all issued at once, then takes the maxima,
+// the sums and the gradient from shared memory. HBM sees each logit once, as in register rows, but
+// a CTA holds no registers for the bytes in flight (register rows: at most 8 vectors a thread), and
+// 16-bit slices take half the space (they stay in their own dtype). Rows and slices must start on 16
+// bytes (staged_rows_ok); other calls take the split path.
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t kStagedUnit = 8;  // slice boundaries: 16 bytes of a 16-bit row, 32 of an fp32 one
+
+inline bool staged_rows_ok(const void* p, int64_t row_stride, int dtype, int64_t C) {
+  const int64_t es = dtype_size(dtype);
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (row_stride * es) % 16 == 0 && (C * es) % 16 == 0;
+}
+
+template <typename acc_t, bool WITH_CE>
+__global__ void __launch_bounds__(kBlockThreads) kd_staged_kernel(const KDArgs<acc_t> a) {
+  KDSEQ_DYN_SHARED(stage);
+  KDSEQ_SHARED(acc_t, red, 32 * 4);
+  KDSEQ_SHARED(acc_t, slot_max, 2);
+  KDSEQ_SHARED(acc_t, slot_sum, 4);
+  KDSEQ_SHARED(acc_t, bcast, 4);
+  KDSEQ_SHARED(unsigned, flag, 1);
+  unsigned ctas = 1, rank = 0;
+#if KDSEQ_HAS_CLUSTERS
+  ctas = dev::cluster_size();
+  rank = dev::cluster_rank();
+#endif
+  const acc_t invT = acc_t(1) / a.T;
+  const int64_t row = blockIdx.x / ctas;
+  const int64_t begin = std::min<int64_t>(a.C, int64_t(rank) * a.seg_len);
+  const int64_t n = std::min(a.C, begin + a.seg_len) - begin;  // this CTA's columns (0 for a spare CTA)
+  const int ss = dtype_size(a.s_dtype), ts = dtype_size(a.t_dtype);
+  const char* srow = static_cast<const char*>(a.s) + row * a.s_row * ss;
+  const char* trow = static_cast<const char*>(a.t) + row * a.t_row * ts;
+  unsigned char* s_stage = stage;
+  unsigned char* t_stage = stage + a.seg_len * ss;  // seg_len is a multiple of kStagedUnit: 16-byte aligned
+  {
+    const int64_t s_units = n * ss / 16, t_units = n * ts / 16;
+    for (int64_t u = threadIdx.x; u < s_units; u += kBlockThreads) dev::cp_async16(s_stage + 16 * u, srow + begin * ss + 16 * u);
+    for (int64_t u = threadIdx.x; u < t_units; u += kBlockThreads) dev::cp_async16(t_stage + 16 * u, trow + begin * ts + 16 * u);
+    dev::cp_async_wait_all();
+  }
+  __syncthreads();
+  const RowLabel<acc_t> lab = row_label(a, row, true);
+  // f(j, x, z): student and teacher values of slice columns [j, j + 4), a vector a thread
+  // (consecutive threads read consecutive vectors: no shared-memory bank conflicts).
+  const auto each_vector = [&](auto&& f) {
+    for (int64_t j = int64_t(threadIdx.x) * kVec; j < n; j += int64_t(kBlockThreads) * kVec) {
+      acc_t x[kVec], z[kVec];
+      load4<true>(s_stage, a.s_dtype, j, n, neg_inf<acc_t>(), x);
+      load4<true>(t_stage, a.t_dtype, j, n, neg_inf<acc_t>(), z);
+      f(j, x, z);
+    }
+  };
+
+  acc_t m[2] = {neg_inf<acc_t>(), neg_inf<acc_t>()};
+  each_vector([&](int64_t, const acc_t (&x)[kVec], const acc_t (&z)[kVec]) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      m[0] = kd_max(m[0], x[i]);
+      m[1] = kd_max(m[1], z[i]);
+    }
+  });
+  row_allreduce<kBlockThreads>(m, MaxOp<acc_t>(), red, ctas > 1, slot_max, bcast);
+
+  acc_t sums[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};  // zsT, zs1, ztT, u
+  each_vector([&](int64_t, const acc_t (&x)[kVec], const acc_t (&z)[kVec]) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const KDTerms<acc_t> tm = kd_terms<WITH_CE>(x[i], z[i], m[0], m[1], invT);
+      sums[0] += tm.esT;
+      sums[1] += tm.es1;
+      sums[2] += tm.etT;
+      sums[3] += tm.u;
+    }
+  });
+  row_allreduce<kBlockThreads>(sums, SumOp<acc_t>(), red, ctas > 1, slot_sum, bcast);
+  const KDStats<acc_t> st = row_stats(m, sums);
+  const acc_t scale = a.ws != nullptr ? call_scale(a) : acc_t(1);
+  const KDRowConsts<acc_t> k = kd_row_consts(st, a.T, a.kd_weight, a.ce_weight, scale);
+  if (rank == 0 && threadIdx.x == 0) a.row_loss[row] = row_loss_value<WITH_CE>(a, lab, st, k, srow);
+
+  if (a.grad != nullptr) {
+    char* grow = static_cast<char*>(a.grad) + row * a.C * ss;
+    each_vector([&](int64_t j, const acc_t (&x)[kVec], const acc_t (&z)[kVec]) {
+      acc_t g[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        acc_t v = kd_grad_elem_t<WITH_CE>(x[i], z[i], k);
+        if (WITH_CE && begin + j + i == lab.y) v -= k.ce_coef;
+        g[i] = lab.ignored ? acc_t(0) : lab.bad ? quiet_nan<acc_t>() : v;
+      }
+      store4<true>(grow, a.s_dtype, begin + j, a.C, g);
+    });
+  }
+#if KDSEQ_HAS_CLUSTERS
+  // Other CTAs of the cluster may still read this CTA's slots.
+  if (ctas > 1) dev::cluster_sync();
+#endif
+  if (a.loss != nullptr) last_cta_reduce(a.row_loss, a.B, &a.ws->counter, call_scale(a), a.loss, red, flag);
+}
+
+// ------------------------------------------------------------------------------------------------
 // Backward: the forward kernel already wrote d loss / d student; backward multiplies it by
 // grad_output in place, and returns at once when that is 1 (the usual `loss.backward()`): no second
 // pass over B x C. For reduction "none" each row has its own factor.
@@ -460,7 +565,7 @@ __global__ void __launch_bounds__(kBlockThreads) kd_grad_scale_kernel(void* grad
 // ------------------------------------------------------------------------------------------------
 // Planning (host): which kernel, layout and grid for a (B, C) problem.
 // ------------------------------------------------------------------------------------------------
-enum class Mode : int { kSingleCta = 0, kWarpRows = 1, kCtaRows = 2, kCluster = 3, kSplit = 4, kTwoPass = 5 };
+enum class Mode : int { kSingleCta = 0, kWarpRows = 1, kCtaRows = 2, kCluster = 3, kSplit = 4, kTwoPass = 5, kStaged = 6 };
 
 struct DeviceCaps {
   int sms = 132;
@@ -490,12 +595,13 @@ inline PlanOverride parse_plan_override(const std::string& spec) {
     if (eq == std::string::npos) throw std::invalid_argument("kdseq._force_plan: expected key=value, got '" + item + "'");
     const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
     if (key == "mode") {
-      const char* names[] = {"single", "warp", "cta", "cluster", "split", "twopass"};
+      const char* names[] = {"single", "warp", "cta", "cluster", "split", "twopass", "staged"};
       ov.mode = -1;
-      for (int i = 0; i < 6; ++i)
+      for (int i = 0; i < 7; ++i)
         if (value == names[i]) ov.mode = i;
       if (ov.mode < 0)
-        throw std::invalid_argument("kdseq._force_plan: mode must be single, warp, cta, cluster, split or twopass");
+        throw std::invalid_argument(
+            "kdseq._force_plan: mode must be single, warp, cta, cluster, split, twopass or staged");
     } else if (key == "group") {
       ov.group = std::stoi(value);
       if (ov.group != 8 && ov.group != 32) throw std::invalid_argument("kdseq._force_plan: group must be 8 or 32");
@@ -520,6 +626,7 @@ struct Plan {
   int group = 32, e = 8, cluster = 1;
   int64_t segments = 1, seg_len = 0;
   int64_t grid = 1;
+  int64_t smem = 0;  // dynamic shared memory per CTA (staged rows), set when launched
   bool prologue = false;
 };
 
@@ -569,6 +676,16 @@ inline Plan plan_kd_loss(int64_t B, int64_t C, bool with_ce, bool fp64, int redu
     p.mode = Mode::kTwoPass;
     p.seg_len = C;
     p.grid = B;
+  } else if (forced == Mode::kStaged && !fp64) {
+    // Slices of at most ~48 KiB of an fp32 student and teacher (3-4 CTAs an SM) unless forced.
+    constexpr int64_t kSliceElements = 6144;
+    p.mode = Mode::kStaged;
+    p.group = kBlockThreads;
+    const int64_t want = std::min<int64_t>((C + kSliceElements - 1) / kSliceElements, std::max(caps.max_cluster, 1));
+    p.cluster = ov.cluster > 0 ? ov.cluster : static_cast<int>(want);
+    const int64_t per = (C + p.cluster - 1) / p.cluster;
+    p.seg_len = (per + kStagedUnit - 1) / kStagedUnit * kStagedUnit;
+    p.grid = B * p.cluster;
   } else if (fp64 || forced == Mode::kSplit) {
     p = plan_split(B, C, caps, ov.segments);
   } else if ((ov.mode < 0 && C <= 32 * emax) || forced == Mode::kSingleCta || forced == Mode::kWarpRows) {
@@ -607,17 +724,29 @@ inline Plan plan_kd_loss(int64_t B, int64_t C, bool with_ce, bool fp64, int redu
   return p;
 }
 
+// "cluster,group=256,e=8,cluster=3,segments=1,prologue": what ran (torch.ops.kdseq._last_plan, the
+// emulation's reports).
+inline std::string describe_plan(const Plan& p) {
+  const char* names[] = {"single", "warp", "cta", "cluster", "split", "twopass", "staged"};
+  const int m = static_cast<int>(p.mode);
+  return std::string(m >= 0 && m < 7 ? names[m] : "?") + ",group=" + std::to_string(p.group) +
+         ",e=" + std::to_string(p.e) + ",cluster=" + std::to_string(p.cluster) +
+         ",segments=" + std::to_string(p.segments) + (p.smem > 0 ? ",smem=" + std::to_string(p.smem) : "") +
+         (p.prologue ? ",prologue" : "");
+}
+
 // Whether a planned register layout holds the whole row (forced plans may not).
 inline bool plan_covers_row(const Plan& p, int64_t C) {
-  if (p.mode == Mode::kSplit || p.mode == Mode::kTwoPass) return true;
+  if (p.mode == Mode::kSplit || p.mode == Mode::kTwoPass || p.mode == Mode::kStaged) return true;
   // Only the column-split cluster spreads a row over CTAs; a single-call cluster shares rows.
   return int64_t(p.group) * p.e * (p.mode == Mode::kCluster ? p.cluster : 1) >= C;
 }
 
 // ------------------------------------------------------------------------------------------------
 // Launching through a Launcher: a CUDA launcher (kd_loss_cuda.cu) or the CPU emulation (tests).
-// launch(dims, kernel, args...) runs the kernel; launch.cluster_ok(kernel, ctas) says whether a
-// cluster of that size can be launched on this device.
+// launch(dims, kernel, args...) runs the kernel; launch.cluster_ok(kernel, ctas[, smem]) says whether a
+// cluster of that size (with that much dynamic shared memory a CTA) can be launched on this device;
+// launch.smem_ok(kernel, bytes) whether a CTA of the kernel can have that much dynamic shared memory.
 // ------------------------------------------------------------------------------------------------
 template <typename acc_t, int GROUP, bool WITH_CE, bool VECTOR, typename Launcher>
 bool launch_rows_e(Plan& p, const KDArgs<acc_t>& a, Launcher& launch) {
@@ -646,6 +775,21 @@ bool launch_rows(Plan& p, const KDArgs<acc_t>& a, Launcher& launch) {
     case 32: return launch_rows_e<acc_t, 32, WITH_CE, VECTOR>(p, a, launch);
     default: return launch_rows_e<acc_t, kBlockThreads, WITH_CE, VECTOR>(p, a, launch);
   }
+}
+
+// Staged rows: false (nothing launched) when the slice does not fit the CTA's shared memory or the
+// cluster cannot be scheduled; the caller then takes the split path.
+template <typename acc_t, bool WITH_CE, typename Launcher>
+bool launch_staged(Plan& p, const KDArgs<acc_t>& a, Launcher& launch) {
+  const auto kernel = kd_staged_kernel<acc_t, WITH_CE>;
+  const int64_t smem = p.seg_len * (dtype_size(a.s_dtype) + dtype_size(a.t_dtype));
+  if (!launch.smem_ok(kernel, smem)) return false;
+  if (p.cluster > 1 && !launch.cluster_ok(kernel, p.cluster, smem)) return false;
+  p.smem = smem;
+  launch(LaunchDims{static_cast<unsigned>(p.grid), kBlockThreads, static_cast<unsigned>(p.cluster),
+                    static_cast<unsigned>(smem)},
+         kernel, a);
+  return true;
 }
 
 template <typename acc_t, bool WITH_CE, bool VECTOR, typename Launcher>
@@ -682,7 +826,16 @@ Plan run_kd_loss(Plan p, KDArgs<acc_t> a, bool with_ce, bool vector, Launcher& l
     });
     return p;
   }
-  if (p.mode != Mode::kSplit) {
+  if (p.mode == Mode::kStaged) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      a.segments = 1;
+      a.seg_len = p.seg_len;
+      const bool aligned = staged_rows_ok(a.s, a.s_row, a.s_dtype, a.C) &&
+                           staged_rows_ok(a.t, a.t_row, a.t_dtype, a.C);
+      if (aligned && (with_ce ? launch_staged<acc_t, true>(p, a, launch) : launch_staged<acc_t, false>(p, a, launch)))
+        return p;
+    }
+  } else if (p.mode != Mode::kSplit) {
     if constexpr (std::is_same_v<acc_t, float>) {
       a.segments = 1;
       const bool ran = with_flags(with_ce, vector, [&](auto ce, auto vec) {
@@ -690,7 +843,10 @@ Plan run_kd_loss(Plan p, KDArgs<acc_t> a, bool with_ce, bool vector, Launcher& l
       });
       if (ran) return p;
     }
-    // fp64, or a cluster the device cannot launch: the split path (the prologue already ran).
+  }
+  if (p.mode != Mode::kSplit) {
+    // fp64, a cluster the device cannot launch, or staged rows that are not aligned or do not fit:
+    // the split path (the prologue already ran).
     const Plan s = plan_split(a.B, a.C, DeviceCaps(), 0);
     p.mode = s.mode;
     p.segments = s.segments;

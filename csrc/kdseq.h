@@ -55,6 +55,8 @@ at::Tensor instance_scores_cuda_forward(const at::Tensor& student, const at::Ten
                                         double temperature);
 // Test hook behind torch.ops.kdseq._force_plan: forces the CUDA kernel layout ("" = choose).
 void set_cuda_plan_override(const std::string& spec);
+// Test hook behind torch.ops.kdseq._last_plan: the layout the calling thread's last call ran.
+std::string cuda_last_plan();
 #endif
 
 // Splits rows into segments when there are fewer rows than threads and the rows are long, so a

@@ -173,6 +173,14 @@ void force_plan(const std::string& spec) {
 #endif
 }
 
+std::string last_plan() {
+#ifdef KDSEQ_WITH_CUDA
+  return cuda_last_plan();
+#else
+  return "";
+#endif
+}
+
 // ------------------------------------------------------------------------------------------------
 // Autograd for kd_loss. The forward kernel already wrote d loss / d student; backward only scales it
 // by grad_output. Written in C++ (not torch.library.register_autograd) because the Python autograd
@@ -310,6 +318,9 @@ TORCH_LIBRARY(kdseq, m) {
   // Test hook: force the CUDA kernel layout of the calling thread's next calls ("" = choose), e.g.
   // "mode=cluster,cluster=3,e=8" or "mode=split,segments=4". No effect on the CPU kernels.
   m.def("_force_plan(str spec) -> ()", &force_plan);
+  // The layout the calling thread's last CUDA kd_loss forward ran ("" before any), e.g.
+  // "split,group=32,e=8,cluster=1,segments=1,prologue": a forced layout that cannot run falls back.
+  m.def("_last_plan() -> str", &last_plan);
 }
 
 TORCH_LIBRARY_IMPL(kdseq, CPU, m) {

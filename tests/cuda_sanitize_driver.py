@@ -16,6 +16,7 @@ LAYOUTS = [
     (300, 100, "mode=warp,group=8,e=16"), (70, 500, "mode=warp,group=32,e=16"),
     (9, 1000, "mode=cta,e=8"), (3, 5000, "mode=cluster,cluster=3,e=8"), (2, 30000, "mode=cluster,cluster=16,e=8"),
     (4, 5001, "mode=split,segments=3"), (4, 5001, "mode=twopass"), (2, 131076, ""), (5, 103, ""),
+    (3, 5000, "mode=staged,cluster=3"), (5, 3000, "mode=staged,cluster=1"), (2, 40000, "mode=staged,cluster=16"),
 ]
 
 

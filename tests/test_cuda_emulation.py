@@ -81,6 +81,12 @@ LAYOUTS = [
     (4, 5001, "mode=twopass", "twopass"),          # statistics then gradient in one CTA per row
     (300, 100, "mode=twopass", "twopass"),
     (3, 5000, "mode=cluster,cluster=3,e=8,nocluster", "split"),   # cluster refused at launch
+    (3, 5000, "mode=staged,cluster=3", "staged,group=256,e=8,cluster=3"),  # slices in shared memory
+    (5, 3000, "mode=staged,cluster=1", "staged,group=256,e=8,cluster=1"),  # a row a CTA (sm_80 too)
+    (2, 9000, "mode=staged", "staged,group=256,e=8,cluster=2"),
+    (4, 5001, "mode=staged", "split"),             # rows not a whole number of 16 bytes
+    (3, 5000, "mode=staged,cluster=3,nocluster", "split"),
+    (2, 9000, "mode=staged,cluster=1,smem=4096", "split"),  # the slice does not fit shared memory
 ]
 
 
@@ -134,6 +140,33 @@ def test_mixed_dtypes(emu, s_dtype, t_dtype, plan):
                 what=f"{s_dtype}/{t_dtype} C={C}")
 
 
+@pytest.mark.parametrize("s_dtype,t_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+def test_staged_rows_mixed_dtypes_and_spare_ctas(emu, s_dtype, t_dtype):
+    # Slices start on 8 columns (16 bytes of a 16-bit row); 48 columns over 5 CTAs leaves two CTAs
+    # of the cluster without columns: they still take part in every cluster reduction.
+    for B, C, plan, ctas in [(6, 1504, "mode=staged,cluster=3", 3), (3, 48, "mode=staged,cluster=5", 5),
+                             (4, 200, "mode=staged,cluster=1", 1)]:
+        s = make_logits(B, C, dtype=s_dtype, seed=C)
+        t = make_logits(B, C, dtype=t_dtype, seed=C + 1)
+        y = make_labels(B, C)
+        y[0] = C - 1
+        _, _, ran = compare(emu, s, t, y, plan=plan, expect=f"staged,group=256,e=8,cluster={ctas}", temperature=2.0,
+                            kd_weight=0.9, ce_weight=0.1, reduction="sum", what=f"{s_dtype}/{t_dtype} C={C}")
+
+
+def test_staged_rows_need_aligned_rows(emu):
+    # A row slice of a wider tensor that starts 4 bytes in: no 16-byte copies, the split path runs.
+    wide = make_logits(6, 1028, seed=3)
+    compare(emu, wide[:, 1:1025], make_logits(6, 1024, seed=4), make_labels(6, 1024), plan="mode=staged,cluster=2",
+            expect="split", temperature=2.0, kd_weight=0.9, ce_weight=0.1, what="unaligned rows")
+    compare(emu, wide[:, 4:1028], make_logits(6, 1024, seed=4), make_labels(6, 1024), plan="mode=staged,cluster=2",
+            expect="staged", temperature=2.0, kd_weight=0.9, ce_weight=0.1, what="aligned row slices")
+    s = make_logits(4, 64, dtype=torch.float64)
+    compare(emu, s, make_logits(4, 64, dtype=torch.float64, seed=1), plan="mode=staged", expect="split",
+            what="fp64")
+
+
 @pytest.mark.parametrize("layout", ["transposed", "strided"])
 @pytest.mark.parametrize("C", [99, 2051])
 def test_scalar_path_and_strided_rows(emu, layout, C):
@@ -156,7 +189,7 @@ def test_fp16_and_all_dtypes_every_size(emu):
 
 
 @pytest.mark.parametrize("plan", ["", "mode=warp,group=32,e=16", "mode=cta,e=8", "mode=cluster,cluster=2,e=8",
-                                  "mode=split,segments=2", "mode=twopass"])
+                                  "mode=split,segments=2", "mode=twopass", "mode=staged,cluster=2"])
 def test_masks_extremes_and_nan(emu, plan):
     B, C = 6, 300
     s, t = make_logits(B, C, seed=11), make_logits(B, C, seed=12)
@@ -181,7 +214,7 @@ def test_masks_extremes_and_nan(emu, plan):
 
 
 @pytest.mark.parametrize("plan", ["", "mode=cta,e=8", "mode=cluster,cluster=2,e=8", "mode=split,segments=2",
-                                  "mode=twopass"])
+                                  "mode=twopass", "mode=staged,cluster=2"])
 def test_out_of_range_labels_give_nan_rows_never_a_bad_read(emu, plan):
     C = 300
     s, t = make_logits(5, C), make_logits(5, C, seed=1)

@@ -61,7 +61,10 @@ def test_force_plan_hook_rejects_bad_specs():
     for bad in ("mode=fast", "group=7", "e=12", "cluster=17", "segments=0", "nonsense", "size=3"):
         with pytest.raises(RuntimeError, match="_force_plan"):
             torch.ops.kdseq._force_plan(bad)
-    torch.ops.kdseq._force_plan("")
+    for good in ("mode=staged", "mode=staged,cluster=4", "mode=twopass", ""):
+        torch.ops.kdseq._force_plan(good)
+    # No CUDA call on this thread yet (or a CPU-only machine): nothing to report.
+    assert isinstance(torch.ops.kdseq._last_plan(), str)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,13 +95,29 @@ CUDA_LAYOUTS = [
     (4, 5000, "mode=split,segments=3"),
     (4, 5001, "mode=twopass"),
     (64, 32000, "mode=twopass"),
+    (3, 5000, "mode=staged,cluster=3"),       # row slices in shared memory, a cluster a row
+    (5, 3000, "mode=staged,cluster=1"),       # a row a CTA
+    (64, 32000, "mode=staged"),
+    (2, 131072, "mode=staged,cluster=16"),
+    (4, 5001, "mode=staged"),                 # rows not a whole number of 16 bytes: split
 ]
+
+
+def forced_mode(C, plan):
+    """The layout a forced plan must run on an sm_90 GPU (None: the planner chooses)."""
+    if not plan.startswith("mode="):
+        return None
+    mode = plan.split(",")[0][len("mode="):]
+    if mode == "staged" and C % 8:
+        return "split"  # 16-bit rows not a whole number of 16 bytes: no 16-byte copies
+    return mode
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("B,C,plan", CUDA_LAYOUTS)
 def test_cuda_every_layout(forced_plan, B, C, plan):
     forced_plan(plan)
+    expect = forced_mode(C, plan) if torch.cuda.get_device_capability()[0] >= 9 else None
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         s = make_logits(B, C, dtype=dtype, device="cuda", seed=B + C)
         t = make_logits(B, C, dtype=dtype, device="cuda", seed=B * C)
@@ -107,6 +126,9 @@ def test_cuda_every_layout(forced_plan, B, C, plan):
         for reduction in ("mean", "sum", "none"):
             run_and_compare(s, t, y, temperature=3.0, kd_weight=0.9, ce_weight=0.1, reduction=reduction,
                             what=f"cuda {plan or 'auto'} B={B} C={C} {dtype} {reduction}")
+            # A forced layout that silently fell back would test the fallback, not the layout.
+            ran = torch.ops.kdseq._last_plan()
+            assert expect is None or ran.startswith(expect + ","), (plan, dtype, ran)
         run_and_compare(s, t, None, temperature=2.0, kd_weight=1.3, what=f"cuda {plan or 'auto'} no labels")
 
 

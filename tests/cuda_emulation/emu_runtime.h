@@ -8,6 +8,10 @@
 // the test times out instead of passing by luck). What it does not: timing, memory coalescing,
 // hardware exponentials (the host polynomial of row_math.h runs instead).
 //
+// Dynamic shared memory is a per-CTA buffer of the launch's size, filled with NaN bytes like the
+// static arrays. Asynchronous copies to shared memory (cp_async16) land when the issuing thread
+// waits for them, not before: a read that misses the wait or the barrier after it sees NaN.
+//
 // Clusters (or single CTAs when no cluster is used) run one after another, in launch order.
 #pragma once
 
@@ -53,11 +57,15 @@ struct Warp {
 };
 
 struct Cta {
-  Cta(unsigned threads) : bar(threads) {
+  Cta(unsigned threads, size_t dyn_bytes)
+      : bar(threads), dyn(new (std::align_val_t(64)) unsigned char[dyn_bytes + 1]), dyn_bytes(dyn_bytes) {
     for (unsigned w = 0; w < (threads + 31) / 32; ++w)
       warps.emplace_back(std::make_unique<Warp>(std::min(32u, threads - 32 * w)));
+    std::memset(dyn.get(), 0xff, dyn_bytes + 1);
   }
   std::barrier<> bar;
+  std::unique_ptr<unsigned char[]> dyn;  // dynamic shared memory
+  size_t dyn_bytes;
   std::vector<std::unique_ptr<Warp>> warps;
   struct Key {
     int line;
@@ -82,8 +90,8 @@ struct Cta {
 };
 
 struct Cluster {
-  Cluster(unsigned ctas, unsigned threads) : bar(ctas * threads) {
-    for (unsigned i = 0; i < ctas; ++i) members.emplace_back(std::make_unique<Cta>(threads));
+  Cluster(unsigned ctas, unsigned threads, size_t dyn_bytes) : bar(ctas * threads) {
+    for (unsigned i = 0; i < ctas; ++i) members.emplace_back(std::make_unique<Cta>(threads, dyn_bytes));
   }
   std::barrier<> bar;
   std::vector<std::unique_ptr<Cta>> members;
@@ -101,6 +109,30 @@ inline thread_local ThreadState tls;
 template <typename T, size_t N>
 T* cta_shared(int line) {
   return reinterpret_cast<T*>(tls.cta->get({line, typeid(T).hash_code(), sizeof(T) * N}));
+}
+
+inline unsigned char* dyn_shared() { return tls.cta->dyn.get(); }
+
+// This thread's copies in flight: (shared destination, global source) of 16 bytes each.
+inline thread_local std::vector<std::pair<void*, const void*>> pending_copies;
+
+// Copies go to dynamic shared memory only (the one use): a destination outside it is a bug.
+inline void cp_async16(void* dst, const void* src) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    std::fprintf(stderr, "kdseq_emu: cp_async16 of an address not 16-byte aligned\n");
+    std::abort();
+  }
+  const unsigned char* d = static_cast<const unsigned char*>(dst);
+  if (d < tls.cta->dyn.get() || d + 16 > tls.cta->dyn.get() + tls.cta->dyn_bytes) {
+    std::fprintf(stderr, "kdseq_emu: cp_async16 outside the dynamic shared memory\n");
+    std::abort();
+  }
+  pending_copies.emplace_back(dst, src);
+}
+
+inline void cp_async_wait_all() {
+  for (const auto& [dst, src] : pending_copies) std::memcpy(dst, src, 16);
+  pending_copies.clear();
 }
 
 inline void sync_threads() { tls.cta->bar.arrive_and_wait(); }
@@ -163,6 +195,7 @@ T* cluster_map(T* p, unsigned rank) {
 
 struct LaunchDims {
   unsigned grid = 1, block = 1, cluster = 1;
+  size_t smem = 0;  // dynamic shared memory per CTA, bytes
 };
 
 // Runs kernel(args...) on grid x block threads, cluster CTAs at a time.
@@ -172,7 +205,7 @@ void launch(const LaunchDims& d, Kernel kernel, Args... args) {
   if (d.cluster == 0 || d.grid % d.cluster != 0)
     throw std::runtime_error("kdseq_emu: grid must be a multiple of the cluster size");
   for (unsigned first = 0; first < d.grid; first += d.cluster) {
-    Cluster cl(d.cluster, d.block);
+    Cluster cl(d.cluster, d.block, d.smem);
     struct Job {
       ThreadState st;
       std::function<void()> body;

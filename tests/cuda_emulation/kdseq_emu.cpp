@@ -17,27 +17,23 @@ struct EmuLauncher {
   bool clusters = true;
   template <typename... KArgs, typename... Args>
   void operator()(const cuda_rows::LaunchDims& d, void (*kernel)(KArgs...), Args... args) {
-    kdseq_emu::launch(kdseq_emu::LaunchDims{d.grid, d.block, d.cluster}, kernel, args...);
+    kdseq_emu::launch(kdseq_emu::LaunchDims{d.grid, d.block, d.cluster, d.smem}, kernel, args...);
   }
   template <typename... KArgs>
-  bool cluster_ok(void (*)(KArgs...), int ctas) {
-    return clusters && ctas <= 16;
+  bool cluster_ok(void (*)(KArgs...), int ctas, int64_t smem = 0) {
+    return clusters && ctas <= 16 && smem <= smem_limit;
+  }
+  // An H100/H200's opt-in limit of dynamic shared memory a CTA (227 KiB), less the static arrays.
+  int64_t smem_limit = 227 * 1024 - 1024;
+  template <typename... KArgs>
+  bool smem_ok(void (*)(KArgs...), int64_t bytes) {
+    return bytes <= smem_limit;
   }
 };
 
-const char* mode_name(kd_kernels::Mode m) {
-  switch (m) {
-    case kd_kernels::Mode::kSingleCta: return "single";
-    case kd_kernels::Mode::kWarpRows: return "warp";
-    case kd_kernels::Mode::kCtaRows: return "cta";
-    case kd_kernels::Mode::kCluster: return "cluster";
-    case kd_kernels::Mode::kTwoPass: return "twopass";
-    default: return "split";
-  }
-}
-
 // plan: a _force_plan spec, plus "sms=N" (the emulated device) and "nocluster" (clusters refused at
-// launch time, as on a device where the size does not fit: the call must fall back to split).
+// launch time, as on a device where the size does not fit: the call must fall back to split) and
+// "smem=N" (the dynamic shared memory a CTA may have; staged slices beyond it fall back to split).
 std::tuple<at::Tensor, at::Tensor, std::string> kd_loss(const at::Tensor& s, const at::Tensor& t,
                                                         const std::optional<at::Tensor>& labels, double T, double kdw,
                                                         double cew, int64_t reduction, int64_t ignore_index,
@@ -57,6 +53,8 @@ std::tuple<at::Tensor, at::Tensor, std::string> kd_loss(const at::Tensor& s, con
       caps.sms = std::stoi(item.substr(4));
     } else if (item == "nocluster") {
       launch.clusters = false;
+    } else if (item.rfind("smem=", 0) == 0) {
+      launch.smem_limit = std::stoll(item.substr(5));
     } else if (!item.empty()) {
       forced += (forced.empty() ? "" : ",") + item;
     }
@@ -66,10 +64,7 @@ std::tuple<at::Tensor, at::Tensor, std::string> kd_loss(const at::Tensor& s, con
   const KDLossArgs args{T, kdw, cew, ignore_index, reduction == kMean};
   auto [loss, grad, plan] = glue::kd_loss_launch(s, t, y, args, reduction, compute_grad, caps,
                                                  kd_kernels::parse_plan_override(forced), launch);
-  const std::string ran = std::string(mode_name(plan.mode)) + ",group=" + std::to_string(plan.group) +
-                          ",e=" + std::to_string(plan.e) + ",cluster=" + std::to_string(plan.cluster) +
-                          ",segments=" + std::to_string(plan.segments) + (plan.prologue ? ",prologue" : "");
-  return {loss, grad, ran};
+  return {loss, grad, kd_kernels::describe_plan(plan)};
 }
 
 void grad_scale_(const at::Tensor& grad, const at::Tensor& factor, bool per_row) {
