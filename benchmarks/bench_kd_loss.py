@@ -16,7 +16,8 @@ events around it, so host overhead between launches shows only as idle GPU time)
 replayed from a CUDA graph (the GPU's own time, no host launch work at all; what a graphed
 training step pays) with its fraction of memcpy, and, for kdseq, the kernel-only time (CUDA events
 around the forward op, which writes loss and gradient; backward is an in-place scale that returns
-at once for a grad_output of 1). The (256, 100) and (16, 131072) targets use the graph replay.
+at once for a grad_output of 1) with the kernel layout the planner chose for it
+(``torch.ops.kdseq._last_plan()``). The (256, 100) and (16, 131072) targets use the graph replay.
 
     python benchmarks/bench_kd_loss.py                       # CPU, all shapes, fp32 + bf16
     python benchmarks/bench_kd_loss.py --quick               # smoke run
@@ -128,7 +129,7 @@ def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
 
     times = C.interleaved_times(calls, device=device, repeats=args.repeats, warmup=args.warmup,
                                 desc=f"{B}x{Cn} {dtype_name}")
-    gpu_s, graph_s, kernel_s = {}, {}, None
+    gpu_s, graph_s, kernel_s, layout = {}, {}, None, None
     if device.type == "cuda":
         for name, call in calls.items():
             gpu_s[name] = C.summarize(C.cuda_event_times(call, device, repeats=args.repeats))["median_s"]
@@ -141,6 +142,8 @@ def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
             kernel_s = C.summarize(C.cuda_event_times(
                 lambda: op(s, t, None, TEMPERATURE, 1.0, 0.0, 1, -100, True), device,
                 repeats=args.repeats))["median_s"]
+            # The kernel layout the planner chose (a cluster the device refuses runs the split path).
+            layout = torch.ops.kdseq._last_plan()
     roofline_bytes = 3 * B * Cn * s.element_size()
     rows = []
     eager_med = C.summarize(times["eager"])["median_s"] if "eager" in times else None
@@ -161,6 +164,7 @@ def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
             "graph_GBps": graph_gbps,
             "graph_roofline_fraction": None if graph_gbps is None else graph_gbps / memcpy_gbps,
             "kernel_s": kernel_s if name == "kdseq" else None,
+            "layout": layout if name == "kdseq" else None,
         })
     return rows, errors
 
@@ -262,6 +266,7 @@ def main(argv=None) -> int:
                 if r["graph_s"] is not None:
                     gpu += f"  graph replay {C.fmt_time(r['graph_s'])}"
                 kernel = "" if r["kernel_s"] is None else f"  kernel-only {C.fmt_time(r['kernel_s'])}"
+                kernel += "" if r["layout"] is None else f"  layout {r['layout']}"
                 print(f"  {dtype_name} {B:>5}x{Cn:<6} {r['candidate']:8s} {C.fmt_time(r['median_s']):>9} "
                       f"{r['GBps']:7.2f} GB/s  x{r['speedup_vs_eager'] or float('nan'):.2f} vs eager{gpu}{kernel}")
     mem_after = C.memcpy_bandwidth(device, nbytes=memcpy_bytes)
@@ -272,7 +277,7 @@ def main(argv=None) -> int:
     headers = ["dtype", "B", "C", "candidate", "median", "IQR", "GB/s", "of memcpy", "x eager",
                "peak extra mem", "max |grad err|"]
     if device.type == "cuda":
-        headers += ["GPU time", "graph replay", "graph of memcpy", "kernel only"]
+        headers += ["GPU time", "graph replay", "graph of memcpy", "kernel only", "layout"]
     table = C.markdown_table(headers, [
         [r["dtype"], r["B"], r["C"], r["candidate"], C.fmt_time(r["median_s"]), C.fmt_time(r["iqr_s"]),
          f"{r['GBps']:.2f}", f"{100 * r['roofline_fraction']:.1f}%",
@@ -281,7 +286,8 @@ def main(argv=None) -> int:
          None if r["max_abs_grad_err_vs_fp64"] is None else f"{r['max_abs_grad_err_vs_fp64']:.1e}"]
         + ([C.fmt_time(r["gpu_s"]), C.fmt_time(r["graph_s"]),
             None if r["graph_roofline_fraction"] is None else f"{100 * r['graph_roofline_fraction']:.1f}%",
-            C.fmt_time(r["kernel_s"])] if device.type == "cuda" else [])
+            C.fmt_time(r["kernel_s"]), r["layout"] and r["layout"].split(",prologue")[0]]
+           if device.type == "cuda" else [])
         for r in rows])
     compile_lines = [f"- {r['dtype']} {r['B']}x{r['C']}: {r['compile_time_s']:.1f} s"
                      for r in rows if r["compile_time_s"] is not None]
