@@ -8,7 +8,8 @@ and the teacher-logit pass. At the epoch's end the sums become one record of ``m
 Under ``torch.distributed`` each rank holds its own training counts. A checkpoint keeps every
 rank's counts (an exact resume with the same world size) and their totals (what rank 0 resumes
 with under another world size; the other ranks then start from zero, so the totals are not
-counted twice). Timings and step counts are rank 0's.
+counted twice). Of the timings and step counts, which each rank also keeps, checkpoints hold rank
+0's.
 """
 from __future__ import annotations
 
