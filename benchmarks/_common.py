@@ -300,6 +300,17 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> Optiona
 # ---------------------------------------------------------------------------------------------
 # targets and output
 # ---------------------------------------------------------------------------------------------
+def parse_shape(text: str) -> tuple:
+    """``--shapes`` entries: ``BxC`` (or ``B,C``) with B >= 1 rows and C >= 2 classes."""
+    try:
+        b, c = (int(x) for x in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes entries look like 4096x32000, got {text!r}") from None
+    if b < 1 or c < 2:
+        raise argparse.ArgumentTypeError(f"--shapes needs B >= 1 and C >= 2, got {text!r}")
+    return b, c
+
+
 def target(description: str, measured: Optional[float], threshold: float, *, higher_is_better: bool = True,
            unit: str = "") -> dict:
     """One PASS/MISS line from a measured value; ``measured`` None means the case was not run."""

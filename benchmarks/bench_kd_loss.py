@@ -50,16 +50,6 @@ def eager_kd(s: torch.Tensor, t: torch.Tensor, T: float = TEMPERATURE) -> torch.
     return F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction="none").sum(1).mean() * (T * T)
 
 
-def parse_shape(text: str) -> tuple:
-    try:
-        b, c = (int(x) for x in text.lower().replace(",", "x").split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shapes entries look like 512x32000, got {text!r}") from None
-    if b < 1 or c < 2:
-        raise argparse.ArgumentTypeError(f"--shapes needs B >= 1 and C >= 2, got {text!r}")
-    return b, c
-
-
 def liger_loss_fn():
     """A KD loss built on LigerKLDIVLoss, or None when Liger-Kernel is not installed."""
     try:
@@ -227,7 +217,7 @@ def evaluate_targets(rows, device):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_common_args(ap)
-    ap.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
+    ap.add_argument("--shapes", nargs="+", type=C.parse_shape, default=None,
                     help="B x C cases, e.g. 512x32000 (default: the issue's 7 shapes, 2 with --quick)")
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")

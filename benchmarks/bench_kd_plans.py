@@ -31,16 +31,6 @@ BLOCK_THREADS = 256  # csrc/cuda_rows.cuh kBlockThreads
 SHAPES = [(4096, 32000), (16384, 32000), (4096, 131072), (512, 32000), (16, 131072), (4096, 4096)]
 
 
-def parse_shape(text: str) -> tuple:
-    try:
-        b, c = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shapes entries look like 4096x32000, got {text!r}") from None
-    if b < 1 or c < 2:
-        raise argparse.ArgumentTypeError(f"--shapes needs B >= 1 and C >= 2, got {text!r}")
-    return b, c
-
-
 def layouts(C_: int, with_ce: bool) -> list:
     """Plan strings whose register rows hold C_ values (plus the split path at several widths)."""
     emax = 16 if with_ce else 32
@@ -68,7 +58,7 @@ def layouts(C_: int, with_ce: bool) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", choices=("cuda",))
-    ap.add_argument("--shapes", nargs="+", type=parse_shape, default=SHAPES)
+    ap.add_argument("--shapes", nargs="+", type=C.parse_shape, default=SHAPES)
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(C.DTYPES))
     ap.add_argument("--calls", type=int, default=20, help="back-to-back calls per timing")
     ap.add_argument("--repeats", type=int, default=3, help="timings per layout (median reported)")

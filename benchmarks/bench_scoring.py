@@ -57,16 +57,6 @@ def eager_scores(s: torch.Tensor, y: torch.Tensor, t, T: float = TEMPERATURE) ->
     return torch.stack([ce, kd, p_true, margin, entropy, correct], 1)
 
 
-def parse_shape(text: str) -> tuple:
-    try:
-        b, c = (int(x) for x in text.lower().replace(",", "x").split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shapes entries look like 1024x1000, got {text!r}") from None
-    if b < 1 or c < 2:
-        raise argparse.ArgumentTypeError(f"--shapes needs B >= 1 and C >= 2, got {text!r}")
-    return b, c
-
-
 # ---------------------------------------------------------------------------------------------
 # part 1: kernel vs eager composite
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +244,7 @@ def evaluate_targets(rows, pass_result, device):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_common_args(ap)
-    ap.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
+    ap.add_argument("--shapes", nargs="+", type=C.parse_shape, default=None,
                     help="B x C kernel cases (default: the issue's 3 shapes, 2 smaller ones with --quick)")
     ap.add_argument("--candidates", nargs="+", default=["kdseq", "eager"], choices=CANDIDATES,
                     help="kernel candidates; add 'compile' for torch.compile of the composite")
