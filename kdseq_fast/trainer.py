@@ -495,9 +495,25 @@ class Trainer:
 
     def _fit(self, stop: GracefulStop) -> TrainResult:
         self._t_start = time.perf_counter()
-        prog = self.progress  # mutated in place from here on
         self.model.train()
         self._emit("on_train_start")
+        self._prepare_teacher()
+        if self._resume_state is None and self.progress.global_step == 0:
+            # A step-0 checkpoint: a run that fails or is killed early still has a good state.
+            self.save_checkpoint("start")
+        if self._stop_agreed(stop, at_read=True):
+            self._preempt(stop, saved=True)
+        for e in range(self.progress.epoch, self.total_epochs):
+            self._train_epoch(e, stop)
+            self._end_epoch(e)
+            if self._stop_agreed(stop, at_read=True):
+                self._preempt(stop)
+        return self._finish()
+
+    def _prepare_teacher(self) -> None:
+        """The teacher's test accuracy (once per run) and, where the run uses them, its cached
+        logits on the training set."""
+        prog = self.progress
         if self.teacher is not None and prog.teacher_acc is None:
             prog.teacher_acc = self.evaluate(self.teacher)
             self.log(f"[{self.label}] teacher {self.cfg.teacher.arch} test acc {prog.teacher_acc:.4f}")
@@ -505,87 +521,82 @@ class Trainer:
             t0 = time.perf_counter()
             self.teacher_train_logits()
             self.sums.add_time("teacher_cache", time.perf_counter() - t0)
+
+    def _train_epoch(self, e: int, stop: GracefulStop) -> None:
+        """The steps of epoch ``e`` from the batch the run stands at (a phase's first epoch scores
+        the snapshot first), with the device reads, interval checkpoints and preemption on the way."""
+        prog = self.progress  # mutated in place
         every = self.cfg.train.checkpoint_every_steps
-        if self._resume_state is None and prog.global_step == 0:
-            # A step-0 checkpoint: a run that fails or is killed early still has a good state.
-            self.save_checkpoint("start")
-        if self._stop_agreed(stop, at_read=True):
-            self._preempt(stop, saved=True)
         bs, world = self.cfg.optim.batch_size, self.ctx.world_size
         dump = bool(os.environ.get("KDSEQ_TEST_DUMP_DIR"))
-        for e in range(prog.epoch, self.total_epochs):
-            phase, kind, eip, plen = self.schedule[e]
-            if kind == "curriculum" and prog.scored_phase != phase:
-                self._start_phase(phase)
-                if self._stop_agreed(stop, at_read=True):
-                    self._preempt(stop)
-            order, admitted = self.plan.order(e, prog.sequence)
-            seen = []
-            self.train_loader.set_epoch(e)
-            self.train_loader.set_order(order, start_batch=prog.batch_in_epoch)
-            t_epoch = time.perf_counter()
-            bar = self._bar(self.steps_per_epoch, prog.batch_in_epoch,
-                            f"{self.label} ep {e + 1}/{self.total_epochs}")
-            it = iter(self.train_loader)
-            try:
-                while True:
-                    t0 = self.timer.now()
-                    batch = next(it, None)
-                    if batch is None:
-                        break
-                    self.timer.add("data", self.timer.now() - t0)
-                    b = int(batch["labels"].numel())
-                    weight = rank_loss_weight(b, min(bs, len(order) - prog.batch_in_epoch * bs), world)
-                    if dump:
-                        seen.append(batch["indices"].cpu().numpy())
-                    first_compile = self.settings["compile"] and not self._compiled_once
-                    tc = time.perf_counter()
-                    loss = self.step.run(batch, weight, self.timer)
-                    if first_compile:
-                        # The first compiled step pays for compilation: reported apart.
-                        if self.device.type == "cuda":
-                            torch.cuda.synchronize(self.device)
-                        self.sums.add_time("compile", time.perf_counter() - tc)
-                        self._compiled_once = True
-                    self.rejected.record(prog.global_step + 1, phase, e, prog.batch_in_epoch, batch["indices"])
-                    self.sums.add_step(float(admitted[prog.batch_in_epoch]) / self.num_items)
-                    prog.next_batch()
-                    bar.update(1)
-                    self._emit("on_step_end", prog.global_step, loss)
-                    read = prog.global_step % self.log_every == 0
-                    saved = False
-                    if every and prog.global_step % every == 0:
-                        self._fold_times(t_epoch)
-                        t_epoch = time.perf_counter()
-                        self._fold()
-                        self._handle_rejected(bar)
-                        self.save_checkpoint("interval")
-                        saved = True
-                    elif read:
-                        self._fold()
-                        self._handle_rejected(bar)
-                    test_kill_hook("step", prog.global_step)
-                    if self._stop_agreed(stop, at_read=read or saved):
-                        # Signals only set a flag; the finished step is checkpointed here.
-                        self._fold()
-                        self._handle_rejected()
-                        self._fold_times(t_epoch)
-                        t_epoch = time.perf_counter()
-                        self._preempt(stop, saved=saved)
-            finally:
-                bar.close()
-                it.close()
-            self._fold()
-            self._handle_rejected()
-            self._fold_times(t_epoch)
-            if dump:
-                test_dump_hook(f"epoch{e}", order=order, phase=np.int64(phase),
-                               indices=np.concatenate(seen) if seen else np.zeros(0, np.int64),
-                               lengths=np.array([len(x) for x in seen], dtype=np.int64))
-            self._end_epoch(e)
+        phase, kind, _, _ = self.schedule[e]
+        if kind == "curriculum" and prog.scored_phase != phase:
+            self._start_phase(phase)
             if self._stop_agreed(stop, at_read=True):
                 self._preempt(stop)
-        return self._finish()
+        order, admitted = self.plan.order(e, prog.sequence)
+        seen = []
+        self.train_loader.set_epoch(e)
+        self.train_loader.set_order(order, start_batch=prog.batch_in_epoch)
+        t_epoch = time.perf_counter()
+        bar = self._bar(self.steps_per_epoch, prog.batch_in_epoch,
+                        f"{self.label} ep {e + 1}/{self.total_epochs}")
+        it = iter(self.train_loader)
+        try:
+            while True:
+                t0 = self.timer.now()
+                batch = next(it, None)
+                if batch is None:
+                    break
+                self.timer.add("data", self.timer.now() - t0)
+                b = int(batch["labels"].numel())
+                weight = rank_loss_weight(b, min(bs, len(order) - prog.batch_in_epoch * bs), world)
+                if dump:
+                    seen.append(batch["indices"].cpu().numpy())
+                first_compile = self.settings["compile"] and not self._compiled_once
+                tc = time.perf_counter()
+                loss = self.step.run(batch, weight, self.timer)
+                if first_compile:
+                    # The first compiled step pays for compilation: reported apart.
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    self.sums.add_time("compile", time.perf_counter() - tc)
+                    self._compiled_once = True
+                self.rejected.record(prog.global_step + 1, phase, e, prog.batch_in_epoch, batch["indices"])
+                self.sums.add_step(float(admitted[prog.batch_in_epoch]) / self.num_items)
+                prog.next_batch()
+                bar.update(1)
+                self._emit("on_step_end", prog.global_step, loss)
+                read = prog.global_step % self.log_every == 0
+                saved = False
+                if every and prog.global_step % every == 0:
+                    self._fold_times(t_epoch)
+                    t_epoch = time.perf_counter()
+                    self._fold()
+                    self._handle_rejected(bar)
+                    self.save_checkpoint("interval")
+                    saved = True
+                elif read:
+                    self._fold()
+                    self._handle_rejected(bar)
+                test_kill_hook("step", prog.global_step)
+                if self._stop_agreed(stop, at_read=read or saved):
+                    # Signals only set a flag; the finished step is checkpointed here.
+                    self._fold()
+                    self._handle_rejected()
+                    self._fold_times(t_epoch)
+                    t_epoch = time.perf_counter()
+                    self._preempt(stop, saved=saved)
+        finally:
+            bar.close()
+            it.close()
+        self._fold()
+        self._handle_rejected()
+        self._fold_times(t_epoch)
+        if dump:
+            test_dump_hook(f"epoch{e}", order=order, phase=np.int64(phase),
+                           indices=np.concatenate(seen) if seen else np.zeros(0, np.int64),
+                           lengths=np.array([len(x) for x in seen], dtype=np.int64))
 
     def _stop_agreed(self, stop: GracefulStop, at_read: bool = False) -> bool:
         """Whether to stop now, agreed by all ranks: a signal seen by one rank after step k and
