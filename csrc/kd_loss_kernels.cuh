@@ -566,6 +566,9 @@ __global__ void __launch_bounds__(kBlockThreads) kd_grad_scale_kernel(void* grad
 // Planning (host): which kernel, layout and grid for a (B, C) problem.
 // ------------------------------------------------------------------------------------------------
 enum class Mode : int { kSingleCta = 0, kWarpRows = 1, kCtaRows = 2, kCluster = 3, kSplit = 4, kTwoPass = 5, kStaged = 6 };
+// The modes' names in _force_plan specs and plan descriptions, in Mode order.
+constexpr const char* kModeNames[] = {"single", "warp", "cta", "cluster", "split", "twopass", "staged"};
+constexpr int kNumModes = sizeof(kModeNames) / sizeof(kModeNames[0]);
 
 struct DeviceCaps {
   int sms = 132;
@@ -595,10 +598,9 @@ inline PlanOverride parse_plan_override(const std::string& spec) {
     if (eq == std::string::npos) throw std::invalid_argument("kdseq._force_plan: expected key=value, got '" + item + "'");
     const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
     if (key == "mode") {
-      const char* names[] = {"single", "warp", "cta", "cluster", "split", "twopass", "staged"};
       ov.mode = -1;
-      for (int i = 0; i < 7; ++i)
-        if (value == names[i]) ov.mode = i;
+      for (int i = 0; i < kNumModes; ++i)
+        if (value == kModeNames[i]) ov.mode = i;
       if (ov.mode < 0)
         throw std::invalid_argument(
             "kdseq._force_plan: mode must be single, warp, cta, cluster, split, twopass or staged");
@@ -727,9 +729,8 @@ inline Plan plan_kd_loss(int64_t B, int64_t C, bool with_ce, bool fp64, int redu
 // "cluster,group=256,e=8,cluster=3,segments=1,prologue": what ran (torch.ops.kdseq._last_plan, the
 // emulation's reports).
 inline std::string describe_plan(const Plan& p) {
-  const char* names[] = {"single", "warp", "cta", "cluster", "split", "twopass", "staged"};
   const int m = static_cast<int>(p.mode);
-  return std::string(m >= 0 && m < 7 ? names[m] : "?") + ",group=" + std::to_string(p.group) +
+  return std::string(m >= 0 && m < kNumModes ? kModeNames[m] : "?") + ",group=" + std::to_string(p.group) +
          ",e=" + std::to_string(p.e) + ",cluster=" + std::to_string(p.cluster) +
          ",segments=" + std::to_string(p.segments) + (p.smem > 0 ? ",smem=" + std::to_string(p.smem) : "") +
          (p.prologue ? ",prologue" : "");
@@ -828,7 +829,6 @@ Plan run_kd_loss(Plan p, KDArgs<acc_t> a, bool with_ce, bool vector, Launcher& l
   }
   if (p.mode == Mode::kStaged) {
     if constexpr (std::is_same_v<acc_t, float>) {
-      a.segments = 1;
       a.seg_len = p.seg_len;
       const bool aligned = staged_rows_ok(a.s, a.s_row, a.s_dtype, a.C) &&
                            staged_rows_ok(a.t, a.t_row, a.t_dtype, a.C);
