@@ -7,6 +7,9 @@ For every (B, C) shape and dtype the candidates are timed round-robin in one pro
 - ``compile`` ``torch.compile`` of the eager expression (compile time excluded from the timings,
               reported separately)
 - ``liger``   Liger-Kernel's ``LigerKLDIVLoss`` on the log-softmaxed student (CUDA, when installed)
+- ``kdseq[SPEC]`` with ``--plans SPEC ...`` (CUDA): ``kdseq`` with the kernel planner adjusted by
+              ``torch.ops.kdseq._force_plan(SPEC)``, e.g. ``prefer=staged``: a candidate layout
+              measured through the whole call, with the same targets as ``kdseq``
 
 Each timed call is loss + ``torch.autograd.grad`` w.r.t. the student. Reported per row: median and
 IQR, effective GB/s = 3*B*C*bytes / time (read s and t, write the gradient), that as a fraction
@@ -22,6 +25,7 @@ at once for a grad_output of 1) with the kernel layout the planner chose for it
     python benchmarks/bench_kd_loss.py                       # CPU, all shapes, fp32 + bf16
     python benchmarks/bench_kd_loss.py --quick               # smoke run
     python benchmarks/bench_kd_loss.py --device cuda --out results/
+    python benchmarks/bench_kd_loss.py --device cuda --shapes 4096x32000 --plans prefer=staged
 """
 from __future__ import annotations
 
@@ -63,6 +67,31 @@ def liger_loss_fn():
     return loss
 
 
+def planned_kd(spec: str):
+    """kdseq's loss with the CUDA kernel planner adjusted by a _force_plan spec for this call only
+    (planning happens on the calling thread in the forward, so a CUDA graph captures that layout)."""
+    import kdseq_fast as kf
+
+    def loss(s, t):
+        torch.ops.kdseq._force_plan(spec)
+        try:
+            return kf.kd_loss(s, t, temperature=TEMPERATURE)
+        finally:
+            torch.ops.kdseq._force_plan("")
+    return loss
+
+
+def kdseq_op_call(s, t, spec: str):
+    """The forward op alone (loss and gradient in one launch sequence), under a plan spec."""
+    def call():
+        torch.ops.kdseq._force_plan(spec)
+        try:
+            return torch.ops.kdseq.kd_loss(s, t, None, TEMPERATURE, 1.0, 0.0, 1, -100, True)
+        finally:
+            torch.ops.kdseq._force_plan("")
+    return call
+
+
 def fwd_bwd(loss_fn, s, t):
     def call():
         loss = loss_fn(s, t)
@@ -82,6 +111,8 @@ def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
     calls, compile_s, errors = {}, None, {}
     if "kdseq" in args.candidates:
         calls["kdseq"] = fwd_bwd(lambda a, b: kf.kd_loss(a, b, temperature=TEMPERATURE), s, t)
+    for spec in args.plans:
+        calls[f"kdseq[{spec}]"] = fwd_bwd(planned_kd(spec), s, t)
     if "eager" in args.candidates:
         calls["eager"] = fwd_bwd(eager_kd, s, t)
     if "compile" in args.candidates:
@@ -119,7 +150,7 @@ def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
 
     times = C.interleaved_times(calls, device=device, repeats=args.repeats, warmup=args.warmup,
                                 desc=f"{B}x{Cn} {dtype_name}")
-    gpu_s, graph_s, kernel_s, layout = {}, {}, None, None
+    gpu_s, graph_s, kernel_s, layout = {}, {}, {}, {}
     if device.type == "cuda":
         for name, call in calls.items():
             gpu_s[name] = C.summarize(C.cuda_event_times(call, device, repeats=args.repeats))["median_s"]
@@ -127,13 +158,14 @@ def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
                 graph_s[name] = C.summarize(C.cuda_graph_times(call, device, repeats=args.repeats))["median_s"]
             except Exception as exc:  # a candidate that cannot be captured still has its other times
                 errors[f"{name} (graph replay)"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        if "kdseq" in calls:
-            op = torch.ops.kdseq.kd_loss
-            kernel_s = C.summarize(C.cuda_event_times(
-                lambda: op(s, t, None, TEMPERATURE, 1.0, 0.0, 1, -100, True), device,
-                repeats=args.repeats))["median_s"]
+        for name in calls:
+            if name != "kdseq" and not name.startswith("kdseq["):
+                continue
+            spec = name[len("kdseq["):-1] if name != "kdseq" else ""
+            kernel_s[name] = C.summarize(C.cuda_event_times(kdseq_op_call(s, t, spec), device,
+                                                            repeats=args.repeats))["median_s"]
             # The kernel layout the planner chose (a cluster the device refuses runs the split path).
-            layout = torch.ops.kdseq._last_plan()
+            layout[name] = torch.ops.kdseq._last_plan()
     roofline_bytes = 3 * B * Cn * s.element_size()
     rows = []
     eager_med = C.summarize(times["eager"])["median_s"] if "eager" in times else None
@@ -153,8 +185,8 @@ def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
             "graph_s": graph_s.get(name),
             "graph_GBps": graph_gbps,
             "graph_roofline_fraction": None if graph_gbps is None else graph_gbps / memcpy_gbps,
-            "kernel_s": kernel_s if name == "kdseq" else None,
-            "layout": layout if name == "kdseq" else None,
+            "kernel_s": kernel_s.get(name),
+            "layout": layout.get(name),
         })
     return rows, errors
 
@@ -185,31 +217,33 @@ def evaluate_targets(rows, device):
                                         1.0 / r["roofline_fraction"], 3.0, higher_is_better=False,
                                         unit="x"))
     else:
-        # Issue 14's targets, each measured in this run.
+        # Issue 14's targets, each measured in this run (for kdseq and for each --plans variant).
         for r in rows:
-            if r["candidate"] != "kdseq":
+            if not r["candidate"].startswith("kdseq"):
                 continue
             key = (r["dtype"], r["B"], r["C"])
+            # The default candidate keeps the target names of earlier runs; a variant says which it is.
+            who = "" if r["candidate"] == "kdseq" else f" {r['candidate']}"
             if r["C"] >= 4096 and r["B"] * r["C"] >= 2**25:
-                targets.append(C.target(f"{key[0]} ({key[1]}, {key[2]}): fwd+bwd fraction of the measured "
+                targets.append(C.target(f"{key[0]} ({key[1]}, {key[2]}){who}: fwd+bwd fraction of the measured "
                                         "memcpy (HBM) bandwidth", r["roofline_fraction"], 0.85))
             # Small problems: the GPU's own time (graph replay), when the call could be captured;
             # the host's launch overhead is reported beside it in the table.
             if (r["B"], r["C"]) == (16, 131072):
                 graphed = r["graph_roofline_fraction"] is not None
-                targets.append(C.target(f"{key[0]} (16, 131072): fwd+bwd fraction of memcpy (split rows"
+                targets.append(C.target(f"{key[0]} (16, 131072){who}: fwd+bwd fraction of memcpy (split rows"
                                         + (", GPU time of a graph replay)" if graphed else ", wall time)"),
                                         r["graph_roofline_fraction"] if graphed else r["roofline_fraction"], 0.5))
             if (r["B"], r["C"]) == (256, 100):
                 gpu = r["graph_s"] if r["graph_s"] is not None else r["gpu_s"]
-                targets.append(C.target(f"{key[0]} (256, 100): fwd+bwd GPU time ("
+                targets.append(C.target(f"{key[0]} (256, 100){who}: fwd+bwd GPU time ("
                                         + ("graph replay" if r["graph_s"] is not None else "events around the call")
                                         + ")", gpu * 1e6 if gpu is not None else None, 30.0,
                                         higher_is_better=False, unit=" us"))
             if r["C"] >= 1000:
-                targets.append(C.target(f"{key[0]} ({key[1]}, {key[2]}): kdseq speed-up vs torch.compile",
+                targets.append(C.target(f"{key[0]} ({key[1]}, {key[2]}): {r['candidate']} speed-up vs torch.compile",
                                         ratio(med(*key, "compile"), r["median_s"]), 1.5, unit="x"))
-                targets.append(C.target(f"{key[0]} ({key[1]}, {key[2]}): kdseq speed-up vs Liger",
+                targets.append(C.target(f"{key[0]} ({key[1]}, {key[2]}): {r['candidate']} speed-up vs Liger",
                                         ratio(med(*key, "liger"), r["median_s"]), 3.0, unit="x"))
     return targets
 
@@ -221,6 +255,9 @@ def main(argv=None) -> int:
                     help="B x C cases, e.g. 512x32000 (default: the issue's 7 shapes, 2 with --quick)")
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--plans", nargs="+", default=[], metavar="SPEC",
+                    help="CUDA: also time kdseq with the kernel planner adjusted by each "
+                         "torch.ops.kdseq._force_plan spec, e.g. prefer=staged prefer=twopass")
     args = ap.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 15
@@ -229,6 +266,17 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
     device = C.resolve_device(args.device)
+    if args.plans and device.type != "cuda":
+        ap.error("--plans adjusts the CUDA kernel planner: it needs --device cuda")
+    if args.plans:
+        import kdseq_fast  # noqa: F401  (registers torch.ops.kdseq)
+    for spec in args.plans:
+        try:
+            torch.ops.kdseq._force_plan(spec)  # a bad spec fails here, before any timing
+        except RuntimeError as exc:
+            ap.error(f"--plans {spec!r}: {exc}".splitlines()[0])
+        finally:
+            torch.ops.kdseq._force_plan("")
     shapes = args.shapes or (QUICK_SHAPES if args.quick else CUDA_SHAPES if device.type == "cuda" else SHAPES)
     C.apply_threads(args.threads)
 

@@ -575,9 +575,12 @@ struct DeviceCaps {
   int max_cluster = 0;  // 0: no clusters (before sm_90)
 };
 
-// Test hook: force a layout (torch.ops.kdseq._force_plan). 0 / Mode(-1) fields mean "choose".
+// Test and benchmark hook (torch.ops.kdseq._force_plan): force a layout, or let the planner choose
+// but take a candidate layout wherever it would otherwise hold long rows in a register cluster or
+// the split path ("prefer=staged", "prefer=twopass"). 0 / -1 fields mean "choose".
 struct PlanOverride {
   int mode = -1;
+  int prefer = -1;
   int group = 0, e = 0, cluster = 0;
   int64_t segments = 0;
 };
@@ -604,6 +607,14 @@ inline PlanOverride parse_plan_override(const std::string& spec) {
       if (ov.mode < 0)
         throw std::invalid_argument(
             "kdseq._force_plan: mode must be single, warp, cta, cluster, split, twopass or staged");
+    } else if (key == "prefer") {
+      if (value == kModeNames[static_cast<int>(Mode::kStaged)]) {
+        ov.prefer = static_cast<int>(Mode::kStaged);
+      } else if (value == kModeNames[static_cast<int>(Mode::kTwoPass)]) {
+        ov.prefer = static_cast<int>(Mode::kTwoPass);
+      } else {
+        throw std::invalid_argument("kdseq._force_plan: prefer must be staged or twopass");
+      }
     } else if (key == "group") {
       ov.group = std::stoi(value);
       if (ov.group != 8 && ov.group != 32) throw std::invalid_argument("kdseq._force_plan: group must be 8 or 32");
@@ -620,6 +631,8 @@ inline PlanOverride parse_plan_override(const std::string& spec) {
       throw std::invalid_argument("kdseq._force_plan: unknown key '" + key + "'");
     }
   }
+  if (ov.mode >= 0 && ov.prefer >= 0)
+    throw std::invalid_argument("kdseq._force_plan: prefer= adjusts the planner's own choice; it cannot be combined with mode=");
   return ov;
 }
 
@@ -669,25 +682,49 @@ inline bool split_beats_clusters(int64_t B, bool with_ce, const DeviceCaps& caps
   return B >= 8 * sms || (with_ce && B >= 2 * sms);
 }
 
+inline Plan plan_twopass(int64_t B, int64_t C) {
+  Plan p;
+  p.mode = Mode::kTwoPass;
+  p.seg_len = C;
+  p.grid = B;
+  return p;
+}
+
+// Staged rows: a row's slices over a cluster of `cluster` CTAs (0: slices of at most ~48 KiB of an
+// fp32 student and teacher, 3-4 CTAs an SM, in as many CTAs as the device's clusters allow).
+inline Plan plan_staged(int64_t B, int64_t C, const DeviceCaps& caps, int cluster) {
+  constexpr int64_t kSliceElements = 6144;
+  Plan p;
+  p.mode = Mode::kStaged;
+  p.group = kBlockThreads;
+  const int64_t want = std::min<int64_t>((C + kSliceElements - 1) / kSliceElements, std::max(caps.max_cluster, 1));
+  p.cluster = cluster > 0 ? cluster : static_cast<int>(want);
+  const int64_t per = (C + p.cluster - 1) / p.cluster;
+  p.seg_len = (per + kStagedUnit - 1) / kStagedUnit * kStagedUnit;
+  p.grid = B * p.cluster;
+  return p;
+}
+
+// The planner's choice under a "prefer=" hook: the candidate layout replaces the register clusters
+// and the split path (long rows) -- twopass only where the split path gives each row one CTA, since
+// it cannot spread a row over CTAs. Everything else (short rows, fp64) keeps the planner's choice.
+inline Plan apply_preference(Plan p, int64_t B, int64_t C, bool fp64, const DeviceCaps& caps, int prefer) {
+  if (fp64 || (p.mode != Mode::kCluster && p.mode != Mode::kSplit)) return p;
+  if (prefer == static_cast<int>(Mode::kStaged)) return plan_staged(B, C, caps, 0);
+  if (prefer == static_cast<int>(Mode::kTwoPass) && p.mode == Mode::kSplit && p.segments == 1)
+    return plan_twopass(B, C);
+  return p;
+}
+
 inline Plan plan_kd_loss(int64_t B, int64_t C, bool with_ce, bool fp64, int reduction, const DeviceCaps& caps,
                          const PlanOverride& ov = PlanOverride()) {
   Plan p;
   const int emax = with_ce ? 16 : 32;  // 3 (CE) or 2 register arrays of E values a thread
   const Mode forced = static_cast<Mode>(ov.mode);
   if (forced == Mode::kTwoPass) {
-    p.mode = Mode::kTwoPass;
-    p.seg_len = C;
-    p.grid = B;
+    p = plan_twopass(B, C);
   } else if (forced == Mode::kStaged && !fp64) {
-    // Slices of at most ~48 KiB of an fp32 student and teacher (3-4 CTAs an SM) unless forced.
-    constexpr int64_t kSliceElements = 6144;
-    p.mode = Mode::kStaged;
-    p.group = kBlockThreads;
-    const int64_t want = std::min<int64_t>((C + kSliceElements - 1) / kSliceElements, std::max(caps.max_cluster, 1));
-    p.cluster = ov.cluster > 0 ? ov.cluster : static_cast<int>(want);
-    const int64_t per = (C + p.cluster - 1) / p.cluster;
-    p.seg_len = (per + kStagedUnit - 1) / kStagedUnit * kStagedUnit;
-    p.grid = B * p.cluster;
+    p = plan_staged(B, C, caps, ov.cluster);
   } else if (fp64 || forced == Mode::kSplit) {
     p = plan_split(B, C, caps, ov.segments);
   } else if ((ov.mode < 0 && C <= 32 * emax) || forced == Mode::kSingleCta || forced == Mode::kWarpRows) {
@@ -722,6 +759,7 @@ inline Plan plan_kd_loss(int64_t B, int64_t C, bool with_ce, bool fp64, int redu
   } else {
     p = plan_split(B, C, caps, ov.segments);
   }
+  if (ov.mode < 0 && ov.prefer >= 0) p = apply_preference(p, B, C, fp64, caps, ov.prefer);
   p.prologue = p.mode != Mode::kSingleCta && reduction != kReduceNone;
   return p;
 }
@@ -814,7 +852,8 @@ decltype(auto) with_flags(bool with_ce, bool vector, F&& f) {
 // alloc_ws() -> Workspace*, alloc_partials(n) -> KDStats<acc_t>*. Returns the plan that ran (a cluster
 // plan the device cannot launch falls back to the split path).
 template <typename acc_t, typename Launcher, typename Alloc>
-Plan run_kd_loss(Plan p, KDArgs<acc_t> a, bool with_ce, bool vector, Launcher& launch, Alloc& alloc) {
+Plan run_kd_loss(Plan p, KDArgs<acc_t> a, bool with_ce, bool vector, const DeviceCaps& caps, Launcher& launch,
+                 Alloc& alloc) {
   a.single_cta = p.mode == Mode::kSingleCta;
   a.ws = p.prologue ? alloc.alloc_ws() : nullptr;
   if (p.prologue) launch(LaunchDims{1, kBlockThreads, 1}, kd_prologue_kernel<acc_t>, a);
@@ -847,7 +886,7 @@ Plan run_kd_loss(Plan p, KDArgs<acc_t> a, bool with_ce, bool vector, Launcher& l
   if (p.mode != Mode::kSplit) {
     // fp64, a cluster the device cannot launch, or staged rows that are not aligned or do not fit:
     // the split path (the prologue already ran).
-    const Plan s = plan_split(a.B, a.C, DeviceCaps(), 0);
+    const Plan s = plan_split(a.B, a.C, caps, 0);
     p.mode = s.mode;
     p.segments = s.segments;
     p.seg_len = s.seg_len;

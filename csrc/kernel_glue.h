@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, kd_kernels::Plan> kd_loss_launch(
     a.ignore_index = args.ignore_index;
     a.reduction = static_cast<int>(reduction);
     TensorAlloc<acc_t> alloc{s.options().dtype(at::kByte), {}};
-    plan = kd_kernels::run_kd_loss<acc_t>(plan, a, with_ce, vector, launch, alloc);
+    plan = kd_kernels::run_kd_loss<acc_t>(plan, a, with_ce, vector, caps, launch, alloc);
   };
   if (f64) {
     run(double(0));

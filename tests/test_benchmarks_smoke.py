@@ -69,6 +69,32 @@ def test_bench_kd_loss_quick(tmp_path):
     assert "| fp32 | 16 | 300 | kdseq |" in md and "Targets:" in md
 
 
+def test_bench_kd_loss_plans_need_cuda(tmp_path):
+    cmd = [sys.executable, os.path.join(BENCH, "bench_kd_loss.py"), "--quick", "--device", "cpu",
+           "--plans", "prefer=staged", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--plans" in proc.stderr and "cuda" in proc.stderr, proc.stderr
+
+
+@pytest.mark.cuda
+def test_bench_kd_loss_plan_variants_on_cuda(tmp_path):
+    import torch
+    stdout, payload, md = run_script("bench_kd_loss.py", tmp_path, "--device", "cuda", "--shapes", "64x32000",
+                                     "--dtypes", "fp32", "--candidates", "kdseq", "eager", "--repeats", "2",
+                                     "--no-memory", "--plans", "prefer=staged", "prefer=twopass")
+    rows = {r["candidate"]: r for r in payload["rows"]}
+    assert set(rows) == {"kdseq", "eager", "kdseq[prefer=staged]", "kdseq[prefer=twopass]"}
+    for name in ("kdseq", "kdseq[prefer=staged]", "kdseq[prefer=twopass]"):
+        assert rows[name]["max_abs_grad_err_vs_fp64"] < 1e-5 and rows[name]["kernel_s"] > 0, rows[name]
+    if torch.cuda.get_device_capability()[0] >= 9:
+        # 64 rows of 32,000 classes: a register cluster by default, staged slices when preferred;
+        # twopass replaces only the split path's whole-row CTAs, so that variant keeps the cluster.
+        assert rows["kdseq"]["layout"].startswith("cluster,"), rows["kdseq"]["layout"]
+        assert rows["kdseq[prefer=staged]"]["layout"].startswith("staged,"), rows["kdseq[prefer=staged]"]["layout"]
+        assert rows["kdseq[prefer=twopass]"]["layout"].startswith("cluster,")
+    assert "| kdseq[prefer=staged] |" in md
+
+
 def test_bench_scoring_quick(tmp_path):
     stdout, payload, md = run_script("bench_scoring.py", tmp_path, "--shapes", "8x10", "32x1000",
                                      "--dtypes", "fp32", "bf16", "--repeats", "2",

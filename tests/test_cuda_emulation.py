@@ -87,6 +87,13 @@ LAYOUTS = [
     (4, 5001, "mode=staged", "split"),             # rows not a whole number of 16 bytes
     (3, 5000, "mode=staged,cluster=3,nocluster", "split"),
     (2, 9000, "mode=staged,cluster=1,smem=4096", "split"),  # the slice does not fit shared memory
+    # The planner's choice with a preferred candidate layout for long rows (bench_kd_loss --plans).
+    (2, 9000, "prefer=staged", "staged,group=256,e=8,cluster=2"),  # instead of a register cluster
+    (40, 9000, "prefer=staged", "staged,group=256,e=8,cluster=2"),  # instead of the split path
+    (5, 3001, "prefer=staged", "cta"),             # short rows keep the planner's choice
+    (3, 9000, "prefer=staged,nocluster", "split"),  # a refused cluster: the split path
+    (40, 9000, "prefer=twopass", "twopass"),       # many rows: the split path's one CTA a row
+    (2, 9000, "prefer=twopass", "cluster"),        # few rows: twopass cannot spread a row over CTAs
 ]
 
 
@@ -102,7 +109,7 @@ def test_every_layout_matches_reference(emu, B, C, plan, expect, reduction):
         compare(emu, s, t, y, plan=plan, expect=expect, temperature=3.0, kd_weight=0.9, ce_weight=0.1,
                 reduction=reduction, what=f"B={B} C={C} {dtype}")
         # Without the CE term the kernels keep two register arrays instead of three.
-        forced = "mode=" in plan
+        forced = "mode=" in plan or "prefer=" in plan
         compare(emu, s, t, None, plan=plan, expect=expect.split(",e=")[0] if forced else None,
                 temperature=2.0, kd_weight=1.3, reduction=reduction, what=f"no labels B={B} C={C} {dtype}")
 

@@ -58,10 +58,11 @@ def test_validate_flag_type_checked():
 def test_force_plan_hook_rejects_bad_specs():
     if not kf.build_info()["cuda_compiled"]:
         pytest.skip("the hook only configures the CUDA kernels")
-    for bad in ("mode=fast", "group=7", "e=12", "cluster=17", "segments=0", "nonsense", "size=3"):
+    for bad in ("mode=fast", "group=7", "e=12", "cluster=17", "segments=0", "nonsense", "size=3",
+                "prefer=split", "prefer=staged,mode=staged"):
         with pytest.raises(RuntimeError, match="_force_plan"):
             torch.ops.kdseq._force_plan(bad)
-    for good in ("mode=staged", "mode=staged,cluster=4", "mode=twopass", ""):
+    for good in ("mode=staged", "mode=staged,cluster=4", "mode=twopass", "prefer=staged", "prefer=twopass", ""):
         torch.ops.kdseq._force_plan(good)
     # No CUDA call on this thread yet (or a CPU-only machine): nothing to report.
     assert isinstance(torch.ops.kdseq._last_plan(), str)
@@ -100,14 +101,18 @@ CUDA_LAYOUTS = [
     (64, 32000, "mode=staged"),
     (2, 131072, "mode=staged,cluster=16"),
     (4, 5001, "mode=staged"),                 # rows not a whole number of 16 bytes: split
+    (64, 32000, "prefer=staged"),             # the planner's long rows staged (bench_kd_loss --plans)
+    (512, 9000, "prefer=twopass"),            # the planner's split rows (>= 2 x SMs with CE) in twopass
 ]
 
 
 def forced_mode(C, plan):
-    """The layout a forced plan must run on an sm_90 GPU (None: the planner chooses)."""
-    if not plan.startswith("mode="):
+    """The layout a forced or preferred plan must run on an sm_90 GPU (None: the planner chooses).
+    The prefer= cases above are shapes where the planner holds long rows in a cluster or splits them."""
+    key = plan.split("=")[0]
+    if key not in ("mode", "prefer"):
         return None
-    mode = plan.split(",")[0][len("mode="):]
+    mode = plan.split(",")[0][len(key) + 1:]
     if mode == "staged" and C % 8:
         return "split"  # 16-bit rows not a whole number of 16 bytes: no 16-byte copies
     return mode
