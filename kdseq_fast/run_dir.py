@@ -150,11 +150,12 @@ class RunDirectory:
                 other = json.load(fh)
         except (OSError, ValueError):
             other = {}
-        stored = read_stored_config(self.path)
+        # config.yaml is read only when the identity hashes differ (same_run) or to name the difference.
         same = (other.get("role") == role and other.get("method") == method
-                and same_run(other.get("resume_hash"), lambda: stored, cfg, method))
+                and same_run(other.get("resume_hash"), lambda: read_stored_config(self.path), cfg, method))
         if not same:
             mine = resume_hash(cfg, method)
+            stored = read_stored_config(self.path)
             diff = [] if stored is None else config_diff(_filled(stored) or stored, cfg.to_dict(), method=method)
             what = ("; config differs: " + "; ".join(diff)) if diff else \
                 (f" (config hash {str(other.get('resume_hash'))[:12]} vs {mine[:12]} now)")
