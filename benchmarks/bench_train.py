@@ -10,7 +10,9 @@ Measured per method: wall time, images/s over the training epochs (compile time 
 reported apart) and in steady state (the median epoch after the first, which pays the one-time
 costs: cuDNN's algorithm search, CUDA-graph capture), the time shares (data, model, loss,
 scoring, teacher-logit cache, evaluation, other), and on CUDA the GPU busy fraction: the union of the kernels' and copies' execution
-intervals (CUDA profiler) over the wall time of a window of steady-state steps. With
+intervals (CUDA profiler) over the wall time of a window of steady-state steps, and what that GPU
+time went to: shares per kernel class (convolution, batch norm, elementwise, kdseq's loss, the
+optimizer, ...) and the kernels that took the most (the evidence for what to speed up next). With
 ``--sync-timing`` the shares are device time (the GPU is synchronized at segment ends, which
 slows the run); without it they are host time.
 
@@ -38,6 +40,56 @@ import time
 
 import torch
 
+# Kernel classes of the GPU-time breakdown, first match wins (lower-case substrings of the kernel
+# names that torch.profiler reports). Batch norm before convolution: cuDNN's BN kernels are named
+# cudnn::bn_*; the optimizer before elementwise: fused SGD runs as multi_tensor_apply kernels.
+KERNEL_CLASSES = (
+    ("kdseq loss/scores", ("kd_", "instance_scores", "kdseq")),
+    ("batch norm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw", "bn_")),
+    ("optimizer", ("sgd", "multi_tensor", "foreach")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit", "winograd", "nhwc", "nchw")),
+    ("matmul", ("gemm", "cutlass", "cublas", "matmul")),
+    ("copy/memset", ("memcpy", "memset", "copy")),
+    ("elementwise", ("elementwise", "unrolled", "vectorized")),
+    ("reduction", ("reduce",)),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for label, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return label
+    return "other"
+
+
+def kernel_breakdown(kernels, top: int = 8) -> dict:
+    """GPU time per kernel class and the ``top`` kernels, from (name, microseconds) pairs: shares
+    of the summed kernel time (concurrent kernels each count)."""
+    by_name, total = {}, 0.0
+    for name, us in kernels:
+        by_name[name] = by_name.get(name, 0.0) + us
+        total += us
+    classes = {}
+    for name, us in by_name.items():
+        label = kernel_class(name)
+        classes[label] = classes.get(label, 0.0) + us
+    share = (lambda us: us / total) if total > 0 else (lambda us: 0.0)
+    return {
+        "kernel_us": total,
+        "classes": {k: share(v) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": n, "class": kernel_class(n), "share": share(v), "us": v}
+                for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]],
+    }
+
+
+def format_breakdown(method: str, b: dict, steps: int) -> list:
+    lines = [f"{method}: GPU time of the profiled steps by kernel class ({b['kernel_us'] / max(steps, 1):.0f} us "
+             "of kernels a step): " + ", ".join(f"{k} {v:.1%}" for k, v in b["classes"].items())]
+    lines += [f"  {k['share']:6.1%}  {k['class']:18s} {k['name'][:110]}" for k in b["top"]]
+    return lines
+
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,6 +104,7 @@ class BusyWindow:
         self.prof = None
         self.t0 = self.wall = None
         self.busy = None
+        self.kernels = None  # kernel_breakdown() of the window
         outer = self
 
         class _CB(Callback):
@@ -74,8 +127,9 @@ class BusyWindow:
             torch.cuda.synchronize(trainer.device)
             self.wall = time.perf_counter() - self.t0
             self.prof.__exit__(None, None, None)
-            intervals = sorted((e.time_range.start, e.time_range.end) for e in self.prof.events()
-                               if e.device_type == torch.autograd.DeviceType.CUDA)
+            events = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            intervals = sorted((e.time_range.start, e.time_range.end) for e in events)
+            self.kernels = kernel_breakdown((e.name, e.time_range.end - e.time_range.start) for e in events)
             busy_us, end = 0.0, float("-inf")
             for a, b in intervals:  # union of intervals (concurrent kernels count once)
                 if b <= end:
@@ -176,7 +230,8 @@ def main(argv=None) -> int:
                 "steady_images_per_s": n / steady if steady else None,
                 "startup_s": max(epoch_s[0] - steady, 0.0) if steady else None,
                 **{f"{k}_s": v for k, v in sums.items()},
-                "gpu_busy": busy.busy, "busy_window_s": busy.wall,
+                "gpu_busy": busy.busy, "busy_window_s": busy.wall, "busy_window_steps": busy.steps,
+                "gpu_kernels": busy.kernels,
                 "loader_backend": t.train_loader.backend,
             }
     print(f"loader backend: {results[args.methods[0]]['loader_backend']}")
@@ -195,6 +250,9 @@ def main(argv=None) -> int:
               f"{r['compile_s']:9.1f}   {'':15} {r['data_s'] / tot:6.1%} {r['model_s'] / tot:6.1%} "
               f"{r['loss_s'] / tot:6.1%} {r['scoring_s'] / tot:8.1%} "
               f"{r['teacher_cache_s'] / tot:8.1%} {r['eval_s'] / tot:6.1%} {other / tot:6.1%}")
+    for m, r in results.items():
+        if r["gpu_kernels"] is not None:
+            print("\n".join(format_breakdown(m, r["gpu_kernels"], r["busy_window_steps"])))
     targets, projected_s = [], None
     projected_isl_s = ratio = None
     if "kd" in results and "isl" in results:

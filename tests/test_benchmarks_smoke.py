@@ -140,6 +140,33 @@ def test_summarize_and_target():
     assert _common.target("x", None, 3.0)["status"] == "NOT RUN"
 
 
+def test_bench_train_kernel_breakdown():
+    import bench_train
+
+    names = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+        "cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, int, 512, true, 1>": "batch norm",
+        "void at::native::batch_norm_transform_input_channels_last_kernel<c10::BFloat16>": "batch norm",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedSgdMathFunctor<float, 3>>": "optimizer",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::launch_clamp_scalar>": "elementwise",
+        "void kdseq::kd_kernels::kd_rows_kernel<float, 8, 16, true, true>(KDArgs<float>)": "kdseq loss/scores",
+        "Memcpy HtoD (Pinned -> Device)": "copy/memset",
+        "void at::native::reduce_kernel<512, 1, ReduceOp<float, MeanOps>>": "reduction",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64": "matmul",
+        "some_unknown_kernel": "other",
+    }
+    for name, label in names.items():
+        assert bench_train.kernel_class(name) == label, name
+    b = bench_train.kernel_breakdown([(n, 10.0) for n in names] + [(next(iter(names)), 30.0)], top=3)
+    assert b["kernel_us"] == 130.0
+    assert abs(sum(b["classes"].values()) - 1.0) < 1e-12
+    assert b["classes"]["convolution"] == 40.0 / 130.0 and list(b["classes"])[0] == "convolution"
+    assert len(b["top"]) == 3 and b["top"][0]["us"] == 40.0 and b["top"][0]["class"] == "convolution"
+    lines = bench_train.format_breakdown("kd", b, steps=2)
+    assert "65 us of kernels a step" in lines[0] and "convolution 30.8%" in lines[0] and len(lines) == 4
+    assert bench_train.kernel_breakdown([])["classes"] == {}
+
+
 def test_markdown_table_and_outputs(tmp_path):
     md = _common.markdown_table(["a", "b"], [[1, 0.123456], ["x", None]])
     assert md.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.123 |", "| x | - |"]

@@ -169,6 +169,11 @@ def test_bench_train_bf16_smoke(tmp_path):
     payload = json.loads(out.read_text())
     assert payload["results"]["kd"]["images_per_s"] > 0
     assert payload["results"]["kd"]["gpu_busy"] is not None
+    kernels = payload["results"]["kd"]["gpu_kernels"]
+    assert kernels["kernel_us"] > 0 and abs(sum(kernels["classes"].values()) - 1.0) < 1e-6
+    assert kernels["classes"].get("other", 0.0) < 0.5, kernels  # the classes name most of the GPU time
+    assert "kdseq loss/scores" in kernels["classes"], kernels
+    assert "by kernel class" in proc.stdout
     assert "projected 240-epoch" in proc.stdout
 
 
