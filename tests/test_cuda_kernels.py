@@ -5,7 +5,6 @@ backward without a second pass over B x C, launch counts and peak memory.
 The CPU tests run everywhere; the `cuda` ones where a GPU exists. On machines without a GPU the same
 kernel sources run under the CPU emulation of tests/test_cuda_emulation.py.
 """
-import math
 
 import pytest
 import torch

@@ -19,7 +19,7 @@ import torch
 
 from kdseq_fast.cli import find_config
 from kdseq_fast.config import load_config
-from kdseq_fast.runtime import (RunContext, _dist_backend, _dist_timeout, dist_env, setup_run)
+from kdseq_fast.runtime import (_dist_backend, _dist_timeout, dist_env, setup_run)
 from kdseq_fast.trainer import Trainer, ordered_batch_size, rank_loss_weight, train_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,7 +2,6 @@
 ValueError/TypeError -- it never crashes the process or silently returns garbage."""
 import math
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

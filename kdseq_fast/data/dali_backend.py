@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
-import torch
 
 from . import augment as aug
 
@@ -107,7 +106,6 @@ class DaliBackend:
         std = L.std.tolist()
         gpu = self.gpu
         size = L.image_size
-        padding = L.padding
         augment = L.augment
 
         @pipeline_def

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
