@@ -15,6 +15,7 @@ import shlex
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -295,6 +296,20 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> Optiona
         del out
         return int(peak)
     return _cpu_peak_extra_bytes(fn)
+
+
+@contextmanager
+def forced_plan(spec: str):
+    """The CUDA KD-loss kernel planner adjusted by ``torch.ops.kdseq._force_plan(spec)`` on this
+    thread for the block ("" leaves the planner alone); always restored afterwards. A bad spec
+    raises RuntimeError on entry."""
+    import kdseq_fast  # noqa: F401  (registers torch.ops.kdseq)
+
+    torch.ops.kdseq._force_plan(spec)
+    try:
+        yield
+    finally:
+        torch.ops.kdseq._force_plan("")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,27 +68,21 @@ def liger_loss_fn():
 
 
 def planned_kd(spec: str):
-    """kdseq's loss with the CUDA kernel planner adjusted by a _force_plan spec for this call only
+    """kdseq's loss with the CUDA kernel planner adjusted by a _force_plan spec for each call
     (planning happens on the calling thread in the forward, so a CUDA graph captures that layout)."""
     import kdseq_fast as kf
 
     def loss(s, t):
-        torch.ops.kdseq._force_plan(spec)
-        try:
+        with C.forced_plan(spec):
             return kf.kd_loss(s, t, temperature=TEMPERATURE)
-        finally:
-            torch.ops.kdseq._force_plan("")
     return loss
 
 
 def kdseq_op_call(s, t, spec: str):
     """The forward op alone (loss and gradient in one launch sequence), under a plan spec."""
     def call():
-        torch.ops.kdseq._force_plan(spec)
-        try:
+        with C.forced_plan(spec):
             return torch.ops.kdseq.kd_loss(s, t, None, TEMPERATURE, 1.0, 0.0, 1, -100, True)
-        finally:
-            torch.ops.kdseq._force_plan("")
     return call
 
 
@@ -109,6 +103,9 @@ def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
     s = (torch.randn(B, Cn, generator=gen) * 3).to(device=device, dtype=dtype).requires_grad_(True)
     t = (torch.randn(B, Cn, generator=gen) * 3).to(device=device, dtype=dtype)
     calls, compile_s, errors = {}, None, {}
+    # kdseq's candidates and their planner specs ("": the planner as it is).
+    plan_specs = {**({"kdseq": ""} if "kdseq" in args.candidates else {}),
+                  **{f"kdseq[{spec}]": spec for spec in args.plans}}
     if "kdseq" in args.candidates:
         calls["kdseq"] = fwd_bwd(lambda a, b: kf.kd_loss(a, b, temperature=TEMPERATURE), s, t)
     for spec in args.plans:
@@ -158,10 +155,9 @@ def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
                 graph_s[name] = C.summarize(C.cuda_graph_times(call, device, repeats=args.repeats))["median_s"]
             except Exception as exc:  # a candidate that cannot be captured still has its other times
                 errors[f"{name} (graph replay)"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        for name in calls:
-            if name != "kdseq" and not name.startswith("kdseq["):
+        for name, spec in plan_specs.items():
+            if name not in calls:
                 continue
-            spec = name[len("kdseq["):-1] if name != "kdseq" else ""
             kernel_s[name] = C.summarize(C.cuda_event_times(kdseq_op_call(s, t, spec), device,
                                                             repeats=args.repeats))["median_s"]
             # The kernel layout the planner chose (a cluster the device refuses runs the split path).
@@ -268,15 +264,12 @@ def main(argv=None) -> int:
     device = C.resolve_device(args.device)
     if args.plans and device.type != "cuda":
         ap.error("--plans adjusts the CUDA kernel planner: it needs --device cuda")
-    if args.plans:
-        import kdseq_fast  # noqa: F401  (registers torch.ops.kdseq)
     for spec in args.plans:
         try:
-            torch.ops.kdseq._force_plan(spec)  # a bad spec fails here, before any timing
+            with C.forced_plan(spec):  # a bad spec fails here, before any timing
+                pass
         except RuntimeError as exc:
             ap.error(f"--plans {spec!r}: {exc}".splitlines()[0])
-        finally:
-            torch.ops.kdseq._force_plan("")
     shapes = args.shapes or (QUICK_SHAPES if args.quick else CUDA_SHAPES if device.type == "cuda" else SHAPES)
     C.apply_threads(args.threads)
 

@@ -92,25 +92,23 @@ def main(argv=None) -> int:
                     torch.autograd.grad(loss, s)
                 case = []
                 for plan in layouts(Cn, with_ce):
-                    torch.ops.kdseq._force_plan(plan)
                     try:
-                        call()
-                        ran = torch.ops.kdseq._last_plan().split(",")[0]
-                        torch.cuda.synchronize()
-                        times = []
-                        for _ in range(args.repeats):
-                            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                            a.record()
-                            for _ in range(args.calls):
-                                call()
-                            b.record()
-                            b.synchronize()
-                            times.append(a.elapsed_time(b) / 1e3 / args.calls)
+                        with C.forced_plan(plan):
+                            call()
+                            ran = torch.ops.kdseq._last_plan().split(",")[0]
+                            torch.cuda.synchronize()
+                            times = []
+                            for _ in range(args.repeats):
+                                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                                a.record()
+                                for _ in range(args.calls):
+                                    call()
+                                b.record()
+                                b.synchronize()
+                                times.append(a.elapsed_time(b) / 1e3 / args.calls)
                     except RuntimeError as exc:
                         print(f"  {dtype_name} {B}x{Cn} ce={with_ce} {plan or 'auto'}: skipped ({exc})")
                         continue
-                    finally:
-                        torch.ops.kdseq._force_plan("")
                     sec = sorted(times)[len(times) // 2]
                     case.append({"dtype": dtype_name, "B": B, "C": Cn, "ce": with_ce, "plan": plan or "auto",
                                  "ran": ran, "us": sec * 1e6, "GBps": nbytes / sec / 1e9,

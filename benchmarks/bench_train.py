@@ -70,15 +70,15 @@ def kernel_breakdown(kernels, top: int = 8) -> dict:
     for name, us in kernels:
         by_name[name] = by_name.get(name, 0.0) + us
         total += us
+    label = {name: kernel_class(name) for name in by_name}
     classes = {}
     for name, us in by_name.items():
-        label = kernel_class(name)
-        classes[label] = classes.get(label, 0.0) + us
+        classes[label[name]] = classes.get(label[name], 0.0) + us
     share = (lambda us: us / total) if total > 0 else (lambda us: 0.0)
     return {
         "kernel_us": total,
         "classes": {k: share(v) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
-        "top": [{"name": n, "class": kernel_class(n), "share": share(v), "us": v}
+        "top": [{"name": n, "class": label[n], "share": share(v), "us": v}
                 for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]],
     }
 

@@ -636,17 +636,11 @@ class Trainer:
                 self.progress.best_state = {k: v.detach().cpu().clone()
                                             for k, v in self.model.state_dict().items()}
         eval_s = time.perf_counter() - t0
-        sums = self.sums.record(self.ctx)
         record = {
             "method": self.label, "phase": phase, "epoch": e + 1, "epoch_in_phase": eip + 1,
-            "steps": self.progress.global_step, "lr": lr_used,
-            "train_loss": sums["train_loss"], "train_acc": sums["train_acc"], "test_acc": acc,
-            "admitted_frac": sums["admitted_frac"], "images_per_s": sums["images_per_s"],
-            "wall_s": self._wall_s(),
-            "time_data": sums["time_data"], "time_model": sums["time_model"], "time_loss": sums["time_loss"],
-            "time_scoring": sums["time_scoring"], "time_teacher_cache": sums["time_teacher_cache"],
-            "time_eval": eval_s, "time_train": sums["time_train"], "time_compile": sums["time_compile"],
-            "skipped_batches": self.progress.skipped_batches,
+            "steps": self.progress.global_step, "lr": lr_used, "test_acc": acc,
+            **self.sums.record(self.ctx),  # training loss and accuracy, throughput, time segments
+            "wall_s": self._wall_s(), "time_eval": eval_s, "skipped_batches": self.progress.skipped_batches,
         }
         self.run_dir.append_metrics(record)
         self.progress.metrics_lines += 1
