@@ -235,3 +235,48 @@ def test_bench_accuracy_statistics():
     assert ba.parse_variant("kd2=method=kd,loss.temperature=2").method == "kd"
     with pytest.raises(ValueError):
         ba.parse_variant("nothing")
+
+
+PTXAS_LOG = """\
+ptxas info    : Compiling entry function '_ZN5kdseq10kd_kernels20kd_grad_scale_kernelIfLb0EEEvPviPKT_bll' for 'sm_90'
+ptxas info    : Function properties for _ZN5kdseq10kd_kernels20kd_grad_scale_kernelIfLb0EEEvPviPKT_bll
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 0 barriers
+ptxas info    : Compile time = 35.477 ms
+ptxas info    : Compiling entry function '_ZN5kdseq10kd_kernels14kd_rows_kernelIfLi256ELi32ELb0ELb1EEEvNS0_6KDArgsIT_EE' for 'sm_90'
+ptxas info    : Function properties for _ZN5kdseq10kd_kernels14kd_rows_kernelIfLi256ELi32ELb0ELb1EEEvNS0_6KDArgsIT_EE
+    200 bytes stack frame, 220 bytes spill stores, 256 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 200 bytes cumulative stack size, 560 bytes smem
+"""
+
+
+def test_kernel_resources_parses_ptxas_reports():
+    import kernel_resources as K
+
+    rows = K.parse_ptxas(PTXAS_LOG)
+    assert [(r["registers"], r["stack"], r["spill_stores"], r["spill_loads"], r["smem"]) for r in rows] == \
+        [(32, 0, 0, 0, 0), (128, 200, 220, 256, 560)]
+    if rows[1]["kernel"] != rows[1]["mangled"]:  # demangled where c++filt exists
+        assert rows[1]["kernel"] == "kd_rows_kernel<float, 256, 32, false, true>"
+    # A report whose format no longer matches loses no kernel silently.
+    with pytest.raises(RuntimeError, match="parsed 1 of the 2 kernels"):
+        K.parse_ptxas(PTXAS_LOG.replace("Used 128 registers", "Uses 128 registers"))
+
+
+def test_kernel_resources_reports_every_kernel(tmp_path):
+    import kernel_resources as K
+
+    if K.find_nvcc() is None:
+        pytest.skip("no nvcc")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_resources.py"), "--sources",
+                           "csrc/instance_scores_cuda.cu", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "kernel_resources.json") as fh:
+        payload = json.load(fh)
+    kernels = {r["kernel"] for r in payload["kernels"]}
+    # Every input precision of the scoring kernel, with and without a teacher.
+    assert {f"instance_scores_kernel<{t}, 256, {k}>" for t in ("float", "double")
+            for k in ("true", "false")} <= kernels, kernels
+    assert all(r["registers"] > 0 for r in payload["kernels"])
+    assert "| `instance_scores_kernel<float, 256, true>` |" in proc.stdout

@@ -11,6 +11,9 @@ compute-sanitizer do on a GPU (`make check-gpu`).
 """
 import math
 import os
+import sys
+import time
+import warnings
 
 import pytest
 import torch
@@ -25,6 +28,25 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
+# A build lock older than this was left by a killed run (the build takes a few minutes at most).
+STALE_LOCK_S = 30 * 60
+
+
+def emulation_build_dir() -> str:
+    """One build directory per torch version and Python, inside the checkout: torch's default JIT
+    directory is shared by every environment with the same Python and CUDA, so two torch versions
+    would rebuild over each other's library (or load one built against the other's ABI)."""
+    tag = f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    path = os.path.join(ROOT, "build", "cuda_emulation", tag)
+    os.makedirs(path, exist_ok=True)
+    lock = os.path.join(path, "lock")
+    # torch's FileBaton waits, without a timeout, for the lock of a build that may have died.
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+        warnings.warn(f"removing a stale build lock left by a killed run: {lock}")
+        os.remove(lock)
+    return path
+
+
 @pytest.fixture(scope="module")
 def emu():
     from torch.utils.cpp_extension import load
@@ -33,7 +55,8 @@ def emu():
     load(name="kdseq_emu", sources=[os.path.join(here, "kdseq_emu.cpp")],
          extra_include_paths=[os.path.join(ROOT, "csrc"), here],
          extra_cflags=["-O1", "-std=c++20", "-DKDSEQ_CUDA_EMULATION", "-pthread", "-Wno-unknown-pragmas"],
-         extra_ldflags=["-pthread"], is_python_module=False, verbose=False)
+         extra_ldflags=["-pthread"], build_directory=emulation_build_dir(), is_python_module=False,
+         verbose=False)
     return torch.ops.kdseq_emu
 
 
