@@ -49,9 +49,10 @@ def find_nvcc() -> Optional[str]:
     return path if os.path.exists(path) else shutil.which("nvcc")
 
 
-def include_flags() -> List[str]:
-    """torch's headers, and the pip CUDA wheels' headers when the toolkit lacks cuSPARSE's (as
-    setup.py's cuda_fallback_includes does)."""
+def include_flags(nvcc: str) -> List[str]:
+    """torch's headers, and the pip CUDA wheels' headers when the toolkit lacks cuSPARSE's: the
+    search of setup.py's cuda_fallback_includes (setup.py runs setup() on import, so it is not
+    importable from here)."""
     from torch.utils import cpp_extension
 
     try:
@@ -59,8 +60,7 @@ def include_flags() -> List[str]:
     except TypeError:  # torch < 2.6 spells it cuda=True
         paths = cpp_extension.include_paths(cuda=True)
     flags = ["-I" + os.path.join(ROOT, "csrc")] + ["-I" + p for p in paths]
-    nvcc = find_nvcc()
-    toolkit_inc = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include") if nvcc else ""
+    toolkit_inc = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include")
     if not os.path.exists(os.path.join(toolkit_inc, "cusparse.h")):
         for root in site.getsitepackages():
             for inc in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
@@ -145,15 +145,15 @@ def main(argv=None) -> int:
         print("kernel_resources: no nvcc (set CUDA_HOME)", file=sys.stderr)
         return 2
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    extra = include_flags()
+    extra = include_flags(nvcc)
     rows = []
     for source in args.sources:
         rows += compile_source(nvcc, source, args.arch, extra)
     rows.sort(key=lambda r: (r["source"], -r["spill_stores"] - r["spill_loads"], r["kernel"]))
 
-    spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    spilling = sum(1 for r in rows if r["spill_stores"] or r["spill_loads"])
     head = [f"command: `{C.command_line()}`", "",
-            f"{len(rows)} kernels compiled for sm_{args.arch} ({version}), {len(spilling)} of them spill. "
+            f"{len(rows)} kernels compiled for sm_{args.arch} ({version}), {spilling} of them spill. "
             "Registers per thread; stack and spills in bytes per thread; static shared memory in bytes.", ""]
     table = C.markdown_table(
         ["source", "kernel", "registers", "stack", "spill stores", "spill loads", "smem"],
