@@ -244,7 +244,9 @@ def evaluate_targets(rows, device):
     return targets
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also parsed by tests/test_check_gpu.py, which checks the prepared GPU
+    call's arguments without a GPU)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_common_args(ap)
     ap.add_argument("--shapes", nargs="+", type=C.parse_shape, default=None,
@@ -254,6 +256,11 @@ def main(argv=None) -> int:
     ap.add_argument("--plans", nargs="+", default=[], metavar="SPEC",
                     help="CUDA: also time kdseq with the kernel planner adjusted by each "
                          "torch.ops.kdseq._force_plan spec, e.g. prefer=staged prefer=twopass")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 15

@@ -55,7 +55,9 @@ def layouts(C_: int, with_ce: bool) -> list:
     return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also parsed by tests/test_check_gpu.py, which checks the prepared GPU
+    call's arguments without a GPU)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", choices=("cuda",))
     ap.add_argument("--shapes", nargs="+", type=C.parse_shape, default=SHAPES)
@@ -64,6 +66,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timings per layout (median reported)")
     ap.add_argument("--ce", choices=("both", "on", "off"), default="both", help="the CE term (labels)")
     ap.add_argument("--out", default=None, help="directory for bench_kd_plans.json / .md")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kd_plans: needs a CUDA GPU", file=sys.stderr)

@@ -241,7 +241,9 @@ def evaluate_targets(rows, pass_result, device):
     return targets
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also parsed by tests/test_check_gpu.py, which checks the prepared GPU
+    call's arguments without a GPU)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_common_args(ap)
     ap.add_argument("--shapes", nargs="+", type=C.parse_shape, default=None,
@@ -254,6 +256,11 @@ def main(argv=None) -> int:
     ap.add_argument("--pass-repeats", type=int, default=None, help="timed passes (default 3, 1 with --quick)")
     ap.add_argument("--no-pass", action="store_true", help="skip part 2 (the snapshot pass)")
     ap.add_argument("--progress", action="store_true", help="tqdm bar inside each pass")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     device = C.resolve_device(args.device)
     C.apply_threads(args.threads)

@@ -139,7 +139,9 @@ class BusyWindow:
             self.busy = min(1.0, busy_us / 1e6 / self.wall) if self.wall > 0 else None
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also parsed by tests/test_check_gpu.py, which checks the prepared GPU
+    call's arguments without a GPU)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-train", type=int, default=None,
@@ -162,6 +164,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sync-timing", action="store_true",
                     help="synchronize at segment ends: shares in device time (slows the run)")
     ap.add_argument("--json", help="also write the results here")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     from _common import command_line, machine_info, print_header, target, format_targets

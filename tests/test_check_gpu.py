@@ -1,0 +1,161 @@
+"""`.ci/check-gpu` and the prepared GPU call in benchmarks/README.md, checked without a GPU.
+
+A device lease is short and rare: a renamed test, a misspelt step name or a benchmark flag that no
+longer exists would spend it on an error. `CHECK_GPU_DRY_RUN=1` makes check-gpu print the commands
+it would run; these tests dry-run the README's call and check every command it prints: pytest
+node ids collect, benchmark arguments parse with the script's own parser (and `--plans` specs with
+the kernel planner), the files named exist.
+"""
+import importlib
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECK_GPU = os.path.join(ROOT, ".ci", "check-gpu")
+STEPS = ["build", "kernel-tests", "train-tests", "bench-train", "bench-train-compiled", "bench-kd-loss",
+         "bench-kd-plans", "bench-scoring", "memcheck"]
+# The lease is 15 minutes, machine start and transfers included (1-3 minutes).
+LEASE_S, START_AND_TRANSFERS_S = 900, 120
+
+
+def prepared_call():
+    """The environment of the README's prepared call, as a dict (the call must be `make check-gpu`)."""
+    with open(os.path.join(ROOT, "benchmarks", "README.md")) as fh:
+        text = fh.read()
+    section = text[text.index("### The next GPU session: one prepared call"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    block = block[:block.index("```")]
+    tokens = shlex.split(block.replace("\\\n", " "))
+    env = {}
+    while tokens and "=" in tokens[0]:
+        key, value = tokens.pop(0).split("=", 1)
+        env[key] = value
+    assert tokens == ["make", "check-gpu"], f"the prepared call should end in `make check-gpu`, got {tokens}"
+    return env
+
+
+def dry_run(env):
+    """(returncode, output, [(step, limit_s, argv)]) of check-gpu dry-run with ``env`` added."""
+    full = {**os.environ, **env, "CHECK_GPU_DRY_RUN": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", CHECK_GPU], cwd=ROOT, env=full, capture_output=True, text=True, timeout=60)
+    steps = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("== check-gpu: dry-run "):
+            name, limit, command = line[len("== check-gpu: dry-run "):].split(" ", 2)
+            steps.append((name, int(limit), shlex.split(command)))
+    return proc.returncode, proc.stdout + proc.stderr, steps
+
+
+def check_pytest_command(argv):
+    """The pytest invocation collects (every node id exists) without running anything."""
+    i = argv.index("pytest")
+    args = [a for a in argv[i + 1:] if a not in ("-q", "-rfEs") and not a.startswith("--durations")]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{args} does not collect:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
+
+
+def check_benchmark_command(argv, capsys):
+    script = next(a for a in argv if a.startswith("benchmarks/"))
+    args = argv[argv.index(script) + 1:]
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
+    finally:
+        sys.path.pop(0)
+    try:
+        ns = module.build_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"{script} refuses {args}: {capsys.readouterr().err.strip()}")
+    for spec in getattr(ns, "plans", []):
+        import torch
+
+        import kdseq_fast
+
+        if not kdseq_fast.build_info()["cuda_compiled"]:
+            pytest.skip("the extension was built without CUDA: the planner cannot check --plans specs")
+        try:
+            torch.ops.kdseq._force_plan(spec)
+        except RuntimeError as exc:
+            pytest.fail(f"{script} --plans {spec!r} is refused by the planner: {exc}")
+        finally:
+            torch.ops.kdseq._force_plan("")
+    return ns
+
+
+def test_dry_run_without_settings_lists_every_step_and_runs_nothing(tmp_path):
+    out = tmp_path / "gpu"
+    rc, output, steps = dry_run({"OUT": str(out)})
+    assert rc == 0, output
+    assert [s[0] for s in steps] == STEPS
+    assert "dry run, nothing was run" in output
+    assert not out.exists()  # no log directory, no build
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SKIP": "bench-kd-los"}, "unknown step 'bench-kd-los'"),
+    ({"ONLY": "kernel-test"}, "unknown step 'kernel-test'"),
+    ({"STEP_CAPS": "build=120 bench_train=60"}, "unknown step 'bench_train'"),
+    ({"STEP_CAPS": "build=2m"}, "'build=2m' is not NAME=SECONDS"),
+    ({"CHECK_GPU_SECONDS": "12m"}, "CHECK_GPU_SECONDS=12m is not a number"),
+])
+def test_misspelt_settings_are_refused_before_anything_runs(env, message):
+    rc, output, steps = dry_run(env)
+    assert rc == 2 and message in output, output
+    assert steps == []
+
+
+def test_caps_skip_and_only_shape_the_run():
+    rc, output, steps = dry_run({"ONLY": "bench-kd-loss memcheck", "STEP_CAPS": "build=100 memcheck=50",
+                                 "CHECK_GPU_SECONDS": "600"})
+    assert rc == 0, output
+    assert [(name, limit) for name, limit, _ in steps] == [("build", 100), ("bench-kd-loss", 600), ("memcheck", 50)]
+    rc, output, steps = dry_run({"SKIP": "build memcheck bench-train-compiled"})
+    assert rc == 0, output
+    assert [s[0] for s in steps] == [s for s in STEPS if s not in ("build", "memcheck", "bench-train-compiled")]
+
+
+def test_prepared_call_fits_the_lease_and_caps_every_step_it_runs():
+    env = prepared_call()
+    budget = int(env["CHECK_GPU_SECONDS"])
+    assert budget <= LEASE_S - START_AND_TRANSFERS_S, f"CHECK_GPU_SECONDS={budget} leaves no time to start"
+    assert env.get("KEEP_GOING") == "1", "one failing step must not end the only call of the session"
+    rc, output, steps = dry_run(env)
+    assert rc == 0, output
+    caps = dict(kv.split("=") for kv in env["STEP_CAPS"].split())
+    # A step without its own cap in the call would get the script's default (10-20 minutes).
+    assert [name for name, _, _ in steps if name not in caps] == []
+    assert all(limit == min(int(caps[name]), budget) for name, limit, _ in steps), steps
+
+
+def test_prepared_call_commands_are_valid(capsys):
+    rc, output, steps = dry_run(prepared_call())
+    assert rc == 0, output
+    assert steps, output
+    for name, _, argv in steps:
+        if "pytest" in argv:
+            check_pytest_command(argv)
+        elif any(a.startswith("benchmarks/") for a in argv):
+            ns = check_benchmark_command(argv, capsys)
+            assert getattr(ns, "device", "cuda") == "cuda", (name, argv)
+        elif name == "build":
+            assert "setup.py" in argv and "build_ext" in argv and any(a.startswith("TORCH_CUDA_ARCH_LIST=") for a in argv)
+        elif name == "memcheck":
+            assert argv[0] == "compute-sanitizer"
+            assert os.path.exists(os.path.join(ROOT, argv[-1])), argv
+        else:
+            pytest.fail(f"step {name} runs a command this test does not know how to check: {argv}")
+
+
+def test_a_renamed_test_or_flag_in_the_call_is_caught(capsys):
+    # The checks above can fail: a node id that does not exist and a flag no script has.
+    with pytest.raises(AssertionError, match="does not collect"):
+        check_pytest_command(["python3", "-m", "pytest", "-q", "-m", "cuda",
+                              "tests/test_cuda_training.py::test_that_does_not_exist"])
+    with pytest.raises(pytest.fail.Exception, match="refuses"):
+        check_benchmark_command(["python3", "benchmarks/bench_kd_loss.py", "--device", "cuda", "--memory"],
+                                capsys)
