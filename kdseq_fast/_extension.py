@@ -24,7 +24,8 @@ def build_info() -> dict:
     return {
         "version": __version__,
         "cuda_compiled": bool(info.pop("cuda_compiled")),
-        "cuda_archs": [a for a in archs.split(";") if a],
+        # TORCH_CUDA_ARCH_LIST separates entries with ';' or spaces.
+        "cuda_archs": archs.replace(";", " ").split(),
         "openmp": bool(info.pop("openmp")),
         "torch": torch.__version__,
         **info,
