@@ -16,6 +16,8 @@ KDSEQ_CPU_ARCH=native|portable|<march>
                          CPU code generation: "native" (default, e.g. AVX2+FMA here), "portable"
                          (baseline x86-64 / aarch64, for wheels that travel), or any -march value
 KDSEQ_DEBUG=1            -O0 -g builds
+KDSEQ_NVCC_THREADS=N     architectures nvcc compiles at once (default: one a target, at most one
+                         a core)
 CUDA_HOME                CUDA toolkit; defaults to /usr/local/cuda when unset and nvcc is there
 ``ccache`` is used automatically when it is on PATH.
 """
@@ -149,6 +151,20 @@ def gcc_scheduling_flags():
     return ["-fschedule-insns", "-fsched-pressure"]
 
 
+def nvcc_threads(archs):
+    """nvcc compiles a source once per architecture, one after the other unless --threads lets it
+    run them side by side: one thread per target (each arch, plus one for "+PTX"), at most one per
+    core. KDSEQ_NVCC_THREADS overrides it (1 = sequential)."""
+    override = os.environ.get("KDSEQ_NVCC_THREADS")
+    if override:
+        if not override.isdigit() or int(override) < 1:
+            raise ValueError(f"KDSEQ_NVCC_THREADS must be a whole number >= 1, got {override!r}")
+        return int(override)
+    entries = archs.replace(";", " ").split()
+    targets = len(entries) + sum(e.endswith("+PTX") for e in entries)
+    return max(1, min(targets, os.cpu_count() or 1))
+
+
 def make_extension():
     with_cuda, why = want_cuda()
     arch_flags, isa = cpu_arch_flags()
@@ -171,7 +187,8 @@ def make_extension():
         for inc in cuda_fallback_includes(cpp_extension.CUDA_HOME):
             fallback += ["-isystem", inc]
         extra["cxx"] = extra["cxx"] + fallback
-        extra["nvcc"] = opt + ["-lineinfo", "--expt-relaxed-constexpr"] + defines + fallback
+        extra["nvcc"] = (opt + ["-lineinfo", "--expt-relaxed-constexpr", f"--threads={nvcc_threads(archs)}"]
+                         + defines + fallback)
         sources += ["csrc/kd_loss_cuda.cu", "csrc/instance_scores_cuda.cu"]
         ext_cls = cpp_extension.CUDAExtension
     else:
