@@ -38,9 +38,17 @@ def prepared_call():
     return env
 
 
+# check-gpu's settings: taken from the test, never from the environment pytest runs in ("SKIP" and
+# "OUT" are common names).
+SETTINGS = ("OUT", "KEEP_GOING", "CHECK_GPU_SECONDS", "SKIP", "ONLY", "STEP_CAPS", "TRAIN_TESTS", "BENCH_TRAIN_ARGS",
+            "BENCH_TRAIN_COMPILED_ARGS", "BENCH_KD_ARGS", "BENCH_PLANS_ARGS", "BENCH_SCORING_ARGS", "BENCH_REPEATS",
+            "CHECK_GPU_ARCH")
+
+
 def dry_run(env):
     """(returncode, output, [(step, limit_s, argv)]) of check-gpu dry-run with ``env`` added."""
-    full = {**os.environ, **env, "CHECK_GPU_DRY_RUN": "1", "PYTHON": sys.executable}
+    full = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    full.update(env, CHECK_GPU_DRY_RUN="1", PYTHON=sys.executable)
     proc = subprocess.run(["bash", CHECK_GPU], cwd=ROOT, env=full, capture_output=True, text=True, timeout=60)
     steps = []
     for line in proc.stdout.splitlines():
@@ -68,26 +76,34 @@ def check_benchmark_command(argv, capsys):
     finally:
         sys.path.pop(0)
     try:
-        ns = module.build_parser().parse_args(args)
+        return module.build_parser().parse_args(args)
     except SystemExit:
         pytest.fail(f"{script} refuses {args}: {capsys.readouterr().err.strip()}")
-    for spec in getattr(ns, "plans", []):
-        import torch
 
-        import kdseq_fast
 
-        if not kdseq_fast.build_info()["cuda_compiled"]:
-            pytest.skip("the extension was built without CUDA: the planner cannot check --plans specs")
+def check_plan_specs(specs) -> bool:
+    """Every ``--plans`` spec is accepted by the CUDA kernel planner; False when the extension has
+    no CUDA kernels to ask."""
+    import torch
+
+    import kdseq_fast
+
+    if not specs:
+        return True
+    if not kdseq_fast.build_info()["cuda_compiled"]:
+        return False
+    for spec in specs:
         try:
             torch.ops.kdseq._force_plan(spec)
         except RuntimeError as exc:
-            pytest.fail(f"{script} --plans {spec!r} is refused by the planner: {exc}")
+            pytest.fail(f"--plans {spec!r} is refused by the planner: {exc}")
         finally:
             torch.ops.kdseq._force_plan("")
-    return ns
+    return True
 
 
-def test_dry_run_without_settings_lists_every_step_and_runs_nothing(tmp_path):
+def test_dry_run_without_settings_lists_every_step_and_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIP", "build memcheck")  # the caller's environment does not leak in
     out = tmp_path / "gpu"
     rc, output, steps = dry_run({"OUT": str(out)})
     assert rc == 0, output
@@ -136,12 +152,15 @@ def test_prepared_call_commands_are_valid(capsys):
     rc, output, steps = dry_run(prepared_call())
     assert rc == 0, output
     assert steps, output
+    unchecked_plans = []
     for name, _, argv in steps:
         if "pytest" in argv:
             check_pytest_command(argv)
         elif any(a.startswith("benchmarks/") for a in argv):
             ns = check_benchmark_command(argv, capsys)
             assert getattr(ns, "device", "cuda") == "cuda", (name, argv)
+            if not check_plan_specs(getattr(ns, "plans", [])):
+                unchecked_plans += ns.plans
         elif name == "build":
             assert "setup.py" in argv and "build_ext" in argv and any(a.startswith("TORCH_CUDA_ARCH_LIST=") for a in argv)
         elif name == "memcheck":
@@ -149,13 +168,21 @@ def test_prepared_call_commands_are_valid(capsys):
             assert os.path.exists(os.path.join(ROOT, argv[-1])), argv
         else:
             pytest.fail(f"step {name} runs a command this test does not know how to check: {argv}")
+    if unchecked_plans:
+        pytest.skip(f"everything else checked; the extension has no CUDA kernels to check --plans {unchecked_plans}")
 
 
 def test_a_renamed_test_or_flag_in_the_call_is_caught(capsys):
-    # The checks above can fail: a node id that does not exist and a flag no script has.
+    # The checks above can fail: a node id that does not exist, a flag no script has, a plan spec
+    # the planner refuses.
     with pytest.raises(AssertionError, match="does not collect"):
         check_pytest_command(["python3", "-m", "pytest", "-q", "-m", "cuda",
                               "tests/test_cuda_training.py::test_that_does_not_exist"])
     with pytest.raises(pytest.fail.Exception, match="refuses"):
         check_benchmark_command(["python3", "benchmarks/bench_kd_loss.py", "--device", "cuda", "--memory"],
                                 capsys)
+    import kdseq_fast
+
+    if kdseq_fast.build_info()["cuda_compiled"]:
+        with pytest.raises(pytest.fail.Exception, match="refused by the planner"):
+            check_plan_specs(["prefer=twopass", "prefer=stage"])
