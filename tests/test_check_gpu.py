@@ -8,6 +8,7 @@ the kernel planner), the files named exist.
 """
 import importlib
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -38,11 +39,15 @@ def prepared_call():
     return env
 
 
-# check-gpu's settings: taken from the test, never from the environment pytest runs in ("SKIP" and
-# "OUT" are common names).
-SETTINGS = ("OUT", "KEEP_GOING", "CHECK_GPU_SECONDS", "SKIP", "ONLY", "STEP_CAPS", "TRAIN_TESTS", "BENCH_TRAIN_ARGS",
-            "BENCH_TRAIN_COMPILED_ARGS", "BENCH_KD_ARGS", "BENCH_PLANS_ARGS", "BENCH_SCORING_ARGS", "BENCH_REPEATS",
-            "CHECK_GPU_ARCH")
+def check_gpu_settings():
+    """The variables check-gpu reads (``${NAME:-default}``), read from the script itself so a new
+    setting cannot be missed. The tests take them from their own arguments, never from the
+    environment pytest runs in ("SKIP" and "OUT" are common names)."""
+    with open(CHECK_GPU) as fh:
+        return set(re.findall(r"\$\{(\w+):-", fh.read()))
+
+
+SETTINGS = check_gpu_settings()
 
 
 def dry_run(env):
