@@ -85,8 +85,8 @@ inline void store_chunk(const acc_t* buf, int64_t n, out_t* out) {
   }
 }
 
-// Asks for the chunk kPrefetchChunks ahead of [c0, ...) in a contiguous row segment ending at `end`
-// to be brought into cache. The hardware prefetcher alone left the first pass over each chunk (its
+// Asks for the chunk kPrefetchChunks ahead of [c0, ...) in a contiguous run ending at `end` (a row
+// segment, or several rows when they are packed and the caller's next) to be brought into cache. The hardware prefetcher alone left the first pass over each chunk (its
 // max) waiting on memory for a third of the statistics loop's time at C = 32000; one or two chunks
 // ahead measured 12-15% faster from a cold cache, four no better.
 constexpr int64_t kPrefetchChunks = 2;
@@ -100,6 +100,21 @@ inline void prefetch_ahead(const in_t* base, int64_t step, int64_t c0, int64_t e
   const int64_t bytes = n * static_cast<int64_t>(sizeof(in_t));
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
+
+// A thread's tasks [lo, hi) of at::parallel_for over B * S tasks (S segments of seg_len columns a
+// row, in row order). When rows are packed in memory (row stride C, column step 1) those tasks are
+// one contiguous run, so the prefetch may reach past a task's end into the next task's data:
+// stopping at each row's end left the first chunks of every row to the hardware prefetcher.
+struct TaskRun {
+  int64_t C, last_row, last_end;
+  TaskRun(int64_t hi, int64_t S, int64_t seg_len, int64_t cols)
+      : C(cols), last_row((hi - 1) / S), last_end(std::min(cols, ((hi - 1) % S) * seg_len + seg_len)) {}
+  // Where the prefetch of a task of row r that ends at column `end` may run to, in columns from row
+  // r's start.
+  int64_t prefetch_end(int64_t r, int64_t end, int64_t col_step, int64_t row_stride) const {
+    return (col_step == 1 && row_stride == C) ? (last_row - r) * C + last_end : end;
+  }
+};
 
 template <typename acc_t>
 inline acc_t chunk_max(const acc_t* buf, int64_t n) {

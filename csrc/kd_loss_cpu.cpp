@@ -62,17 +62,19 @@ RowStash<acc_t>& thread_stash() {
 
 // Statistics of columns [begin, end) in one read. With a stash, every exponential and the running
 // maxima of each chunk are kept for the gradient: the student's at es_row (the stash's esT or the
-// fp32 gradient row), the others in the stash.
+// fp32 gradient row), the others in the stash. The prefetch runs to s_pf_end / t_pf_end (columns
+// from this row's start; cpu_rows::TaskRun).
 template <bool WITH_CE, typename s_t, typename t_t, typename acc_t>
 KDStats<acc_t> stats_segment(const s_t* s, int64_t s_step, const t_t* t, int64_t t_step, int64_t begin,
-                             int64_t end, acc_t invT, RowStash<acc_t>* stash, acc_t* es_row) {
+                             int64_t end, int64_t s_pf_end, int64_t t_pf_end, acc_t invT,
+                             RowStash<acc_t>* stash, acc_t* es_row) {
   KDStats<acc_t> st = kd_stats_init<acc_t>();
   alignas(64) acc_t bs[kChunk];
   alignas(64) acc_t bt[kChunk];
   for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
     const int64_t n = std::min(kChunk, end - c0);
-    prefetch_ahead(s, s_step, c0, end);
-    prefetch_ahead(t, t_step, c0, end);
+    prefetch_ahead(s, s_step, c0, s_pf_end);
+    prefetch_ahead(t, t_step, c0, t_pf_end);
     const acc_t* vs = chunk_view(s, s_step, c0, n, bs);
     const acc_t* vt = chunk_view(t, t_step, c0, n, bt);
     kd_stats_raise(st, chunk_max(vs, n), chunk_max(vt, n), invT, WITH_CE);
@@ -201,6 +203,7 @@ void kd_loss_rows_typed(const at::Tensor& student, const at::Tensor& teacher, co
   if (split.segments == 1) {
     constexpr bool kEsInGrad = std::is_same_v<s_t, acc_t>;
     at::parallel_for(0, B, task_grain(C), [&](int64_t lo, int64_t hi) {
+      const cpu_rows::TaskRun run(hi, 1, C, C);
       RowStash<acc_t>* stash = nullptr;
       if (g != nullptr) {
         stash = &thread_stash<acc_t>();
@@ -220,8 +223,9 @@ void kd_loss_rows_typed(const at::Tensor& student, const at::Tensor& teacher, co
             es_row = stash->esT.data();
           }
         }
-        const KDStats<acc_t> st = stats_segment<WITH_CE>(s + r * s_row, s_col, t + r * t_row, t_col, int64_t(0), C,
-                                                         invT, stash, es_row);
+        const KDStats<acc_t> st = stats_segment<WITH_CE>(
+            s + r * s_row, s_col, t + r * t_row, t_col, int64_t(0), C, run.prefetch_end(r, C, s_col, s_row),
+            run.prefetch_end(r, C, t_col, t_row), invT, stash, es_row);
         const KDRowConsts<acc_t> k = kd_row_consts(st, T, kdw, cew, scale);
         finish_row(r, st, k);
         if (g != nullptr) grad_from_stash<WITH_CE>(*stash, es_row, C, k, label_of(r), g + r * C);
@@ -239,12 +243,14 @@ void kd_loss_rows_typed(const at::Tensor& student, const at::Tensor& teacher, co
     return std::make_pair(b, std::max(b, std::min(C, b + split.seg_len)));
   };
   at::parallel_for(0, B * S, task_grain(split.seg_len), [&](int64_t lo, int64_t hi) {
+    const cpu_rows::TaskRun run(hi, S, split.seg_len, C);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t r = task / S;
       if (ignored(r)) continue;
       const auto [b, e] = seg_range(task % S);
-      partial[task] = stats_segment<WITH_CE>(s + r * s_row, s_col, t + r * t_row, t_col, b, e, invT,
-                                             static_cast<RowStash<acc_t>*>(nullptr), static_cast<acc_t*>(nullptr));
+      partial[task] = stats_segment<WITH_CE>(s + r * s_row, s_col, t + r * t_row, t_col, b, e,
+                                             run.prefetch_end(r, e, s_col, s_row), run.prefetch_end(r, e, t_col, t_row),
+                                             invT, static_cast<RowStash<acc_t>*>(nullptr), static_cast<acc_t*>(nullptr));
     }
   });
   std::vector<KDRowConsts<acc_t>> consts(B);

@@ -92,6 +92,40 @@ def test_masked_classes_and_extreme_values():
     compare(big, make_labels(5, 1000), bigt, T=0.5, what="extreme")
 
 
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float16, torch.float16), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16", "fp16", "bf16-fp32"])
+def test_power_of_two_temperatures_match_the_general_loop(T, dtypes):
+    """At T = 1, 2, 4 the CPU takes exp(s - m) from exp((s - m) / T) (row_math.h, exp_from_tempered).
+    The next double above T is the same fp32 temperature but takes the general loop: the two agree to
+    a few ulp, with the same NaN and inf entries, and match the fp64 reference on finite rows. The
+    rows cover spread logits (exp(s - m) crosses the -87 cut to 0), masked classes and NaNs."""
+    B, C = 40, 1000
+    s = make_logits(B, C, dtype=dtypes[0], scale=5.0, seed=11)
+    t = make_logits(B, C, dtype=dtypes[1], scale=5.0, seed=12)
+    y = make_labels(B, C, seed=13)
+    s[0] = torch.linspace(-300.0, 0.0, C).to(dtypes[0])
+    t[1] = torch.linspace(0.0, -400.0, C).to(dtypes[1])
+    s[2, 600:] = float("-inf")
+    t[2, 600:] = float("-inf")
+    y[2] = 5
+    s[3, 500:] = float("-inf")  # teacher mass where the student has none: inf KL
+    y[3] = 7
+    s[4, 17] = float("nan")
+    t[5, 900] = float("nan")
+    tempered = kf.instance_scores(s, y, t, temperature=T)
+    general = kf.instance_scores(s, y, t, temperature=math.nextafter(T, math.inf))
+    assert torch.equal(tempered.isnan(), general.isnan())
+    assert torch.equal(tempered.isinf(), general.isinf())
+    assert tempered.isnan().any() and tempered.isinf().any()
+    finite = tempered.isfinite()
+    torch.testing.assert_close(tempered[finite], general[finite], rtol=2e-6, atol=2e-6)
+    ok = torch.ones(B, dtype=torch.bool)
+    ok[3:6] = False
+    compare(s[ok], y[ok], t[ok], T=T, what=f"T={T} {dtypes}")
+
+
 @pytest.mark.parametrize("layout", ["transposed", "strided"])
 def test_non_contiguous(layout):
     s = make_logits(17, 1234, layout=layout)
