@@ -430,16 +430,16 @@ KDSEQ_HD ScoreTerms<acc_t> score_terms_shifted(acc_t xs, acc_t a, acc_t invT, bo
     e = exp_from_tempered<kLog2T>(r.zsT, xs);
   } else {
     e = kd_exp(xs);
-    r.zsT = with_teacher ? kd_exp(xs * invT) : acc_t(0);
   }
   r.z1 = e;
   r.w1 = (e > acc_t(0)) ? e * xs : acc_t(0);
   if (with_teacher) {
+    if constexpr (kLog2T < 0) r.zsT = kd_exp(xs * invT);
     const acc_t ea = kd_exp(a);
     r.ztT = ea;
     r.u = (ea > acc_t(0)) ? ea * (a - xs * invT) : acc_t(0);
   } else {
-    r.ztT = r.u = acc_t(0);
+    r.zsT = r.ztT = r.u = acc_t(0);
   }
   return r;
 }
