@@ -34,7 +34,9 @@ def instance_scores(student_logits: torch.Tensor, labels: torch.Tensor,
     Inputs may be float32/float16/bfloat16 (float64 gives a float64 result); accumulation is fp32.
     ``validate=True`` checks that labels lie in ``[0, C)`` (a host read on CUDA, ``ValueError``
     otherwise); with ``validate=False`` the call never synchronizes and a row with an out-of-range
-    label gets NaN scores.
+    label gets NaN scores. On the CPU, ``temperature`` 1, 2 or 4 with a teacher takes a faster loop
+    (exp(s - m) from exp((s - m) / T) by squaring: two exponentials an element instead of three),
+    within a few fp32 ulp of the general one.
     """
     check_logits(student_logits, "student_logits")
     check_labels(labels, student_logits, validate=check_validate(validate))
