@@ -86,9 +86,10 @@ inline void store_chunk(const acc_t* buf, int64_t n, out_t* out) {
 }
 
 // Asks for the chunk kPrefetchChunks ahead of [c0, ...) in a contiguous run ending at `end` (a row
-// segment, or several rows when they are packed and the caller's next) to be brought into cache. The hardware prefetcher alone left the first pass over each chunk (its
-// max) waiting on memory for a third of the statistics loop's time at C = 32000; one or two chunks
-// ahead measured 12-15% faster from a cold cache, four no better.
+// segment, or several rows when they are packed and the caller's next; TaskRun) to be brought into
+// cache. The hardware prefetcher alone left the first pass over each chunk (its max) waiting on
+// memory for a third of the statistics loop's time at C = 32000; one or two chunks ahead measured
+// 12-15% faster from a cold cache, four no better.
 constexpr int64_t kPrefetchChunks = 2;
 
 template <typename in_t>

@@ -89,7 +89,7 @@ KDSEQ_HD uint32_t float_to_bits(float f) {
 // below about -87.9 give 0 instead of a denormal. (A second, upper clamp cost 30% of the loop.)
 // The rounding of x*log2(e) to n is one add of 1.5*2^23 + 127, which also leaves the biased
 // exponent n + 127 in the low mantissa bits (no float->int conversion). The polynomial is
-// 1 + r + r^2 q(r) with q in Estrin's form: three operations more than one Horner chain of fmas
+// 1 + r + r^2 q(r) with q in Estrin's form: two operations more than one Horner chain of fmas
 // but half its dependency depth, which is what bounds the score loop's three exponentials an
 // element (measured 5% faster there; Horner's error was 0.9 ulp).
 KDSEQ_HD float kd_exp(float x) {
