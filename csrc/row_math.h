@@ -410,12 +410,22 @@ struct ScoreTerms {
 // exponential fewer where both are needed (the score loop needs exp(x) and exp(x / T)). 1/T scales
 // exactly, so the extra error is the T-fold growth of q's (~6 ulp at T = 4). Results that would be
 // subnormal (x < -87; slow on some CPUs) are 0, as kd_exp's are below -87.9. NaN x keeps q's NaN.
+constexpr int kMaxTemperedLog2 = 2;
+
 template <int kLog2T>
 KDSEQ_HD float exp_from_tempered(float q, float x) {
-  static_assert(kLog2T >= 0 && kLog2T <= 2, "T = 1, 2 or 4");
+  static_assert(kLog2T >= 0 && kLog2T <= kMaxTemperedLog2, "T = 1, 2 or 4");
   float e = (x < -87.0f) ? 0.0f : q;
   for (int k = 0; k < kLog2T; ++k) e *= e;
   return e;
+}
+
+// k when T = 2^k for k in 0..kMaxTemperedLog2 (exp_from_tempered applies), else -1. Only exact
+// powers of two: 1/T is then exact.
+inline int tempered_log2(double temperature) {
+  for (int k = 0; k <= kMaxTemperedLog2; ++k)
+    if (temperature == static_cast<double>(1 << k)) return k;
+  return -1;
 }
 
 // From xs = s - ms and a = (t - mt) / T (either may be -inf). kLog2T >= 0 (with a teacher and fp32
