@@ -151,18 +151,32 @@ def gcc_scheduling_flags():
     return ["-fschedule-insns", "-fsched-pressure"]
 
 
-def nvcc_threads(archs):
-    """nvcc compiles a source once per architecture, one after the other unless --threads lets it
-    run them side by side: one thread per target (each arch, plus one for "+PTX"), at most one per
-    core. KDSEQ_NVCC_THREADS overrides it (1 = sequential)."""
+def cuda_targets():
+    """What nvcc emits for TORCH_CUDA_ARCH_LIST, named as torch.cuda.get_arch_list() names them
+    ("sm_80" machine code, "compute_90" PTX): read from the -gencode flags torch's build passes to
+    nvcc, so named archs ("Hopper") and "+PTX" expand exactly as they are compiled. build_info()
+    reports them, and they decide whether a GPU can run the kernels (kdseq_fast._extension)."""
+    try:
+        flags = cpp_extension._get_cuda_arch_flags()
+    except ValueError as exc:
+        raise ValueError(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r}: {exc}") from None
+    targets = []
+    for flag in flags:
+        m = re.search(r"code=\[?([\w,]+)\]?$", flag)
+        targets += [t for t in (m.group(1).split(",") if m else []) if t not in targets]
+    return targets
+
+
+def nvcc_threads(targets):
+    """nvcc compiles a source once per target, one after the other unless --threads lets it run
+    them side by side: one thread a target, at most one a core. KDSEQ_NVCC_THREADS overrides it
+    (1 = sequential)."""
     override = os.environ.get("KDSEQ_NVCC_THREADS")
     if override:
         if not override.isdigit() or int(override) < 1:
             raise ValueError(f"KDSEQ_NVCC_THREADS must be a whole number >= 1, got {override!r}")
         return int(override)
-    entries = archs.replace(";", " ").split()
-    targets = len(entries) + sum(e.endswith("+PTX") for e in entries)
-    return max(1, min(targets, os.cpu_count() or 1))
+    return max(1, min(len(targets), os.cpu_count() or 1))
 
 
 def make_extension():
@@ -181,13 +195,15 @@ def make_extension():
     print(f"kdseq-fast: CUDA kernels {'ON' if with_cuda else 'OFF'} ({why}); CPU ISA {isa}")
     if with_cuda:
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-        defines = ["-DKDSEQ_WITH_CUDA", f'-DKDSEQ_CUDA_ARCHS="{archs}"']
+        targets = cuda_targets()
+        defines = ["-DKDSEQ_WITH_CUDA", f'-DKDSEQ_CUDA_ARCHS="{archs}"',
+                   f'-DKDSEQ_CUDA_TARGETS="{",".join(targets)}"']
         extra["cxx"] = extra["cxx"] + defines
         fallback = []
         for inc in cuda_fallback_includes(cpp_extension.CUDA_HOME):
             fallback += ["-isystem", inc]
         extra["cxx"] = extra["cxx"] + fallback
-        extra["nvcc"] = (opt + ["-lineinfo", "--expt-relaxed-constexpr", f"--threads={nvcc_threads(archs)}"]
+        extra["nvcc"] = (opt + ["-lineinfo", "--expt-relaxed-constexpr", f"--threads={nvcc_threads(targets)}"]
                          + defines + fallback)
         sources += ["csrc/kd_loss_cuda.cu", "csrc/instance_scores_cuda.cu"]
         ext_cls = cpp_extension.CUDAExtension

@@ -16,8 +16,27 @@
 #include "cuda_rows.cuh"
 #include "kd_loss_kernels.cuh"
 
+#ifndef KDSEQ_CUDA_ARCHS
+#define KDSEQ_CUDA_ARCHS ""
+#endif
+
 namespace kdseq {
 namespace cuda_glue {
+
+// A launch on a GPU that the build has no code for fails with "no kernel image is available for
+// execution on the device", which names neither the GPU nor the fix; say both. Python code that
+// holds a device checks it before the first launch (kdseq_fast._extension.check_cuda_kernels).
+inline void check_launch(cudaError_t err, int device) {
+  if (err == cudaErrorNoKernelImageForDevice) {
+    (void)cudaGetLastError();  // not sticky: the caller may go on with other work
+    const cudaDeviceProp* p = at::cuda::getDeviceProperties(device);
+    TORCH_CHECK(false, "kdseq_fast has no CUDA kernels for ", p->name, " (compute capability ", p->major, ".",
+                p->minor, "): the extension was built for TORCH_CUDA_ARCH_LIST=\"", KDSEQ_CUDA_ARCHS,
+                "\" (kdseq_fast.build_info()). Rebuild it for this GPU, e.g. TORCH_CUDA_ARCH_LIST=\"", p->major,
+                ".", p->minor, "\" pip install --no-build-isolation <path to kdseq-fast>");
+  }
+  C10_CUDA_CHECK(err);
+}
 
 struct CudaLauncher {
   cudaStream_t stream;
@@ -38,10 +57,10 @@ struct CudaLauncher {
       attr[0].val.clusterDim.z = 1;
       cfg.attrs = attr;
       cfg.numAttrs = 1;
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+      check_launch(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), device);
     } else {
       kernel<<<d.grid, d.block, d.smem, stream>>>(std::forward<Args>(args)...);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      check_launch(cudaGetLastError(), device);
     }
   }
 

@@ -22,6 +22,9 @@
 #ifndef KDSEQ_CUDA_ARCHS
 #define KDSEQ_CUDA_ARCHS ""
 #endif
+#ifndef KDSEQ_CUDA_TARGETS
+#define KDSEQ_CUDA_TARGETS ""
+#endif
 #ifndef KDSEQ_CPU_ISA
 #define KDSEQ_CPU_ISA "generic"
 #endif
@@ -302,8 +305,8 @@ std::string build_info_json() {
   const bool openmp = false;
 #endif
   os << "{\"cuda_compiled\": " << (cuda ? "true" : "false") << ", \"cuda_archs\": \"" << KDSEQ_CUDA_ARCHS
-     << "\", \"openmp\": " << (openmp ? "true" : "false") << ", \"cpu_isa\": \"" << KDSEQ_CPU_ISA
-     << "\", \"compiler\": \"" << __VERSION__ << "\"}";
+     << "\", \"cuda_targets\": \"" << KDSEQ_CUDA_TARGETS << "\", \"openmp\": " << (openmp ? "true" : "false")
+     << ", \"cpu_isa\": \"" << KDSEQ_CPU_ISA << "\", \"compiler\": \"" << __VERSION__ << "\"}";
   return os.str();
 }
 

@@ -1,7 +1,10 @@
-"""Loads the compiled extension (which registers ``torch.ops.kdseq.*``) and reports how it was built."""
+"""Loads the compiled extension (which registers ``torch.ops.kdseq.*``), reports how it was built,
+and tells before the first launch whether its CUDA kernels can run on a given GPU."""
 from __future__ import annotations
 
+import functools
 import json
+import re
 
 import torch
 
@@ -26,7 +29,71 @@ def build_info() -> dict:
         "cuda_compiled": bool(info.pop("cuda_compiled")),
         # TORCH_CUDA_ARCH_LIST separates entries with ';' or spaces.
         "cuda_archs": archs.replace(";", " ").split(),
+        # What nvcc emitted for them, in torch.cuda.get_arch_list()'s names: "sm_80" machine code,
+        # "compute_90" PTX that the driver compiles for newer GPUs.
+        "cuda_targets": [t for t in info.pop("cuda_targets", "").split(",") if t],
         "openmp": bool(info.pop("openmp")),
         "torch": torch.__version__,
         **info,
     }
+
+
+_TARGET = re.compile(r"(sm|compute)_(\d+)(\d)([af]?)")
+
+
+def targets_run_on(capability: tuple[int, int], targets: list[str]) -> bool:
+    """Whether code built for ``targets`` (``build_info()["cuda_targets"]``) runs on a GPU of
+    compute capability ``capability`` (``torch.cuda.get_device_capability()``).
+
+    CUDA's rules: machine code for X.Y runs on X.Z for Z >= Y (same major); PTX for X.Y is
+    compiled by the driver for any X'.Y' >= X.Y; code for an arch-specific target ("sm_90a") runs
+    on exactly that arch, and a family target ("sm_100f") within its major only. A target this
+    function cannot read counts as runnable, so an unfamiliar name never blocks a run.
+    """
+    major, minor = capability
+    for target in targets:
+        m = _TARGET.fullmatch(target)
+        if m is None:
+            return True
+        kind, t_major, t_minor, suffix = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+        if suffix == "a":
+            ok = (t_major, t_minor) == (major, minor)
+        elif kind == "sm" or suffix == "f":
+            ok = t_major == major and t_minor <= minor
+        else:
+            ok = (t_major, t_minor) <= (major, minor)
+        if ok:
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_problem(index: int) -> str | None:
+    info = build_info()
+    name = torch.cuda.get_device_name(index)
+    if not info["cuda_compiled"]:
+        return (f"kdseq_fast was built without its CUDA kernels, so kd_loss and instance_scores cannot run "
+                f"on cuda:{index} ({name}). Rebuild it with a CUDA toolkit whose major version matches "
+                f"torch's CUDA {torch.version.cuda} (CUDA_HOME=<toolkit> pip install --no-build-isolation "
+                "<path to kdseq-fast>; the build prints why it left CUDA out), or use device 'cpu'.")
+    capability = torch.cuda.get_device_capability(index)
+    if not info["cuda_targets"] or targets_run_on(capability, info["cuda_targets"]):
+        return None
+    cc = f"{capability[0]}.{capability[1]}"
+    return (f"kdseq_fast's CUDA kernels cannot run on cuda:{index} ({name}, compute capability {cc}): the "
+            f"extension was built for TORCH_CUDA_ARCH_LIST=\"{';'.join(info['cuda_archs'])}\" "
+            f"(code {' '.join(info['cuda_targets'])}). Rebuild it for this GPU, e.g. "
+            f"TORCH_CUDA_ARCH_LIST=\"{cc}\" pip install --no-build-isolation <path to kdseq-fast>, "
+            "or use device 'cpu'.")
+
+
+def check_cuda_kernels(device) -> None:
+    """Raise RuntimeError, saying how to fix it, when ``kd_loss``/``instance_scores`` cannot run on
+    ``device``: the extension was built without CUDA kernels, or for other GPU architectures. A
+    no-op for CPU devices; the answer is cached per GPU, and asking never waits for the GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    problem = _kernels_problem(device.index if device.index is not None else torch.cuda.current_device())
+    if problem is not None:
+        raise RuntimeError(problem)

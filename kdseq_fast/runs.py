@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from ._extension import check_cuda_kernels
 from .callbacks import ConsoleLogger, TensorBoardLogger
 from .config import Config
 from .reports import accuracy_target, steps_to_target
@@ -67,6 +68,8 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
             raise ValueError(f"methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
     os.makedirs(out_dir, exist_ok=True)
     ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
+    if any(m != "ce" for m in methods):
+        check_cuda_kernels(ctx.device)  # before the teacher trains, not after
     data = build_data(cfg)
     teacher = teacher or cfg.teacher.checkpoint
     teacher_entry = None

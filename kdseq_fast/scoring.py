@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._extension import check_cuda_kernels
 from .amp import autocast as amp_autocast
 from .ops import SCORE_FIELDS, instance_scores
 
@@ -229,6 +230,7 @@ def score_dataset(model: torch.nn.Module, loader: Iterable, teacher_logits=None,
     """
     num_items = _infer_num_items(loader, num_items)
     device = _model_device(model, device)
+    check_cuda_kernels(device)
     out = torch.zeros(num_items, len(SCORE_FIELDS), dtype=torch.float32, device=device)
     if teacher_logits is not None and not isinstance(teacher_logits, torch.Tensor):
         teacher_logits = torch.from_numpy(np.asarray(teacher_logits))
@@ -262,6 +264,7 @@ def compute_logits(model: torch.nn.Module, loader: Iterable, *, num_items: Optio
     (returned on the CPU; gathered on the device when the matrix fits there, in one copy)."""
     num_items = _infer_num_items(loader, num_items)
     device = _model_device(model, device)
+    check_cuda_kernels(device)
     holder = {"out": out}
 
     def on_chunk(logits, labels, indices):

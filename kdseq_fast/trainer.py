@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ._extension import check_cuda_kernels
 from .callbacks import Callback, ConsoleLogger, TensorBoardLogger
 from .config import Config, config_hash
 from .curriculum import InstanceSequence
@@ -122,6 +123,8 @@ class Trainer:
         self.quiet = quiet
         self.ctx = ctx or setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
         self.device = self.ctx.device
+        if method != "ce":
+            check_cuda_kernels(self.device)  # before any work, not at the first kd_loss launch
         self.callbacks = list(callbacks)
         self.settings = resolve_train_settings(cfg, self.device, distributed=self.ctx.distributed)
         self.run_dir = RunDirectory(self.out_dir, is_main=self.ctx.is_main)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kdseq_fast as kf
+from kdseq_fast import _extension
 
 OPS = ("kd_loss", "instance_scores")
 
@@ -62,3 +63,80 @@ def test_schemas():
 def test_public_contract_names():
     for name in ("kd_loss", "KDLoss", "instance_scores", "SCORE_FIELDS", "build_info"):
         assert hasattr(kf, name)
+
+
+def test_cuda_targets_are_what_the_arch_list_compiles():
+    info = kf.build_info()
+    targets = info["cuda_targets"]
+    assert bool(targets) == info["cuda_compiled"]
+    for arch in info["cuda_archs"]:
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", arch)
+        if m is None:
+            continue  # a name such as "Hopper": torch expands it at build time
+        code = m.group(1) + m.group(2) + m.group(3)
+        assert f"sm_{code}" in targets, (arch, targets)
+        assert (f"compute_{code}" in targets) == bool(m.group(4)), (arch, targets)
+
+
+@pytest.mark.parametrize("capability, targets, runs", [
+    # The default build, "8.0;9.0+PTX": A100, A10/L4/RTX (8.6, 8.9), H100, and newer GPUs via PTX.
+    ((8, 0), ["sm_80", "compute_90", "sm_90"], True),
+    ((8, 6), ["sm_80", "compute_90", "sm_90"], True),
+    ((8, 9), ["sm_80", "compute_90", "sm_90"], True),
+    ((9, 0), ["sm_80", "compute_90", "sm_90"], True),
+    ((10, 0), ["sm_80", "compute_90", "sm_90"], True),
+    ((12, 0), ["sm_80", "compute_90", "sm_90"], True),
+    ((7, 5), ["sm_80", "compute_90", "sm_90"], False),   # T4: machine code runs only forward in its major
+    ((7, 0), ["sm_80", "compute_90", "sm_90"], False),
+    ((9, 0), ["sm_80"], False),                           # no PTX: nothing for a newer major
+    ((8, 0), ["sm_86"], False),                           # nor for an older minor
+    ((8, 0), ["compute_86"], False),
+    ((9, 0), ["sm_90a"], True),                           # arch-specific: exactly that GPU
+    ((10, 0), ["sm_90a", "compute_90a"], False),
+    ((10, 3), ["sm_100f"], True),                         # family: within its major
+    ((12, 0), ["sm_100f"], False),
+    ((7, 5), ["sm_75"], True),
+    ((7, 5), [], False),
+    ((7, 5), ["gfx90a"], True),                           # unreadable names never block a run
+])
+def test_targets_run_on(capability, targets, runs):
+    assert _extension.targets_run_on(capability, targets) is runs
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """cuda:0 reports the given capability and name; build_info() the given fields."""
+    def install(capability, name="Tesla T4", **info):
+        real = _extension.build_info()
+        monkeypatch.setattr(_extension, "build_info", lambda: {**real, **info})
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
+        _extension._kernels_problem.cache_clear()
+    yield install
+    _extension._kernels_problem.cache_clear()
+
+
+def test_check_cuda_kernels_names_the_gpu_and_the_rebuild(fake_gpu):
+    fake_gpu((7, 5), cuda_compiled=True, cuda_archs=["8.0", "9.0+PTX"],
+             cuda_targets=["sm_80", "compute_90", "sm_90"])
+    with pytest.raises(RuntimeError) as err:
+        kf.check_cuda_kernels("cuda:0")
+    msg = str(err.value)
+    assert "Tesla T4" in msg and "compute capability 7.5" in msg
+    assert 'TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"' in msg and 'TORCH_CUDA_ARCH_LIST="7.5"' in msg
+    assert "pip install --no-build-isolation" in msg and "'cpu'" in msg
+
+
+def test_check_cuda_kernels_passes_a_covered_gpu_and_any_cpu(fake_gpu):
+    fake_gpu((9, 0), name="NVIDIA H200", cuda_compiled=True, cuda_targets=["sm_80", "compute_90", "sm_90"])
+    kf.check_cuda_kernels(torch.device("cuda", 0))
+    kf.check_cuda_kernels("cpu")
+    # A build that did not record its targets is not second-guessed.
+    fake_gpu((7, 5), cuda_compiled=True, cuda_targets=[])
+    kf.check_cuda_kernels("cuda:0")
+
+
+def test_check_cuda_kernels_without_cuda_kernels(fake_gpu):
+    fake_gpu((9, 0), name="NVIDIA H100", cuda_compiled=False, cuda_archs=[], cuda_targets=[])
+    with pytest.raises(RuntimeError, match=r"built without its CUDA kernels.*cuda:0 \(NVIDIA H100\)"):
+        kf.check_cuda_kernels("cuda:0")

@@ -137,6 +137,14 @@ def test_cuda_every_layout(forced_plan, B, C, plan):
 
 
 @pytest.mark.cuda
+def test_cuda_build_covers_this_gpu():
+    # The kernels run on this GPU (every other cuda test), so the rule targets_run_on applies must agree.
+    kf.check_cuda_kernels(torch.device("cuda", torch.cuda.current_device()))
+    info = kf.build_info()
+    assert kf._extension.targets_run_on(torch.cuda.get_device_capability(), info["cuda_targets"]), info
+
+
+@pytest.mark.cuda
 def test_cuda_unvalidated_labels():
     check_unvalidated_labels("cuda")
 

@@ -347,3 +347,35 @@ def test_python_entry_points_in_runs_module(tmp_path, teacher_run):
     again = runs.distill(cfg, str(tmp_path / "kd"), method="kd", teacher=teacher_run.weights_path, resume=True,
                          quiet=True, log=messages.append)
     assert again.summary == res.summary and any("already complete" in m for m in messages)
+
+
+def test_a_gpu_the_kernels_cannot_run_on_stops_a_run_before_any_work(tmp_path, teacher_run, monkeypatch):
+    # kdseq_fast._extension.check_cuda_kernels raises when the build has no code for the run's GPU;
+    # here it raises for every device, to see where each entry point asks: before the data, the
+    # teacher or a run directory, and only for methods that launch the kernels.
+    from kdseq_fast import runs, scoring
+    import kdseq_fast.trainer as trainer_mod
+
+    asked = []
+
+    def refuse(device):
+        asked.append(torch.device(device))
+        raise RuntimeError("no kernels for this GPU")
+
+    for mod in (runs, scoring, trainer_mod):
+        monkeypatch.setattr(mod, "check_cuda_kernels", refuse)
+    cfg = load_config(None, BASE)
+    with pytest.raises(RuntimeError, match="no kernels"):
+        runs.compare(cfg, str(tmp_path / "cmp"), methods=("ce", "kd"), quiet=True, log=lambda m: None)
+    assert not os.path.exists(tmp_path / "cmp" / "teacher")
+    with pytest.raises(RuntimeError, match="no kernels"):
+        Trainer(cfg, str(tmp_path / "kd"), method="kd", teacher=teacher_run.weights_path, quiet=True)
+    assert not os.path.exists(tmp_path / "kd")
+    with pytest.raises(RuntimeError, match="no kernels"):
+        scoring.score_dataset(torch.nn.Linear(4, 3), [], num_items=1, progress=False)
+    assert asked == [torch.device("cpu")] * 3
+    # Cross-entropy runs launch no kernel of this package and are not asked about.
+    short = load_config(None, BASE + ["optim.epochs=3", "optim.lr_decay_epochs=[2]", "curriculum.warmup_epochs=1",
+                                      "curriculum.num_phases=1", "curriculum.final_full_epochs=1"])
+    runs.compare(short, str(tmp_path / "ce"), methods=("ce",), quiet=True, log=lambda m: None)
+    assert len(asked) == 3
