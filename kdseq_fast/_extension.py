@@ -87,8 +87,13 @@ def _kernels_problem(index: int) -> str | None:
             "or use device 'cpu'.")
 
 
+class CudaKernelsUnavailable(RuntimeError):
+    """The extension's CUDA kernels cannot run on the requested GPU (the message says why and how
+    to fix it)."""
+
+
 def check_cuda_kernels(device) -> None:
-    """Raise RuntimeError, saying how to fix it, when ``kd_loss``/``instance_scores`` cannot run on
+    """Raise :class:`CudaKernelsUnavailable` (a RuntimeError), saying how to fix it, when ``kd_loss``/``instance_scores`` cannot run on
     ``device``: the extension was built without CUDA kernels, or for other GPU architectures. A
     no-op for CPU devices; the answer is cached per GPU, and asking never waits for the GPU."""
     device = torch.device(device)
@@ -96,4 +101,4 @@ def check_cuda_kernels(device) -> None:
         return
     problem = _kernels_problem(device.index if device.index is not None else torch.cuda.current_device())
     if problem is not None:
-        raise RuntimeError(problem)
+        raise CudaKernelsUnavailable(problem)

@@ -84,7 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="teacher + ce/kd/isl students on the offline digits recipe")
     _common(p)
+
+    p = sub.add_parser("info", help="the build, torch, DALI, and whether the kernels run on each visible GPU")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+def _cmd_info(args, log) -> int:
+    import json
+
+    from .env_info import collect, format_report
+
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else format_report(info), flush=True)
+    return 0
 
 
 def _load_cfg(args, default_config: str | None = None):
@@ -204,15 +217,16 @@ def _rank() -> int:
 
 
 def main(argv=None) -> int:
+    from ._extension import CudaKernelsUnavailable
     from .runtime import CheckpointError, teardown_distributed
     from .trainer import NonFiniteError, Preempted
 
     args = build_parser().parse_args(argv)
     # The process group is created later, inside setup_run; the flags travel as the variables
     # it reads, so every subcommand honours them.
-    if args.dist_backend is not None:
+    if getattr(args, "dist_backend", None) is not None:
         os.environ["KDSEQ_DIST_BACKEND"] = args.dist_backend
-    if args.dist_timeout is not None:
+    if getattr(args, "dist_timeout", None) is not None:
         os.environ["KDSEQ_DIST_TIMEOUT"] = repr(args.dist_timeout)
     rank = _rank()
     where = f" (rank {rank})" if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
@@ -226,7 +240,8 @@ def main(argv=None) -> int:
 
     handlers = {"train-teacher": _cmd_train_teacher, "distill": _cmd_distill,
                 "compare": _run_compare, "score": _cmd_score,
-                "demo": lambda a, lg: _run_compare(a, lg, default_config="digits_quick")}
+                "demo": lambda a, lg: _run_compare(a, lg, default_config="digits_quick"),
+                "info": _cmd_info}
     rc = 1
     try:
         rc = handlers[args.command](args, log)
@@ -236,7 +251,7 @@ def main(argv=None) -> int:
     except NonFiniteError as exc:
         error(str(exc))
         rc = 3
-    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError, CudaKernelsUnavailable) as exc:
         error(str(exc))
         rc = 2
     except BaseException:

@@ -130,3 +130,49 @@ def test_find_config_packaged_name():
     assert os.path.basename(cli.find_config("digits_quick")) == "digits_quick.yaml"
     with pytest.raises(FileNotFoundError, match="not_a_recipe"):
         cli.find_config("not_a_recipe")
+
+
+def test_info_reports_the_build(capsys):
+    import kdseq_fast as kf
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    info = kf.build_info()
+    assert f"kdseq-fast {kf.__version__}" in out and f"torch {info['torch']}" in out
+    assert ("CUDA kernels: yes" in out) == info["cuda_compiled"]
+    assert " ".join(info["cuda_targets"]) in out
+    assert cli.main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["kdseq_fast"] == info
+    assert isinstance(data["gpus"], list) and ("dali" in data and "dali_error" in data)
+
+
+def test_info_and_runs_on_a_gpu_the_kernels_cannot_run_on(tmp_path, capsys, monkeypatch):
+    # One visible GPU for which the build has no code: info says so with the fix, and a run that
+    # needs the kernels stops with exit 2 and the same message, not a traceback.
+    import types
+
+    import torch
+
+    from kdseq_fast import _extension, env_info, runs
+
+    def refuse(device):
+        if torch.device(device).type == "cuda":
+            raise _extension.CudaKernelsUnavailable("rebuild with TORCH_CUDA_ARCH_LIST=\"7.5\"")
+
+    props = types.SimpleNamespace(name="Tesla T4", major=7, minor=5, total_memory=15 * 2**30,
+                                  multi_processor_count=40)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(env_info, "check_cuda_kernels", refuse)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "cuda:0: Tesla T4, compute capability 7.5, 15.0 GiB, 40 SMs: THE KERNELS CANNOT RUN HERE" in out
+    assert 'TORCH_CUDA_ARCH_LIST="7.5"' in out
+
+    monkeypatch.setattr(runs, "check_cuda_kernels", lambda device: refuse("cuda:0"))
+    rc = cli.main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and 'error: rebuild with TORCH_CUDA_ARCH_LIST="7.5"' in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "demo" / "teacher")
