@@ -176,3 +176,15 @@ def test_info_and_runs_on_a_gpu_the_kernels_cannot_run_on(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert rc == 2 and 'error: rebuild with TORCH_CUDA_ARCH_LIST="7.5"' in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "demo" / "teacher")
+
+
+def test_info_report_of_a_cpu_only_build():
+    from kdseq_fast.env_info import format_report
+
+    build = {"version": "9.9", "torch": "2.4.1+cpu", "cuda_compiled": False, "cuda_archs": [], "cuda_targets": [],
+             "openmp": True, "cpu_isa": "portable", "compiler": "12.2.0"}
+    text = format_report({"kdseq_fast": build, "python": "3.11.7", "platform": "Linux", "torch_cuda": None,
+                          "gpus": [], "dali": None, "dali_error": "nvidia-dali not importable (ImportError: x)"})
+    assert "torch 2.4.1+cpu (CUDA none: a CPU-only build)" in text
+    assert "CUDA kernels: no" in text and "ISA portable, OpenMP yes" in text
+    assert "DALI loader: not available (nvidia-dali not importable" in text and "GPUs: none visible" in text
