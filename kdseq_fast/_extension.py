@@ -93,9 +93,11 @@ class CudaKernelsUnavailable(RuntimeError):
 
 
 def check_cuda_kernels(device) -> None:
-    """Raise :class:`CudaKernelsUnavailable` (a RuntimeError), saying how to fix it, when ``kd_loss``/``instance_scores`` cannot run on
-    ``device``: the extension was built without CUDA kernels, or for other GPU architectures. A
-    no-op for CPU devices; the answer is cached per GPU, and asking never waits for the GPU."""
+    """Raise :class:`CudaKernelsUnavailable` (a RuntimeError), saying how to fix it, when
+    ``kd_loss``/``instance_scores`` cannot run on ``device``: the extension was built without CUDA
+    kernels, or for other GPU architectures. A no-op for CPU devices; the answer is cached per GPU,
+    and asking never waits for the GPU. Runs ask it before any work (``Trainer``, ``compare``,
+    ``score_dataset``); a direct op call on such a GPU fails at its launch with the same advice."""
     device = torch.device(device)
     if device.type != "cuda":
         return
