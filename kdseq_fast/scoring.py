@@ -264,7 +264,6 @@ def compute_logits(model: torch.nn.Module, loader: Iterable, *, num_items: Optio
     (returned on the CPU; gathered on the device when the matrix fits there, in one copy)."""
     num_items = _infer_num_items(loader, num_items)
     device = _model_device(model, device)
-    check_cuda_kernels(device)
     holder = {"out": out}
 
     def on_chunk(logits, labels, indices):
