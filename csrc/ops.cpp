@@ -6,12 +6,15 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include <sstream>
 #include <string>
+#include <type_traits>
 
 #include "kdseq.h"
 
@@ -195,15 +198,11 @@ using KDLossSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at
                                                      int64_t, int64_t, bool);
 constexpr size_t kKDLossNumArgs = 9;
 
-// An ordinary CPU scalar holding exactly 1 (what `loss.backward()` passes), so the stored gradient
-// can be handed back as it is. Fake, functional and functorch-wrapped tensors (torch.compile,
-// vmap/grad transforms) and active dispatch modes are excluded: their values cannot be read, or
-// the read would go unrecorded. Under create_graph the multiply is kept so the graph stays whole.
-// An ordinary tensor (not fake, functional or functorch-wrapped, no dispatch mode or functorch
-// transform active) outside create_graph: its value may be read (CPU) or used by a raw kernel (CUDA)
-// without escaping a trace or a higher-order graph.
-bool is_plain(const at::Tensor& g) {
-  if (!g.defined() || at::GradMode::is_enabled()) return false;
+// Whether g is an ordinary tensor: not fake, functional or functorch-wrapped, and no dispatch mode or
+// functorch transform active (torch.compile, vmap/grad transforms). Only then may its value be read
+// (CPU) or used by a raw kernel (CUDA) without escaping a trace or a higher-order graph.
+bool is_untraced(const at::Tensor& g) {
+  if (!g.defined()) return false;
   const c10::DispatchKeySet wrapped({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
                                      c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper});
   if (g.key_set().has_any(wrapped)) return false;
@@ -215,8 +214,36 @@ bool is_plain(const at::Tensor& g) {
            included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode));
 }
 
+// An ordinary tensor outside create_graph (under create_graph the multiply is kept so the graph stays
+// whole). is_plain_cpu_one: a CPU scalar holding exactly 1 (what `loss.backward()` passes), so the
+// stored gradient can be handed back as it is.
+bool is_plain(const at::Tensor& g) { return !at::GradMode::is_enabled() && is_untraced(g); }
+
 bool is_plain_cpu_one(const at::Tensor& g) {
   return is_plain(g) && g.device().is_cpu() && g.numel() == 1 && g.item<double>() == 1.0;
+}
+
+// Where the student's gradient goes (its grad_fn or accumulator), kept for create_graph backward.
+struct StudentEdge : torch::CustomClassHolder {
+  explicit StudentEdge(torch::autograd::Edge e) : edge(std::move(e)) {}
+  torch::autograd::Edge edge;
+};
+
+// g's values with an Error node as grad_fn, its one edge leading to `to`: a backward that reaches
+// it raises `msg`. Autograd nodes are held by std::shared_ptr in older torch releases (2.11 among
+// them) and by c10::intrusive_ptr in newer ones (2.14); the template picks the one Edge holds.
+template <typename ErrorNode = torch::autograd::Error, typename EdgeT = torch::autograd::Edge>
+at::Tensor with_error_history(const at::Tensor& g, std::string msg, const EdgeT& to) {
+  using NodePtr = decltype(EdgeT::function);
+  NodePtr node;
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    node = std::make_shared<ErrorNode>(std::move(msg), torch::autograd::edge_list{to});
+  } else {
+    node = c10::make_intrusive<ErrorNode>(std::move(msg), torch::autograd::edge_list{to});
+  }
+  at::Tensor out = g.detach();
+  torch::autograd::set_history(out, node);
+  return out;
 }
 
 class KDLossFunction : public torch::autograd::Function<KDLossFunction> {
@@ -238,6 +265,8 @@ class KDLossFunction : public torch::autograd::Function<KDLossFunction> {
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({grad});
     ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["student_edge"] =
+        c10::IValue::make_capsule(c10::make_intrusive<StudentEdge>(torch::autograd::impl::gradient_edge(student)));
     ctx->save_for_backward({grad});
     return {loss, grad};
   }
@@ -271,15 +300,30 @@ class KDLossFunction : public torch::autograd::Function<KDLossFunction> {
         grads[0] = grad;
         return grads;
       }
-    } else if (grad.is_cuda()) {
-      const at::Tensor ratio = grad_loss / ctx->saved_data["applied"].toTensor();
-      grads[0] = grad * (per_row ? ratio.unsqueeze(1) : ratio).to(grad.scalar_type());
-      return grads;
     }
 #endif
-    const at::Tensor scale = per_row ? grad_loss.unsqueeze(1) : grad_loss;
-    grads[0] = grad * scale.to(grad.scalar_type());
+    at::Tensor scale = grad_loss;
+#ifdef KDSEQ_WITH_CUDA
+    if (grad.is_cuda() && ctx->saved_data.count("applied")) scale = grad_loss / ctx->saved_data["applied"].toTensor();
+#endif
+    grads[0] = grad * (per_row ? scale.unsqueeze(1) : scale).to(grad.scalar_type());
+    if (at::GradMode::is_enabled() && is_untraced(grad_loss)) grads[0] = once_differentiable(grads[0], ctx);
     return grads;
+  }
+
+ private:
+  // Under create_graph=True the stored gradient has no graph back to the student: as it is, a
+  // gradient penalty built on it would silently add nothing. Instead its grad_fn is an Error node
+  // whose edge leads to the student, so any backward that reaches the student through it raises
+  // (Python's @once_differentiable points at a detached leaf instead, which autograd.grad(..., s)
+  // prunes without a word). Taking the gradient itself with create_graph=True still works; traced
+  // calls (torch.compile) keep the plain multiply.
+  static at::Tensor once_differentiable(const at::Tensor& g, torch::autograd::AutogradContext* ctx) {
+    const auto student = ctx->saved_data["student_edge"].toCapsule();
+    return with_error_history(g,
+                              "kdseq.kd_loss has no double backward: the gradient it returned under "
+                              "create_graph=True cannot be differentiated again",
+                              static_cast<const StudentEdge*>(student.get())->edge);
   }
 };
 

@@ -1,6 +1,7 @@
 """kd_loss / KDLoss against the float64 plain-PyTorch reference, on CPU and (marked `cuda`) GPU."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -313,6 +314,18 @@ BAD_INPUTS = [
     (lambda s, t, y: kf.kd_loss(s[:, :1], t[:, :1], y), ValueError, "student_logits"),
     (lambda s, t, y: kf.kd_loss(s, t.to("meta"), y), ValueError, "teacher_logits"),
     (lambda s, t, y: kf.kd_loss(s, t.double(), y), TypeError, "float64"),
+    (lambda s, t, y: kf.kd_loss(s, t, y, reduction=[]), ValueError, "reduction"),
+    (lambda s, t, y: kf.kd_loss(s, t, y, reduction=None), ValueError, "reduction"),
+    (lambda s, t, y: kf.kd_loss(s, t, y, ignore_index=2**64), ValueError, "ignore_index"),
+    (lambda s, t, y: kf.kd_loss(s, t, y, ignore_index=1.5), TypeError, "ignore_index"),
+    (lambda s, t, y: kf.kd_loss(s, t, y, ignore_index=np.bool_(True)), TypeError, "ignore_index"),
+    (lambda s, t, y: kf.kd_loss(s, t, y, kd_weight=1e39), ValueError, "kd_weight"),
+    (lambda s, t, y: kf.kd_loss(s, t, y, temperature=np.bool_(True)), TypeError, "temperature"),
+    (lambda s, t, y: kf.KDLoss(ignore_index="a"), TypeError, "ignore_index"),
+    (lambda s, t, y: kf.KDLoss(reduction={}), ValueError, "reduction"),
+    # Labels are checked as int64, the way the kernels read them: a uint8 156 is not -100.
+    (lambda s, t, y: kf.kd_loss(s, t, torch.full((4,), 156, dtype=torch.uint8), ce_weight=0.1), ValueError,
+     r"labels must be in \[0, 10\) \(or ignore_index=-100\); found 156"),
 ]
 
 
@@ -337,6 +350,83 @@ def test_torch_compile_fullgraph():
     out_e.backward()
     torch.testing.assert_close(out_c, out_e)
     torch.testing.assert_close(s1.grad, s2.grad)
+
+
+def test_torch_compile_fullgraph_with_changing_temperature_and_weights():
+    # A schedule that changes T or a weight between calls makes them symbolic floats under
+    # torch.compile; the argument checks must trace (they once called math.isfinite on them).
+    compiled = torch.compile(lambda s, t, y, T, w: kf.kd_loss(s, t, y, temperature=T, ce_weight=w),
+                             fullgraph=True, backend="aot_eager")
+    s, t, y = make_logits(8, 40), make_logits(8, 40, seed=1), make_labels(8, 40)
+    for T, w in [(4.0, 0.1), (3.0, 0.1), (2.0, 0.25)]:
+        s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+        out_c, out_e = compiled(s1, t, y, T, w), kf.kd_loss(s2, t, y, temperature=T, ce_weight=w)
+        out_c.backward()
+        out_e.backward()
+        torch.testing.assert_close(out_c, out_e)
+        torch.testing.assert_close(s1.grad, s2.grad)
+    with pytest.raises(Exception, match="temperature must be finite and > 0"):
+        compiled(s, t, y, -1.0, 0.1)
+    dynamic = torch.compile(lambda s, t, y: kf.kd_loss(s, t, y, ce_weight=0.1), fullgraph=True, dynamic=True,
+                            backend="aot_eager")
+    torch.testing.assert_close(dynamic(s, t, y), kf.kd_loss(s, t, y, ce_weight=0.1))
+
+
+def test_numpy_scalars_are_accepted():
+    s, t, y = make_logits(4, 10), make_logits(4, 10, seed=1), make_labels(4, 10)
+    y = y.masked_fill(torch.tensor([True, False, False, False]), 7)
+    expected = kf.kd_loss(s, t, y, temperature=2.0, kd_weight=0.5, ce_weight=0.25, ignore_index=7)
+    got = kf.kd_loss(s, t, y, temperature=np.float32(2.0), kd_weight=np.float64(0.5), ce_weight=np.float16(0.25),
+                     ignore_index=np.int64(7))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    crit = kf.KDLoss(temperature=np.float32(2.0), ignore_index=np.int32(7))
+    assert type(crit.ignore_index) is int and type(crit.temperature) is float
+    assert "ignore_index=7" in repr(crit) and "validate=True" in repr(crit)
+
+
+def test_small_integer_labels_are_checked_as_int64():
+    # In its own dtype a uint8 label would meet C = 300 as 44: 200 is a valid class here.
+    s, t = make_logits(4, 300), make_logits(4, 300, seed=1)
+    y8 = torch.tensor([200, 0, 255, 5], dtype=torch.uint8)
+    torch.testing.assert_close(kf.kd_loss(s, t, y8, ce_weight=0.1), kf.kd_loss(s, t, y8.long(), ce_weight=0.1))
+    assert torch.isfinite(kf.instance_scores(s, y8, t)).all()
+
+
+def test_double_backward_raises_instead_of_dropping_the_penalty():
+    # The gradient the op returns has no derivative of its own. Under create_graph=True it can be
+    # taken (same values), but a gradient penalty built on it must raise, not silently add nothing.
+    lin = torch.nn.Linear(6, 10).double()
+    x, t = torch.randn(4, 6, dtype=torch.float64), make_logits(4, 10, dtype=torch.float64, seed=1)
+    y = make_labels(4, 10)
+    s = lin(x)
+    loss = kf.kd_loss(s, t, y, ce_weight=0.5)
+    (g,) = torch.autograd.grad(loss, s, create_graph=True)
+    assert g.requires_grad
+    torch.testing.assert_close(g.detach(), torch.autograd.grad(kf.kd_loss(s, t, y, ce_weight=0.5), s)[0])
+    (plain,) = torch.autograd.grad(kf.kd_loss(lin(x), t, y, ce_weight=0.5), lin.weight)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss + (g ** 2).sum(), lin.weight)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        (loss + (g ** 2).sum()).backward()
+    # create_graph=True on the parameters (a caller that needs the graph for another term) still
+    # gives the first-order gradient.
+    (gw,) = torch.autograd.grad(kf.kd_loss(lin(x), t, y, ce_weight=0.5), lin.weight, create_graph=True)
+    torch.testing.assert_close(gw.detach(), plain)
+    s64 = make_logits(3, 5, dtype=torch.float64).requires_grad_()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.gradgradcheck(lambda a: kf.kd_loss(a, t[:3, :5]), (s64,))
+
+
+def test_vmap_without_autograd_validates_nothing_it_cannot_read():
+    # Under vmap the label values cannot be read: validate=True skips the check (as under
+    # torch.compile) instead of failing in a boolean mask.
+    s, t, y = make_logits(3 * 4, 10).view(3, 4, 10), make_logits(3 * 4, 10, seed=1).view(3, 4, 10), \
+        make_labels(12, 10).view(3, 4)
+    got = torch.vmap(lambda a, b, c: kf.instance_scores(a, c, b))(s, t, y)
+    torch.testing.assert_close(got, torch.stack([kf.instance_scores(s[i], y[i], t[i]) for i in range(3)]))
+    with torch.no_grad():
+        rows = torch.vmap(lambda a, b, c: kf.kd_loss(a, b, c, ce_weight=0.1))(s, t, y)
+    torch.testing.assert_close(rows, torch.stack([kf.kd_loss(s[i], t[i], y[i], ce_weight=0.1) for i in range(3)]))
 
 
 def test_opcheck_dispatcher_registration():

@@ -1,13 +1,30 @@
 """Argument validation shared by the ops: bad input raises ValueError/TypeError naming the argument."""
 from __future__ import annotations
 
-import math
+import numbers
 from typing import Optional
 
 import torch
 
 TEMPERATURE_RANGE = (1e-6, 1e6)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FP32_MAX = torch.finfo(torch.float32).max
+INT64_RANGE = (-2**63, 2**63 - 1)
+
+
+def _is_number(x) -> bool:
+    # Python and NumPy numbers (NumPy registers its scalar types with the numbers ABCs); no bools.
+    return isinstance(x, numbers.Real) and not _is_bool(x)
+
+
+def _is_bool(x) -> bool:
+    return isinstance(x, bool) or type(x).__name__ == "bool_"  # numpy.bool_
+
+
+def _finite(x) -> bool:
+    # x - x is 0 for a finite x and NaN for inf or NaN. Unlike math.isfinite it also traces under
+    # torch.compile, where a temperature or weight that changed between calls is a symbolic float.
+    return (x - x) == 0
 
 
 def check_logits(x, name: str) -> None:
@@ -50,24 +67,38 @@ def check_labels(labels, student: torch.Tensor, *, ignore_index: Optional[int] =
         raise ValueError(f"labels is on {labels.device} but student_logits is on {student.device}")
     # The range check reads the values: one host sync on CUDA. validate=False skips it (the
     # kernels then give an out-of-range row a NaN loss, never an out-of-bounds read); it is also
-    # skipped while torch.compile traces, where values are unknown.
-    if validate and labels.numel() and not torch.compiler.is_compiling() and not _is_fake(labels):
+    # skipped where the values are unknown: while torch.compile traces, inside vmap or grad.
+    if validate and labels.numel() and not _values_hidden(labels):
         num_classes = student.shape[1]
-        valid = labels if ignore_index is None else labels[labels != ignore_index]
-        if valid.numel():
+        # Compared as int64, as the kernels read them: in its own dtype a uint8 label would meet
+        # -100 as 156 and C = 300 as 44.
+        y = labels.long()
+        outside = (y < 0) | (y >= num_classes)
+        if ignore_index is not None:
+            outside &= y != ignore_index
+        if bool(outside.any()):  # the one host read of a valid batch
+            valid = y if ignore_index is None else y[y != ignore_index]
             lo, hi = int(valid.min()), int(valid.max())
-            if lo < 0 or hi >= num_classes:
-                bad = lo if lo < 0 else hi
-                extra = "" if ignore_index is None else f" (or ignore_index={ignore_index})"
-                raise ValueError(f"labels must be in [0, {num_classes}){extra}; found {bad}")
+            bad = lo if lo < 0 else hi
+            extra = "" if ignore_index is None else f" (or ignore_index={ignore_index})"
+            raise ValueError(f"labels must be in [0, {num_classes}){extra}; found {bad}")
     return labels
 
 
+def check_ignore_index(ignore_index) -> int:
+    if _is_bool(ignore_index) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    value = int(ignore_index)
+    if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+        raise ValueError(f"ignore_index must fit in int64, got {value}")
+    return value
+
+
 def check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if not _is_number(temperature):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     t = float(temperature)
-    if not math.isfinite(t) or t <= 0:
+    if not _finite(t) or t <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     # The kernels work in fp32: T^2 and 1/T must stay representable.
     if not TEMPERATURE_RANGE[0] <= t <= TEMPERATURE_RANGE[1]:
@@ -83,12 +114,27 @@ def check_validate(validate) -> bool:
 
 
 def check_weight(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     v = float(value)
-    if not math.isfinite(v) or v < 0:
+    if not _finite(v) or v < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    if v > FP32_MAX:
+        raise ValueError(f"{name} must be at most {FP32_MAX:.4g} (fp32 kernels), got {value}")
     return v
+
+
+def check_reduction(reduction, choices) -> str:
+    if not isinstance(reduction, str) or reduction not in choices:
+        raise ValueError(f"reduction must be one of {sorted(choices)}, got {reduction!r}")
+    return reduction
+
+
+def _values_hidden(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values cannot be read here: torch.compile is tracing, ``t`` is a fake, meta
+    or functional tensor, or a torch.func transform (vmap, grad) is active."""
+    return (torch.compiler.is_compiling() or _is_fake(t)
+            or torch._C._are_functorch_transforms_active())
 
 
 def _is_fake(t: torch.Tensor) -> bool:

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _extension  # noqa: F401  (registers torch.ops.kdseq)
-from ._checks import (check_labels, check_logits, check_same_shape, check_temperature,
-                      check_validate, check_weight)
+from ._checks import (check_ignore_index, check_labels, check_logits, check_reduction,
+                      check_same_shape, check_temperature, check_validate, check_weight)
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -73,10 +73,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     t = check_temperature(temperature)
     kdw = check_weight(kd_weight, "kd_weight")
     cew = check_weight(ce_weight, "ce_weight")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_reduction(reduction, REDUCTIONS)
+    ignore_index = check_ignore_index(ignore_index)
     check_validate(validate)
     if labels is None:
         if cew > 0:
@@ -136,10 +134,8 @@ class KDLoss(nn.Module):
         self.temperature = check_temperature(temperature)
         self.kd_weight = check_weight(kd_weight, "kd_weight")
         self.ce_weight = check_weight(ce_weight, "ce_weight")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
-        self.reduction = reduction
-        self.ignore_index = ignore_index
+        self.reduction = check_reduction(reduction, REDUCTIONS)
+        self.ignore_index = check_ignore_index(ignore_index)
         self.validate = check_validate(validate)
 
     def forward(self, student_logits, teacher_logits, labels=None):
@@ -149,4 +145,5 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, kd_weight={self.kd_weight}, "
-                f"ce_weight={self.ce_weight}, reduction={self.reduction!r}")
+                f"ce_weight={self.ce_weight}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}, validate={self.validate}")
