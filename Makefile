@@ -36,7 +36,7 @@ $(STAMP): $(BIN)/python $(SOURCES)
 install: $(STAMP)
 
 demo: install
-	$(BIN)/kdseq-fast demo --out $(DEMO_OUT)
+	$(BIN)/kdseq-fast demo --out $(DEMO_OUT) --resume
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -290,11 +290,9 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> Optiona
         sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        out = fn()
+        fn()  # the peak is recorded while fn runs (its result included)
         sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del out
-        return int(peak)
+        return int(torch.cuda.max_memory_allocated(device) - base)
     return _cpu_peak_extra_bytes(fn)
 
 

@@ -9,6 +9,8 @@ PyTorch's RuntimeError, so a 10-class checkpoint loaded into a 100-class model s
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -64,19 +66,34 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 
 
 def _load_path(path: str | os.PathLike, weights_only: bool) -> Any:
+    from .runtime import _MAGIC, load_checkpoint
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    with open(path, "rb") as fh:
+        if fh.read(len(_MAGIC)) == _MAGIC:
+            # A run's own checkpoint.pt (checksummed header): its "model" entry holds the weights.
+            return load_checkpoint(path)
     if not weights_only:
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the reason below
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise ValueError(f"{path} is not a PyTorch checkpoint ({exc})") from None
         # Old checkpoints (RepDistiller saves argparse/optimizer objects) are not loadable with
         # weights_only; refuse rather than unpickle arbitrary code silently.
+        # torch's text is a page of advice; keep the unpickler's reason (its first sentence).
+        detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip()
+        detail = re.split(r"\.\s|\n\n", detail, maxsplit=1)[0].strip()
         raise ValueError(
-            f"cannot load checkpoint {path} with torch.load(weights_only=True): {exc}. If you trust "
-            "the file, pass weights_only=False") from None
+            f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) refuses "
+            f"to unpickle ({detail}). Re-save just its state dict (torch.save(ckpt['model'], ...)) or, "
+            "from Python and only for a file you trust, call load_model_weights(..., "
+            "weights_only=False)") from None
+    except Exception as exc:  # noqa: BLE001 - a zip/pickle reader error: not a torch file
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def _fmt(items: list[str]) -> str:

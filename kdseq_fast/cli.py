@@ -26,6 +26,9 @@ def find_config(name: str) -> str:
     if os.path.isfile(name):
         return name
     stem = name[:-5] if name.endswith(".yaml") else name
+    if os.path.normpath(os.path.dirname(stem)) == "configs":
+        # The README's form (configs/NAME.yaml) run outside the source tree: the packaged copy.
+        stem = os.path.basename(stem)
     candidates = [os.path.join(_PKG_DIR, "configs", stem + ".yaml"),
                   os.path.join(os.path.dirname(_PKG_DIR), "configs", stem + ".yaml")]
     for c in candidates:
@@ -42,10 +45,11 @@ def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
     p.add_argument("--seed", type=int, help="shorthand for --set seed=N")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (shorthand for --set device=...)")
     p.add_argument("--out", required=out_required, help="output directory")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last good checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over even if --out already holds a run")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last good checkpoint")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over even if --out already holds a run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--dist-backend", choices=("nccl", "gloo", "mpi", "ucc"),
                    help="under torchrun: process-group backend (default nccl on GPU, gloo on "
@@ -156,13 +160,15 @@ def _cmd_score(args, log) -> int:
 
     from .checkpoint_io import load_model_weights
     from .models import get_model
-    from .runtime import _MAGIC, load_checkpoint, setup_run
+    from .runtime import setup_run
     from .scoring import SCORE_FIELDS, TeacherLogitCache, score_dataset
     from .run_inputs import (build_data, load_teacher, make_loader, ordered_batch_size,
                              shared_teacher_logits)
 
     cfg = _load_cfg(args)
     ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
+    if ctx.is_main:
+        os.makedirs(args.out, exist_ok=True)  # an unusable --out fails now, not after the pass
     data = build_data(cfg)
     split = data.train if args.split == "train" else data.test
     arch = args.arch or cfg.student.arch
@@ -170,11 +176,8 @@ def _cmd_score(args, log) -> int:
                       in_channels=data.in_channels)
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint not found: {args.checkpoint}")
-    with open(args.checkpoint, "rb") as fh:
-        ours = fh.read(len(_MAGIC)) == _MAGIC
-    weights = load_checkpoint(args.checkpoint)["model"] if ours else args.checkpoint
     try:
-        load_model_weights(model, weights)
+        load_model_weights(model, args.checkpoint)
     except ValueError as exc:
         raise ValueError(f"--checkpoint {args.checkpoint} does not fit --arch {arch} with "
                          f"{data.num_classes} classes: {exc}") from None
@@ -199,7 +202,6 @@ def _cmd_score(args, log) -> int:
                            progress=not args.quiet and sys.stderr.isatty() and ctx.is_main)
     if not ctx.is_main:
         return 0
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"scores_{args.split}.npy")
     np.save(path, scores.cpu().numpy())
     means = scores.float().mean(0).tolist()
@@ -251,7 +253,8 @@ def main(argv=None) -> int:
     except NonFiniteError as exc:
         error(str(exc))
         rc = 3
-    except (ValueError, TypeError, FileNotFoundError, CheckpointError, CudaKernelsUnavailable) as exc:
+    except (ValueError, TypeError, OSError, CheckpointError, CudaKernelsUnavailable) as exc:
+        # OSError: a path that cannot be used (--out is a file, a missing or unreadable file).
         error(str(exc))
         rc = 2
     except BaseException:

@@ -584,6 +584,8 @@ def load_config(path: str | os.PathLike | None = None,
                 loaded = yaml.safe_load(fh)
             except yaml.YAMLError as exc:
                 raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"config file {path} is not UTF-8 text: {exc}") from None
         if loaded is not None:
             if not isinstance(loaded, Mapping):
                 raise ValueError(f"config file {path} must contain a mapping at the top level, "

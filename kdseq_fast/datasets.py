@@ -164,7 +164,7 @@ def get_dataset(name: str, root: str | os.PathLike = "./data", split: str = "tra
     if extra:
         raise TypeError(f"get_dataset({name!r}) got unexpected keyword argument(s) {extra}; "
                         f"accepted: {sorted(allowed) or 'none'}")
-    root = os.fspath(root)
+    root = os.path.expanduser(os.fspath(root))  # a config value: no shell expanded its ~
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, root, split, download)
     if name == "svhn":

@@ -22,7 +22,7 @@ from .config import Config, config_hash, save_config, validate_config
 from .runtime import CheckpointError, atomic_write_bytes, load_latest_checkpoint
 
 __all__ = ["RunDirectory", "RunDirError", "RESUME_IGNORED_KEYS", "ignored_keys", "TrainResult", "config_diff", "same_run_config",
-           "write_json", "is_complete", "completed_result", "check_resumable"]
+           "write_json", "is_complete", "completed_state", "completed_result", "check_resumable"]
 
 # Keys that may change between a run and its resume without changing the result: where it runs,
 # where data lives, logging, how often it checkpoints and reads the device. `train.nonfinite` is
@@ -249,23 +249,31 @@ def check_resumable(state: dict, path: str, *, cfg: Config, role: str, method: s
 
 def is_complete(out_dir: str, role: str, method: str, cfg: Config) -> bool:
     """A finished run with the same identity: resume has nothing left to do."""
+    return completed_state(out_dir, role, method, cfg) is not None
+
+
+def completed_state(out_dir: str, role: str, method: str, cfg: Config) -> dict | None:
+    """The last checkpoint of a finished run with the same identity (what the run was trained
+    from, e.g. its ``teacher_fingerprint``), or None when there is no such run."""
     try:
         with open(os.path.join(out_dir, "run.json")) as fh:
             ident = json.load(fh)
         with open(os.path.join(out_dir, "checkpoint.pt"), "rb"):
             pass
     except (OSError, ValueError):
-        return False
+        return None
     if ident.get("role") != role or ident.get("method") != method:
-        return False
+        return None
     if not same_run(ident.get("resume_hash"), lambda: read_stored_config(out_dir), cfg, method):
-        return False
+        return None
     found = load_latest_checkpoint(out_dir, log=lambda m: None)
     if found is None:
-        return False
+        return None
     p = found[0]["progress"]
     total = cfg.optim.epochs if role == "student" else (cfg.teacher.epochs or cfg.optim.epochs)
-    return p["epoch"] >= total and os.path.exists(os.path.join(out_dir, "summary.json"))
+    if p["epoch"] >= total and os.path.exists(os.path.join(out_dir, "summary.json")):
+        return found[0]
+    return None
 
 
 def completed_result(out_dir: str, weights: str, log, label: str) -> TrainResult:

@@ -108,6 +108,20 @@ def load_teacher(cfg: Config, path: str, num_classes: int, device=None,
     return model.to(device) if device is not None else model
 
 
+def open_teacher(cfg: Config, teacher, method: str, num_classes: int,
+                 in_channels: int = 3) -> tuple[torch.nn.Module, str | None]:
+    """The teacher of a kd/isl run and its checkpoint path (None for a module): ``teacher`` (a
+    module or a checkpoint path), else ``teacher.checkpoint``; a clear error when there is none."""
+    teacher = teacher if teacher is not None else cfg.teacher.checkpoint
+    if teacher is None:
+        raise ValueError(f"method {method!r} needs a teacher: pass --teacher PATH or set "
+                         "teacher.checkpoint (train one with `kdseq-fast train-teacher`)")
+    if isinstance(teacher, torch.nn.Module):
+        return teacher.eval(), None
+    path = os.path.abspath(os.path.expanduser(os.fspath(teacher)))  # teacher.checkpoint may hold ~
+    return load_teacher(cfg, path, num_classes, in_channels=in_channels), path
+
+
 def shared_teacher_logits(ctx: RunContext, cache, teacher: torch.nn.Module, loader, *,
                           num_items: int, key: str, device, amp=None,
                           progress: bool = False) -> torch.Tensor:

@@ -10,9 +10,9 @@ from ._extension import check_cuda_kernels
 from .callbacks import ConsoleLogger, TensorBoardLogger
 from .config import Config
 from .reports import accuracy_target, steps_to_target
-from .run_dir import TrainResult, completed_result, is_complete
-from .run_inputs import DataBundle, build_data
-from .runtime import setup_run
+from .run_dir import TrainResult, completed_result, completed_state, is_complete
+from .run_inputs import DataBundle, build_data, open_teacher
+from .runtime import CheckpointError, setup_run
 from .trainer import METHODS, Trainer
 
 __all__ = ["train_teacher", "distill", "compare"]
@@ -42,11 +42,34 @@ def distill(cfg: Config, out_dir: str, *, method: str | None = None, teacher=Non
     """Train the student with ``method`` (``ce``, ``kd`` or ``isl``) into ``out_dir``."""
     method = method or cfg.method
     ctx = ctx or setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
-    if resume and ctx.run_on_main(lambda: is_complete(out_dir, "student", method, cfg)):
-        return ctx.run_on_main(lambda: completed_result(out_dir, "student.pt", log, method))
+    if resume:
+        # Rank 0 reads the directory; every rank gets whether the run is done and from which teacher.
+        done = ctx.run_on_main(lambda: _finished_teacher(out_dir, method, cfg))
+        if done is not None:
+            if method != "ce":
+                _check_same_teacher(cfg, out_dir, method, teacher, data, done["teacher_fingerprint"])
+            return ctx.run_on_main(lambda: completed_result(out_dir, "student.pt", log, method))
     t = Trainer(cfg, out_dir, method=method, teacher=teacher, resume=resume, overwrite=overwrite,
                 quiet=quiet, callbacks=_callbacks(cfg, out_dir, log), log=log, data=data, ctx=ctx)
     return t.fit()
+
+
+def _finished_teacher(out_dir: str, method: str, cfg: Config) -> dict | None:
+    state = completed_state(out_dir, "student", method, cfg)
+    return None if state is None else {"teacher_fingerprint": state.get("teacher_fingerprint")}
+
+
+def _check_same_teacher(cfg: Config, out_dir: str, method: str, teacher, data, stored) -> None:
+    """A finished kd/isl run is returned as it is only for the teacher it was distilled from (an
+    unfinished one is held to the same rule when its checkpoint is loaded)."""
+    from .scoring import teacher_fingerprint
+
+    data = data or build_data(cfg)
+    module, _ = open_teacher(cfg, teacher, method, data.num_classes, in_channels=data.in_channels)
+    if teacher_fingerprint(module) != stored:
+        raise CheckpointError(
+            f"cannot resume {out_dir}: the finished run was distilled from other teacher weights than "
+            "the teacher given now; pass the original --teacher or start a new --out")
 
 
 def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teacher=None,
@@ -63,15 +86,23 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
     from . import reports
     from .run_dir import write_json
 
+    methods = list(methods)
+    if not methods:
+        raise ValueError(f"methods: none given; choose from {', '.join(METHODS)}")
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
+        if methods.count(m) > 1:
+            raise ValueError(f"methods: {m!r} is given twice")
     os.makedirs(out_dir, exist_ok=True)
     ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
     if any(m != "ce" for m in methods):
         check_cuda_kernels(ctx.device)  # before the teacher trains, not after
     data = build_data(cfg)
     teacher = teacher or cfg.teacher.checkpoint
+    if teacher is not None and any(m != "ce" for m in methods):
+        # A missing or mismatched teacher fails now, not after the ce student has trained.
+        open_teacher(cfg, teacher, "kd", data.num_classes, in_channels=data.in_channels)
     teacher_entry = None
     if teacher is None and any(m != "ce" for m in methods):
         res = train_teacher(cfg, os.path.join(out_dir, "teacher"), resume=resume,

@@ -308,7 +308,7 @@ class TeacherLogitCache:
     def __init__(self, cache_dir: Optional[Union[str, os.PathLike]] = None, dtype: str = "float32"):
         if dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
-        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+        self.cache_dir = None if cache_dir is None else os.path.expanduser(os.fspath(cache_dir))
         self.dtype = dtype
         self._memory: dict[str, torch.Tensor] = {}
         self.last_hit: Optional[bool] = None  # whether the last get() reused stored logits

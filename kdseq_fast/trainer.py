@@ -47,8 +47,8 @@ from .nonfinite import RejectedSteps
 from .progress import RunProgress
 from .reports import accuracy_target, steps_to_target
 from .run_dir import RESUME_IGNORED_KEYS, RunDirectory, RunDirError, TrainResult, check_resumable, resume_hash
-from .run_inputs import (DataBundle, build_data, load_teacher, make_loader, ordered_batch_size,
-                         rank_loss_weight, shared_teacher_logits)
+from .run_inputs import (DataBundle, build_data, load_teacher, make_loader, open_teacher,
+                         ordered_batch_size, rank_loss_weight, shared_teacher_logits)
 from .runtime import (GracefulStop, RunContext, SegmentTimer, capture_rng_state, load_latest_checkpoint,
                       restore_rng_state, save_checkpoint, setup_run, test_dump_hook, test_kill_hook)
 from .schedule import EpochPlan
@@ -233,16 +233,8 @@ class Trainer:
         self.teacher_path = None
         if self.method not in ("kd", "isl"):
             return None
-        teacher = teacher if teacher is not None else self.cfg.teacher.checkpoint
-        if teacher is None:
-            raise ValueError(f"method {self.method!r} needs a teacher: pass --teacher PATH or set "
-                             "teacher.checkpoint (train one with `kdseq-fast train-teacher`)")
-        if isinstance(teacher, torch.nn.Module):
-            self.teacher = teacher.eval()
-        else:
-            self.teacher_path = os.path.abspath(os.fspath(teacher))
-            self.teacher = load_teacher(self.cfg, self.teacher_path, self.num_classes,
-                                        in_channels=self.data.in_channels)
+        self.teacher, self.teacher_path = open_teacher(self.cfg, teacher, self.method, self.num_classes,
+                                                       in_channels=self.data.in_channels)
         self.teacher.to(self.device, memory_format=self._memory_format)
         return self._compile(self.teacher)
 
@@ -337,8 +329,9 @@ class Trainer:
         self._last_checkpoint_step = p.global_step
         # Epoch records written after this checkpoint will be produced again.
         self.run_dir.truncate_metrics(p.metrics_lines)
-        self.log(f"[{self.label}] resuming from {os.path.basename(path)}: epoch "
-                 f"{p.epoch + 1}/{self.total_epochs}, batch {p.batch_in_epoch}, step {p.global_step}")
+        where = (f"all {self.total_epochs} epochs done, writing the results" if p.epoch >= self.total_epochs
+                 else f"epoch {p.epoch + 1}/{self.total_epochs}, batch {p.batch_in_epoch}")
+        self.log(f"[{self.label}] resuming from {os.path.basename(path)}: {where}, step {p.global_step}")
 
     # ------------------------------------------------------------------ helpers
     def _emit(self, hook: str, *args) -> None:

@@ -121,15 +121,93 @@ def test_demo_on_digits(tmp_path, capsys):
     assert "already complete" in text2
 
 
+def test_resume_of_a_finished_run_holds_it_to_its_teacher(tmp_path, capsys, teacher_ckpt):
+    import torch
+
+    out = tmp_path / "kd"
+    base = ["distill", "--method", "kd", "--out", str(out), "--quiet"] + _sets(TINY)
+    _main(base + ["--teacher", str(teacher_ckpt)], capsys)
+    assert "already complete" in _main(base + ["--teacher", str(teacher_ckpt), "--resume"], capsys)
+    # The same architecture with other weights: the finished run is not this run.
+    other = tmp_path / "other_teacher.pt"
+    sd = torch.load(teacher_ckpt, weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}, other)
+    rc = cli.main(base + ["--teacher", str(other), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "distilled from other teacher weights" in err
+
+
+def test_compare_checks_its_inputs_before_any_student_trains(tmp_path, capsys, teacher_ckpt):
+    out = tmp_path / "cmp"
+    rc = cli.main(["compare", "--teacher", str(teacher_ckpt) + "x", "--out", str(out), "--quiet"]
+                  + _sets(TINY))
+    assert rc == 2 and "teacher checkpoint not found" in capsys.readouterr().err
+    assert not (out / "ce").exists()  # ce did not train first
+    rc = cli.main(["compare", "--teacher", str(teacher_ckpt), "--out", str(out), "--quiet",
+                   "--set", "teacher.arch=resnet20"] + _sets(TINY[:6] + TINY[7:]))
+    assert rc == 2 and "does not fit teacher.arch=resnet20" in capsys.readouterr().err
+    assert not (out / "ce").exists()
+    for methods, msg in [("ce,ce", "'ce' is given twice"), (",", "none given")]:
+        rc = cli.main(["compare", "--methods", methods, "--out", str(out), "--quiet"] + _sets(TINY))
+        assert rc == 2 and msg in capsys.readouterr().err
+
+
+def test_a_run_checkpoint_is_a_teacher_and_a_score_checkpoint(tmp_path, capsys, teacher_ckpt):
+    ckpt = teacher_ckpt.parent / "checkpoint.pt"  # the run's own checkpoint (header, checksum)
+    _main(["distill", "--method", "kd", "--teacher", str(ckpt), "--out", str(tmp_path / "kd"), "--quiet"]
+          + _sets(TINY), capsys)
+    _main(["score", "--checkpoint", str(ckpt), "--arch", "resnet8", "--teacher", str(ckpt),
+           "--out", str(tmp_path / "s"), "--quiet"] + _sets(TINY), capsys)
+    assert np.abs(np.load(tmp_path / "s" / "scores_train.npy")[:, 1]).max() < 1e-4  # same weights
+    not_a_checkpoint = tmp_path / "notes.txt"
+    not_a_checkpoint.write_text("hello")
+    rc = cli.main(["score", "--checkpoint", str(not_a_checkpoint), "--out", str(tmp_path / "s2"), "--quiet"]
+                  + _sets(TINY))
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not a PyTorch checkpoint" in err and "weights_only" not in err
+
+
+def test_an_unusable_out_is_exit_2_before_any_work(tmp_path, capsys, teacher_ckpt):
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        for cmd in (["distill", "--method", "ce"], ["score", "--checkpoint", str(teacher_ckpt),
+                                                     "--arch", "resnet8"]):
+            rc = cli.main(cmd + ["--out", str(out), "--quiet"] + _sets(TINY))
+            err = capsys.readouterr().err
+            assert rc == 2 and err.startswith("error:") and "Traceback" not in err, err
+            assert str(a_file) in err
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["distill", "--out", str(tmp_path), "--resume", "--overwrite"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 def test_unknown_config_key_is_exit_2(tmp_path, capsys):
     rc = cli.main(["distill", "--out", str(tmp_path), "--set", "optim.learning_rate=0.1"])
     assert rc == 2 and "optim.learning_rate" in capsys.readouterr().err
 
 
-def test_find_config_packaged_name():
+def test_find_config_packaged_name(tmp_path, monkeypatch):
     assert os.path.basename(cli.find_config("digits_quick")) == "digits_quick.yaml"
     with pytest.raises(FileNotFoundError, match="not_a_recipe"):
         cli.find_config("not_a_recipe")
+    # The README's form, run outside the source tree, finds the packaged recipe; other directories
+    # are not second-guessed.
+    monkeypatch.chdir(tmp_path)
+    found = cli.find_config("configs/cifar100_resnet32x4_resnet8x4.yaml")
+    assert os.path.isfile(found) and os.path.basename(found) == "cifar100_resnet32x4_resnet8x4.yaml"
+    with pytest.raises(FileNotFoundError):
+        cli.find_config("elsewhere/cifar100_resnet32x4_resnet8x4.yaml")
+
+
+def test_config_that_is_not_utf8_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("seed: 1  # r\xe9sum\xe9\n".encode("latin-1"))
+    rc = cli.main(["distill", "--config", str(bad), "--out", str(tmp_path / "o")])
+    assert rc == 2 and f"{bad} is not UTF-8 text" in capsys.readouterr().err
 
 
 def test_info_reports_the_build(capsys):

@@ -206,6 +206,17 @@ def test_imagefolder(tmp_path):
         get_dataset("imagefolder", tmp_path / "nothing", "train")
 
 
+def test_a_root_with_a_tilde_is_under_home(tmp_path, monkeypatch):
+    # data.root comes from a config file or --set, where no shell expands "~".
+    rng = _rng(6)
+    d = tmp_path / "data" / "train" / "a"
+    d.mkdir(parents=True)
+    (d / "0.png").write_bytes(_png_bytes(rng, 8))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ds = get_dataset("imagefolder", "~/data", "train")
+    assert ds.images[0] == str(d / "0.png")
+
+
 # ------------------------------------------------------------------ digits ------------------
 def test_digits_split_is_fixed_and_stratified():
     tr1, te1 = digits_split_indices()

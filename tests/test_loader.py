@@ -1,5 +1,6 @@
 """CurriculumLoader: order, pixels, sharding, resume and augmentation on both backends."""
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -351,6 +352,25 @@ def test_file_dataset_errors(files):
     L = CurriculumLoader(paths, labels, 4, backend="torch", augment=None)
     with pytest.raises(ValueError, match="image_size"):
         list(L)  # decoded sizes differ and no image_size to unify them
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("augment", [None, "rrc"])
+def test_a_file_that_does_not_decode_is_a_clear_error(files, tmp_path, backend, augment):
+    if backend == "dali" and not HAVE_DALI:
+        pytest.skip("no DALI")
+    paths, labels = files
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    L = CurriculumLoader(paths[:3] + [str(broken)], labels[:4], 2, backend=backend, augment=augment,
+                         image_size=24, mean=MEAN, std=STD)
+    L.set_order(np.arange(4))
+    # The torch backend names the file, and so does DALI's rrc (it reads the image sizes on the
+    # host); DALI's decoder does not, so its error points at the torch backend.
+    names_file = backend == "torch" or augment == "rrc"
+    match = re.escape(str(broken)) if names_file else "could not decode an image.*loader_backend=torch"
+    with pytest.raises(ValueError, match=match):
+        run_pass(L)
 
 
 # ---------------------------------------------------------------- CUDA

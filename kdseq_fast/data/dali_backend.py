@@ -41,10 +41,13 @@ def dali_import_error() -> Optional[str]:
     return _IMPORT_ERROR
 
 
-def _image_hw_from_bytes(data: np.ndarray):
+def _image_hw_from_bytes(data: np.ndarray, path: str):
     from PIL import Image
-    with Image.open(io.BytesIO(data.tobytes())) as im:  # parses the header only
-        w, h = im.size
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:  # parses the header only
+            w, h = im.size
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"cannot decode image {path}: {exc}") from None
     return h, w
 
 
@@ -73,6 +76,7 @@ class DaliBackend:
         s, e = p.spans[i]
         idx = p.order[s:e]
         outs = []
+        paths = None
         if self.L._is_files:
             paths = [self.L._images[k] for k in idx]
             pool = self._io_pool
@@ -88,8 +92,8 @@ class DaliBackend:
             start = (np.stack([oy, ox], axis=1) - p.padding).astype(np.int32)
             outs += [start, flip.astype(np.int32)]
         elif p.augment == "rrc":
-            boxes = np.array([aug.rrc_params(*_image_hw_from_bytes(enc), p.seed, p.epoch, pos)
-                              for enc, pos in zip(outs[0], range(s, e))], dtype=np.float32)
+            boxes = np.array([aug.rrc_params(*_image_hw_from_bytes(enc, path), p.seed, p.epoch, pos)
+                              for enc, path, pos in zip(outs[0], paths, range(s, e))], dtype=np.float32)
             outs += [boxes[:, :2].copy(), (boxes[:, :2] + boxes[:, 2:]).copy(),
                      p.flips[s:e].numpy().astype(np.int32)]
         return tuple(outs)
@@ -175,7 +179,17 @@ class DaliBackend:
             self._iter.reset()
         self._needs_rebuild = True
         dev = self.device
-        for out in self._iter:
+        it = iter(self._iter)
+        while True:
+            try:
+                out = next(it)
+            except StopIteration:
+                break
+            except RuntimeError as exc:
+                explained = _decode_error(exc)
+                if explained is None:
+                    raise
+                raise explained from exc
             d = out[0]
             yield {"images": d["images"],
                    "labels": d["labels"].reshape(-1).to(dev, non_blocking=True),
@@ -192,3 +206,16 @@ class DaliBackend:
         if self._io_pool is not None:
             self._io_pool.shutdown(wait=False)
             self._io_pool = None
+
+
+def _decode_error(exc: RuntimeError) -> ValueError | None:
+    """A clear error for DALI's failure to decode an image, which names neither the file nor what
+    to do (the torch backend names the file); None for other errors."""
+    text = str(exc)
+    if "decod" not in text.lower() and "nvimagecodec" not in text.lower():
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = next((line for line in lines if "decod" in line.lower() or "nvimagecodec" in line.lower()),
+                 lines[0] if lines else text)
+    return ValueError(f"the DALI loader could not decode an image ({first[:300].rstrip(',.:; ')}). A file in the "
+                      "dataset is corrupt or not an image; --set data.loader_backend=torch names it")

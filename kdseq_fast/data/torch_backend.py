@@ -16,8 +16,11 @@ def _decode_file(path: str, box, image_size):
     from PIL import Image
     import torchvision.transforms.v2.functional as TF
 
-    with Image.open(path) as im:
-        img = im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for unreadable/corrupt files
+        raise ValueError(f"cannot decode image {path}: {exc}") from None
     if box is not None:
         top, left, h, w = box
         img = TF.resized_crop(img, top, left, h, w, [image_size, image_size], antialias=True)
@@ -28,8 +31,11 @@ def _decode_file(path: str, box, image_size):
 
 def _image_hw(path: str):
     from PIL import Image
-    with Image.open(path) as im:  # reads the header only
-        w, h = im.size
+    try:
+        with Image.open(path) as im:  # reads the header only
+            w, h = im.size
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"cannot decode image {path}: {exc}") from None
     return h, w
 
 
