@@ -1,7 +1,8 @@
 """Command line: ``kdseq-fast`` / ``python -m kdseq_fast``.
 
-Subcommands: ``train-teacher``, ``distill``, ``compare``, ``score``, ``demo``. Every one takes
-``--config``, ``--set key=value`` (repeatable), ``--seed``, ``--device``, ``--resume``, ``--quiet``.
+Subcommands: ``train-teacher``, ``distill``, ``compare``, ``score``, ``demo``, ``info``. All but
+``info`` take ``--config``, ``--set key=value`` (repeatable), ``--seed``, ``--device``, ``--out``,
+``--quiet``; those that train also take ``--resume`` or ``--overwrite``.
 Exit status: 0 on success and after a SIGTERM/SIGINT checkpoint; 2 for bad input (config,
 paths, checkpoints, a different run in ``--out``); 3 when training hit a non-finite loss.
 
@@ -38,18 +39,19 @@ def find_config(name: str) -> str:
                             f"{', '.join(os.path.dirname(c) for c in candidates)})")
 
 
-def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, *, out_required: bool = True, run_flags: bool = True) -> None:
     p.add_argument("--config", help="YAML recipe (path or packaged name such as digits_quick)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=0.1 (repeatable)")
     p.add_argument("--seed", type=int, help="shorthand for --set seed=N")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (shorthand for --set device=...)")
     p.add_argument("--out", required=out_required, help="output directory")
-    start = p.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true",
-                       help="continue the run in --out from its last good checkpoint")
-    start.add_argument("--overwrite", action="store_true",
-                       help="start over even if --out already holds a run")
+    if run_flags:  # commands that train into --out
+        start = p.add_mutually_exclusive_group()
+        start.add_argument("--resume", action="store_true",
+                           help="continue the run in --out from its last good checkpoint")
+        start.add_argument("--overwrite", action="store_true",
+                           help="start over even if --out already holds a run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--dist-backend", choices=("nccl", "gloo", "mpi", "ucc"),
                    help="under torchrun: process-group backend (default nccl on GPU, gloo on "
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher checkpoint; trained into OUT/teacher when absent")
 
     p = sub.add_parser("score", help="score a dataset split with a checkpoint -> (N, 6) matrix")
-    _common(p)
+    _common(p, run_flags=False)
     p.add_argument("--checkpoint", required=True,
                    help="weights to score with (student.pt, teacher.pt, checkpoint.pt, RepDistiller)")
     p.add_argument("--arch", help="architecture of --checkpoint (default: student.arch)")

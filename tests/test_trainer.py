@@ -122,7 +122,7 @@ def test_same_dir_without_resume_is_refused(isl_run, teacher_run):
     cfg = load_config(None, BASE)
     with pytest.raises(RunDirError, match="--resume"):
         Trainer(cfg, result.out_dir, method="isl", teacher=teacher_run.weights_path, quiet=True)
-    with pytest.raises(RunDirError, match="different run"):
+    with pytest.raises(RunDirError, match=r"different run \(role student, method isl\), not role student, method kd"):
         Trainer(cfg, result.out_dir, method="kd", teacher=teacher_run.weights_path, quiet=True)
 
 
