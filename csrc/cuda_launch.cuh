@@ -45,6 +45,11 @@ struct CudaLauncher {
   template <typename... KArgs, typename... Args>
   void operator()(const cuda_rows::LaunchDims& d, void (*kernel)(KArgs...), Args&&... args) {
     if (d.cluster > 1) {
+      // Every cluster plan asks cluster_ok first; a launch without it would give wrong numbers.
+      TORCH_CHECK(has_cluster_code(kernel), "kdseq: internal error: a cluster launch of a kernel compiled "
+                  "without clusters (", KDSEQ_CUDA_ARCHS, " on compute capability ",
+                  at::cuda::getDeviceProperties(device)->major, ".", at::cuda::getDeviceProperties(device)->minor,
+                  ")");
       cudaLaunchConfig_t cfg = {};
       cfg.gridDim = dim3(d.grid);
       cfg.blockDim = dim3(d.block);
@@ -91,10 +96,34 @@ struct CudaLauncher {
     return bytes <= it->second;
   }
 
+  // Whether the code of `kernel` that runs on this device has clusters compiled in
+  // (KDSEQ_HAS_CLUSTERS: built from a compute_90 or newer virtual architecture). A Hopper GPU runs a
+  // build whose best match is older PTX (TORCH_CUDA_ARCH_LIST="8.0+PTX") by JIT-compiling that PTX,
+  // and there every cluster branch is gone: a cluster launch would leave each CTA thinking it is
+  // alone (wrong sums, unwritten gradient columns, rows out of bounds). Asked once per (kernel, device).
+  template <typename... KArgs>
+  bool has_cluster_code(void (*kernel)(KArgs...)) {
+    static std::mutex mu;
+    static std::map<std::pair<const void*, int>, bool> known;
+    const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = known.find(key);
+    if (it == known.end()) {
+      cudaFuncAttributes attr;
+      // ptxVersion: the virtual architecture the code was compiled from, major * 10 + minor.
+      const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
+      (void)cudaGetLastError();  // a refused query is an answer, not a sticky error
+      it = known.emplace(key, ok).first;
+    }
+    return it->second;
+  }
+
   // Whether `ctas`-CTA clusters of `kernel` (with `smem` bytes of dynamic shared memory a CTA, after
-  // smem_ok) fit on this device (asked once per kernel, size, shared memory, device).
+  // smem_ok) fit on this device (asked once per kernel, size, shared memory, device): the kernel's
+  // code here has clusters (has_cluster_code) and the device can schedule them.
   template <typename... KArgs>
   bool cluster_ok(void (*kernel)(KArgs...), int ctas, int64_t smem = 0) {
+    if (!has_cluster_code(kernel)) return false;
     static std::mutex mu;
     static std::map<std::tuple<const void*, int, int64_t, int>, bool> known;
     const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), ctas, smem, device);

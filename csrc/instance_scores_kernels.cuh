@@ -84,7 +84,10 @@ __global__ void __launch_bounds__(kBlockThreads) instance_scores_kernel(const Sc
       for (int i = 0; i < kChunk; ++i) {
         const int64_t j = j0 + i;
         if (j < cols) {
-          if (cfirst < 0 || sv[i] > cms) cfirst = j;  // only a strictly larger value moves it
+          // The first non-NaN value starts it, only a strictly larger one moves it: NaN is never
+          // the argmax (as on the CPU, where the chunk's first index equal to its NaN-skipping
+          // maximum is taken; an all-NaN chunk leaves it unset).
+          if (cfirst < 0 ? sv[i] == sv[i] : sv[i] > cms) cfirst = j;
           cms = kd_max(cms, sv[i]);
           if (j != y) st.m_noty = kd_max(st.m_noty, sv[i]);
           if (with_teacher) cmt = kd_max(cmt, tv[i]);

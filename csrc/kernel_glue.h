@@ -68,7 +68,10 @@ std::tuple<at::Tensor, at::Tensor, kd_kernels::Plan> kd_loss_launch(
   TORCH_CHECK(f64 == (t.scalar_type() == at::kDouble), "kdseq: float64 logits must be used for both student and teacher");
   const auto acc = f64 ? at::kDouble : at::kFloat;
   const bool has_labels = labels.defined();
-  const bool with_ce = has_labels && args.ce_weight != 0.0;
+  // Decided on the weight as the kernels hold it: a ce_weight that rounds to 0 in fp32 (below ~1e-45)
+  // must not switch the CE term on here while the split statistics kernel, which reads the fp32
+  // value, leaves it off (log Z of the CE term -inf, 0 * inf = NaN).
+  const bool with_ce = has_labels && (f64 ? args.ce_weight != 0.0 : static_cast<float>(args.ce_weight) != 0.0f);
   at::Tensor row_loss = at::empty({B}, s.options().dtype(acc));
   at::Tensor grad = compute_grad ? fresh_grad_buffer(s) : at::empty({0}, s.options());
   at::Tensor loss = reduction == kNone ? row_loss : at::empty({}, s.options().dtype(acc));

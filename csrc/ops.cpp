@@ -65,12 +65,18 @@ at::Tensor check_kd_args(const at::Tensor& student, const at::Tensor& teacher, c
   check_logits(student, "student_logits");
   check_logits(teacher, "teacher_logits");
   TORCH_CHECK(student.sizes() == teacher.sizes(), "kdseq: student_logits and teacher_logits shapes differ");
+  // The dispatcher picks the kernel from all arguments' devices; a kernel must never get a pointer
+  // into another device's memory (the Python wrapper checks this too, direct op calls do not).
+  TORCH_CHECK(teacher.device() == student.device(), "kdseq: teacher_logits is on ", teacher.device(),
+              " but student_logits is on ", student.device());
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "kdseq: temperature must be finite and > 0");
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, "kdseq: bad reduction code ", reduction);
   const bool has_labels = labels.has_value() && labels->defined();
   TORCH_CHECK(has_labels || ce_weight == 0.0, "kdseq: labels are required when ce_weight > 0");
   if (!has_labels) return at::Tensor();
   TORCH_CHECK(labels->dim() == 1 && labels->size(0) == student.size(0), "kdseq: labels must have shape (B,)");
+  TORCH_CHECK(labels->device() == student.device(), "kdseq: labels is on ", labels->device(),
+              " but student_logits is on ", student.device());
   return labels->to(at::kLong).contiguous();
 }
 
@@ -121,10 +127,14 @@ at::Tensor check_score_args(const at::Tensor& student, const at::Tensor& labels,
                             const std::optional<at::Tensor>& teacher, double temperature) {
   check_logits(student, "student_logits");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == student.size(0), "kdseq: labels must have shape (B,)");
+  TORCH_CHECK(labels.device() == student.device(), "kdseq: labels is on ", labels.device(),
+              " but student_logits is on ", student.device());
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "kdseq: temperature must be finite and > 0");
   if (!teacher.has_value() || !teacher->defined()) return at::Tensor();
   check_logits(*teacher, "teacher_logits");
   TORCH_CHECK(teacher->sizes() == student.sizes(), "kdseq: student_logits and teacher_logits shapes differ");
+  TORCH_CHECK(teacher->device() == student.device(), "kdseq: teacher_logits is on ", teacher->device(),
+              " but student_logits is on ", student.device());
   return *teacher;
 }
 

@@ -194,7 +194,7 @@ def _cmd_score(args, log) -> int:
         teacher = load_teacher(cfg, args.teacher, data.num_classes, ctx.device,
                                in_channels=data.in_channels)
         cache_dir = cfg.train.teacher_cache_dir or os.path.join(args.out, "cache")
-        key = data.key if args.split == "train" else data.key.replace("-train-", "-test-")
+        key = data.key if args.split == "train" else data.test_key
         t_logits = shared_teacher_logits(
             ctx, TeacherLogitCache(cache_dir, dtype=cfg.train.teacher_cache_dtype), teacher,
             loader, num_items=len(split), key=key, device=ctx.device,

@@ -544,15 +544,16 @@ def phase_epochs(cfg: Mapping) -> int:
     return rest // phases
 
 
-_NUM = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
-_TERM_RE = re.compile(rf"^(?:(?P<coef>{_NUM})\s*\*\s*)?(?P<name>1-p_true|-margin|ce|kd|entropy)$")
+_NUM = r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+_TERM_RE = re.compile(rf"^(?:(?P<coef>{_NUM})\*)?(?P<name>1-p_true|-margin|ce|kd|entropy)$")
 
 
 def parse_measure(measure: str) -> list[tuple[float, str]]:
-    """Parse ``"ce"``, ``"ce+0.5*kd"``, ``"2*-margin+entropy"`` into ``[(coef, term), ...]``.
+    """Parse ``"ce"``, ``"ce+0.5*kd"``, ``"2*-margin+entropy"``, ``"ce+-0.1*entropy"`` into
+    ``[(coef, term), ...]``: the one parser of measures, for the config and for ``difficulty``.
 
     Terms are :data:`MEASURE_TERMS`, each oriented so that larger means harder; terms are joined
-    by ``+`` and may carry a non-negative coefficient ``c*``.
+    by ``+`` and may carry a coefficient ``c*`` (a number, possibly negative or with an exponent).
     """
     if not isinstance(measure, str) or not measure.strip():
         raise ValueError(f"measure must be a non-empty string, got {measure!r}")
@@ -563,7 +564,8 @@ def parse_measure(measure: str) -> list[tuple[float, str]]:
         m = _TERM_RE.match(part)
         if not m:
             raise ValueError(f"bad measure term {part!r} in {measure!r}; terms are "
-                             f"{', '.join(MEASURE_TERMS)}, optionally weighted like '0.5*kd'")
+                             f"{', '.join(MEASURE_TERMS)}, optionally weighted like '0.5*kd', "
+                             "joined by '+'")
         out.append((float(m.group("coef")) if m.group("coef") else 1.0, m.group("name")))
     return out
 

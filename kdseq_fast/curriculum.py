@@ -208,8 +208,9 @@ class OrderGenerator:
 
         ``mix_frac`` (easy-first mixing): that share of every batch, rounded, is drawn uniformly
         without replacement from the not-yet-admitted rest of the sequence (none once everything
-        is admitted); the other rows come from the admitted prefix as above. 0 keeps the orders
-        (and their random streams) exactly as without mixing.
+        is admitted); the other rows come from the admitted prefix as above, and the drawn rows sit
+        at evenly spaced places of the batch (each rank of a distributed run gets its share). 0
+        keeps the orders (and their random streams) exactly as without mixing.
         """
         if isinstance(mix_frac, bool) or not isinstance(mix_frac, (int, float, np.floating)) or \
                 not 0.0 <= float(mix_frac) < 1.0:
@@ -235,6 +236,7 @@ class OrderGenerator:
                 if k:
                     positions[out + a:out + b] = n + mix_rng.choice(self.num_items - n, size=k,
                                                                     replace=False)
+                    _spread_tail(positions[out:out + b], k)
                 cursor = (cursor + a) if cursor + a <= n else (cursor + a) % n
                 out += b
         else:
@@ -245,7 +247,7 @@ class OrderGenerator:
                 n = int(n)
                 k = self._mixed_rows(mix_frac, n, int(b))
                 if k:
-                    # Drawn before the prefix rows and appended after them, from the same stream.
+                    # Drawn before the prefix rows, from the same stream; spread through the batch below.
                     rest = n + rng.choice(self.num_items - n, size=k, replace=False)
                     positions[out + b - k:out + b] = rest
                     b = b - k
@@ -266,6 +268,8 @@ class OrderGenerator:
                     chosen = pool[pick]
                     pool = np.delete(pool, pick)
                 positions[out:out + b] = chosen
+                if k:
+                    _spread_tail(positions[out:out + b + k], k)
                 out += b + k
         return seq[positions], admitted
 
@@ -286,3 +290,17 @@ class OrderGenerator:
                     cursor = 0
                 cursor = (cursor + a) if cursor + a <= n else (cursor + a) % n
         return cursor
+
+
+def _spread_tail(batch: np.ndarray, k: int) -> None:
+    """Moves a batch's last ``k`` rows (the easy-first mixing draws) in place to evenly spaced
+    slots, keeping both groups' own order. Under torch.distributed each rank trains on a contiguous
+    part of the global batch and normalizes it with its own BatchNorm statistics: with the draws at
+    the end, the last rank got all of them and the others none."""
+    b = batch.size
+    mixed = batch[b - k:].copy()
+    slots = ((np.arange(k) + 0.5) * b / k).astype(np.int64)  # distinct: b / k > 1
+    keep = np.ones(b, dtype=bool)
+    keep[slots] = False
+    batch[keep] = batch[:b - k].copy()
+    batch[slots] = mixed

@@ -129,6 +129,23 @@ class DatasetSplit:
         """True when ``images`` are file paths to decode rather than an in-memory array."""
         return not isinstance(self.images, np.ndarray)
 
+    def content_digest(self) -> str:
+        """sha256 of what this split holds: the labels and the pixels, or for a file dataset each
+        file's path, size and modification time (no decode). Another dataset of the same name and
+        size, relabelled data or replaced files give another digest (the teacher-logit cache key)."""
+        if getattr(self, "_digest", None) is None:
+            h = hashlib.sha256()
+            h.update(self.labels.tobytes())
+            if self.is_files:
+                for path in self.images:
+                    st = os.stat(path)
+                    h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            else:
+                h.update(str(self.images.shape).encode())
+                h.update(memoryview(np.ascontiguousarray(self.images)).cast("B"))
+            self._digest = h.hexdigest()
+        return self._digest
+
 
 # --------------------------------------------------------------------------------------------
 # Entry points

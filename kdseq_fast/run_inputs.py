@@ -23,6 +23,7 @@ class DataBundle:
     num_classes: int
     key: str             # identifies the training data for the teacher-logit cache
     in_channels: int = 3  # image channels the models are built for (1 for Fashion-MNIST)
+    test_key: str = ""   # the same for the test split (scoring it)
 
 
 def build_data(cfg: Config) -> DataBundle:
@@ -35,11 +36,14 @@ def build_data(cfg: Config) -> DataBundle:
     if train.num_classes != test.num_classes:
         raise ValueError(f"train/test class counts differ: {train.num_classes} vs {test.num_classes}")
     d = cfg.data
-    key = f"{d.name}-train-n{len(train)}-s{d.image_size}"
-    if d.name == "synthetic":
-        key += f"-c{d.synthetic_classes}"
+
+    def key(split) -> str:
+        # What the teacher saw, not just its name and size: another folder of as many images, or
+        # relabelled data, must not reuse a stored teacher-logit file.
+        return f"{d.name}-{split.split}-n{len(split)}-s{d.image_size}-{split.content_digest()[:16]}"
+
     channels = 3 if train.is_files else int(train.images.shape[-1])
-    return DataBundle(train, test, int(train.num_classes), key, channels)
+    return DataBundle(train, test, int(train.num_classes), key(train), channels, key(test))
 
 
 def ordered_batch_size(num_items: int, batch_size: int, world: int) -> int:

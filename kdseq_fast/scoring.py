@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ._extension import check_cuda_kernels
 from .amp import autocast as amp_autocast
+from .config import MEASURE_TERMS, parse_measure
 from .ops import SCORE_FIELDS, instance_scores
 
 __all__ = ["SCORE_FIELDS", "MEASURES", "score_dataset", "compute_logits", "TeacherLogitCache",
@@ -44,6 +44,7 @@ MEASURES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "-margin": lambda s: -s[:, SCORE_FIELDS.index("margin")],
     "entropy": lambda s: s[:, SCORE_FIELDS.index("entropy")],
 }
+assert tuple(MEASURES) == MEASURE_TERMS, "scoring.MEASURES and config.MEASURE_TERMS must name the same terms"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,8 +300,8 @@ class TeacherLogitCache:
     """Teacher logits on the un-augmented training set, computed once per run and reused.
 
     With ``cache_dir`` the matrix is stored as ``teacher_logits_<key>.npy`` (+ ``.json`` metadata),
-    keyed by a hash of the teacher weights, the dataset key (name/split/size, given by the caller)
-    and the storage dtype; a later run with the same teacher and data memory-maps it instead of
+    keyed by a hash of the teacher weights, the dataset key (given by the caller; the trainer's
+    holds the split's name, size and a digest of its contents) and the storage dtype; a later run with the same teacher and data memory-maps it instead of
     recomputing. ``dtype="float16"`` halves the storage for large N x C. Without ``cache_dir`` the
     logits are kept in memory for the lifetime of this object.
     """
@@ -385,23 +386,6 @@ class TeacherLogitCache:
         os.replace(tmp, path)
         with open(path[:-4] + ".json", "w") as f:
             json.dump(meta, f, indent=1)
-
-
-_TERM = re.compile(r"^\s*(?:(?P<coef>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*)?(?P<name>[-\w.]+)\s*$")
-
-
-def parse_measure(measure: str) -> list[tuple[float, str]]:
-    """``"ce+0.5*kd"`` -> [(1.0, "ce"), (0.5, "kd")]; unknown names raise ValueError."""
-    if not isinstance(measure, str) or not measure.strip():
-        raise ValueError(f"measure must be a non-empty string like 'ce' or 'ce+0.5*kd', got {measure!r}")
-    terms = []
-    for part in measure.split("+"):
-        m = _TERM.match(part)
-        if not m or m.group("name") not in MEASURES:
-            raise ValueError(f"unknown difficulty measure term {part.strip()!r} in {measure!r}; valid names: "
-                             f"{', '.join(MEASURES)} (combine as weighted sums like 'ce+0.5*kd')")
-        terms.append((float(m.group("coef")) if m.group("coef") else 1.0, m.group("name")))
-    return terms
 
 
 def difficulty(scores: torch.Tensor, measure: str = "ce") -> torch.Tensor:

@@ -29,6 +29,7 @@ identical instance sequence, and evaluation counts are summed over ranks.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -156,9 +157,10 @@ class Trainer:
         if self.role == "teacher":
             self.total_epochs = cfg.teacher.epochs or cfg.optim.epochs
             self.base_lr = cfg.teacher.lr or cfg.optim.lr
-            # A shorter teacher schedule keeps the decay points at the same fractions.
+            # A shorter teacher schedule keeps the decay points at the same fractions, and every
+            # decay: points that round to the same epoch stay repeated (MultiStepLR applies each).
             scale = self.total_epochs / cfg.optim.epochs
-            self.milestones = sorted({max(1, round(m * scale)) for m in cfg.optim.lr_decay_epochs})
+            self.milestones = sorted(max(1, math.floor(m * scale + 0.5)) for m in cfg.optim.lr_decay_epochs)
             self.arch = cfg.teacher.arch
         else:
             self.total_epochs = cfg.optim.epochs

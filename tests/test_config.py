@@ -153,9 +153,23 @@ def test_parse_measure():
     assert parse_measure("2*-margin+1-p_true+entropy") == [(2.0, "-margin"), (1.0, "1-p_true"),
                                                           (1.0, "entropy")]
     assert parse_measure("1e+1*kd") == [(10.0, "kd")]
-    for bad in ("", "margin", "ce+", "0.5*", "ce*2"):
+    assert parse_measure("ce+1E+0*kd+-0.1*entropy+1.*-margin") == [(1.0, "ce"), (1.0, "kd"), (-0.1, "entropy"),
+                                                                   (1.0, "-margin")]
+    for bad in ("", "margin", "ce+", "0.5*", "ce*2", "+ce", "--1*ce"):
         with pytest.raises(ValueError):
             parse_measure(bad)
+
+
+def test_a_measure_the_config_accepts_is_one_the_curriculum_can_use():
+    # One parser for both: a measure that validated once crashed the run after warm-up.
+    import torch
+
+    from kdseq_fast import scoring
+
+    assert scoring.parse_measure is parse_measure
+    for measure in ("1e+1*ce", "ce+1E+0*kd", "ce+-0.5*entropy"):
+        cfg = load_config(None, [f"curriculum.measure={measure}"])
+        assert scoring.difficulty(torch.ones(3, 6), cfg.curriculum.measure).shape == (3,)
 
 
 def test_config_mutation_rules():

@@ -323,3 +323,29 @@ def test_instance_scores_every_group(emu):
     check_scores(emu, s, make_labels(6, 3000), make_logits(6, 3000, layout="transposed"), what="layouts")
     bad = emu.instance_scores(make_logits(3, 50), torch.tensor([1, 50, -1]), None, 4.0)
     assert torch.isnan(bad[1:]).all() and torch.isfinite(bad[0]).all()
+
+
+@pytest.mark.parametrize("plan", ["mode=split,segments=3", "", "mode=twopass", "mode=cluster,cluster=3,e=8"])
+def test_a_ce_weight_that_rounds_to_zero_in_fp32_is_no_ce_term(emu, plan):
+    # 1e-50 is not 0 in double but is in fp32: the host once switched the CE term on while the
+    # split statistics kernel, reading the fp32 weight, left it off (NaN loss and gradient).
+    s, t, y = make_logits(4, 5000), make_logits(4, 5000, seed=1), make_labels(4, 5000)
+    loss, grad, _ = emu_loss(emu, s, t, y, plan=plan, ce_weight=1e-50)
+    plain, plain_grad, _ = emu_loss(emu, s, t, y, plan=plan, ce_weight=0.0)
+    assert torch.isfinite(loss) and torch.equal(loss, plain) and torch.equal(grad, plain_grad)
+
+
+def test_instance_scores_rows_with_nan_match_the_cpu(emu):
+    # NaN is never the argmax on either device: `correct` and `margin` skip it, the rest is NaN.
+    for C in (50, 1000, 5000):  # groups of 8, 32 and a CTA
+        s = make_logits(5, C, seed=C)
+        s[0] = math.nan                      # all NaN
+        s[1, 0], s[1, 1:] = math.nan, -math.inf  # NaN first, then the maximum (-inf) at the label
+        s[2, C // 2] = math.nan              # one NaN away from the label
+        s[3, : C // 2] = math.nan            # NaN chunks before the real maximum
+        y = torch.tensor([0, 1, 3, C - 1, 2])
+        t = make_logits(5, C, seed=C + 1)
+        for teacher in (None, t):
+            got = emu.instance_scores(s, y, teacher, 4.0)
+            cpu = kf.instance_scores(s, y, teacher, temperature=4.0)
+            torch.testing.assert_close(got, cpu, rtol=2e-5, atol=2e-5, equal_nan=True, msg=f"C={C}")

@@ -145,6 +145,22 @@ def test_cuda_build_covers_this_gpu():
 
 
 @pytest.mark.cuda
+def test_cuda_direct_op_calls_refuse_tensors_on_another_device():
+    # The dispatcher runs the CUDA kernel when any argument is on the GPU; the C++ checks keep a
+    # host pointer out of the kernels for callers that skip the Python wrapper.
+    s, t = make_logits(4, 100, device="cuda"), make_logits(4, 100, seed=1, device="cuda")
+    y = make_labels(4, 100)
+    with pytest.raises(RuntimeError, match="labels is on cpu"):
+        torch.ops.kdseq.kd_loss(s, t, y, 4.0, 1.0, 0.1, 1, -100, False)
+    with pytest.raises(RuntimeError, match="teacher_logits is on cpu"):
+        torch.ops.kdseq.kd_loss(s, t.cpu(), y.cuda(), 4.0, 1.0, 0.1, 1, -100, False)
+    with pytest.raises(RuntimeError, match="labels is on cpu"):
+        torch.ops.kdseq.instance_scores(s, y, t, 4.0)
+    with pytest.raises(RuntimeError, match="teacher_logits is on cpu"):
+        torch.ops.kdseq.instance_scores(s, y.cuda(), t.cpu(), 4.0)
+
+
+@pytest.mark.cuda
 def test_cuda_unvalidated_labels():
     check_unvalidated_labels("cuda")
 

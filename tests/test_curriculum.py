@@ -194,6 +194,15 @@ def test_easy_first_mixing_share_comes_from_the_rest(strict):
         assert len(np.unique(r[r >= k])) == expect  # without replacement inside the batch
         mixed += expect
     assert mixed > 0
+    # Each rank of a distributed run takes a contiguous part of every batch (and normalizes it with
+    # its own BatchNorm statistics): the drawn rows are spread, not all on the last rank.
+    for s, size, k in zip(starts, g.batch_sizes, admitted):
+        parts = np.array_split(rank[order[s:s + size]], 4)
+        per_rank = [int((part >= k).sum()) for part in parts]
+        assert max(per_rank) - min(per_rank) <= 1, per_rank
+    if strict:  # the admitted rows keep their walk of the sequence, in order
+        r = rank[order[:bs]]
+        assert np.all(np.diff(r[r < admitted[0]]) == 1)
     # Deterministic, and mix_frac=0 reproduces the unmixed orders exactly.
     again, _ = OrderGenerator(n, bs, seed=4).paced_epoch(seq, pacing, phase=1, epoch_in_phase=0,
                                                          phase_epochs=2, strict_order=strict,

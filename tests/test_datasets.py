@@ -206,6 +206,38 @@ def test_imagefolder(tmp_path):
         get_dataset("imagefolder", tmp_path / "nothing", "train")
 
 
+def test_the_teacher_cache_key_tells_datasets_of_one_size_apart(tmp_path):
+    # Two folders of as many images (or relabelled data) once shared a teacher-logit cache key,
+    # so a run reused the other dataset's teacher outputs as its KD targets.
+    from kdseq_fast.run_inputs import build_data
+
+    rng = _rng(7)
+    for root in ("one", "two"):
+        for split in ("train", "val"):
+            d = tmp_path / root / split / "a"
+            d.mkdir(parents=True)
+            for i in range(3):
+                (d / f"{i}.png").write_bytes(_png_bytes(rng, 8))
+    keys = {}
+    for root in ("one", "two"):
+        cfg = load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / root}", "data.image_size=8"])
+        b = build_data(cfg)
+        keys[root] = (b.key, b.test_key)
+        assert b.key != b.test_key
+    assert keys["one"] != keys["two"]
+    assert build_data(cfg).key == keys["two"][0]  # stable for the same data
+
+    x = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    split = DatasetSplit(x, np.array([0, 1, 0, 1]), 2, ["a", "b"], (0.0,) * 3, (1.0,) * 3, 8, "n", "train")
+    same = DatasetSplit(x.copy(), np.array([0, 1, 0, 1]), 2, ["a", "b"], (0.0,) * 3, (1.0,) * 3, 8, "n", "train")
+    relabelled = DatasetSplit(x, np.array([1, 1, 0, 1]), 2, ["a", "b"], (0.0,) * 3, (1.0,) * 3, 8, "n", "train")
+    y = x.copy()
+    y[3, 7, 7, 2] ^= 1
+    one_pixel = DatasetSplit(y, np.array([0, 1, 0, 1]), 2, ["a", "b"], (0.0,) * 3, (1.0,) * 3, 8, "n", "train")
+    assert split.content_digest() == same.content_digest()
+    assert len({split.content_digest(), relabelled.content_digest(), one_pixel.content_digest()}) == 3
+
+
 def test_a_root_with_a_tilde_is_under_home(tmp_path, monkeypatch):
     # data.root comes from a config file or --set, where no shell expands "~".
     rng = _rng(6)

@@ -379,3 +379,19 @@ def test_a_gpu_the_kernels_cannot_run_on_stops_a_run_before_any_work(tmp_path, t
                                       "curriculum.num_phases=1", "curriculum.final_full_epochs=1"])
     runs.compare(short, str(tmp_path / "ce"), methods=("ce",), quiet=True, log=lambda m: None)
     assert len(asked) == 3
+
+
+def test_a_shorter_teacher_schedule_keeps_every_lr_decay(tmp_path):
+    # 150/180/210 of 240 epochs scaled to 6 land on 3.75, 4.5 and 5.25: two of them on epoch 5.
+    # A set once merged those, and epoch 5 ran at 10x the intended LR.
+    cfg = load_config(None, [s for s in BASE if not s.startswith(("optim.", "teacher.epochs"))]
+                      + ["teacher.epochs=6"])
+    assert list(cfg.optim.lr_decay_epochs) == [150, 180, 210] and cfg.optim.epochs == 240
+    t = Trainer(cfg, str(tmp_path / "t"), role="teacher", quiet=True, log=lambda m: None)
+    assert t.milestones == [4, 5, 5]
+    lrs = []
+    for _ in range(6):
+        lrs.append(t.lr)
+        t.scheduler.step()
+    base, g = t.base_lr, cfg.optim.lr_decay_rate
+    assert lrs == pytest.approx([base] * 4 + [base * g, base * g ** 3])
