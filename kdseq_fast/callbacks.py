@@ -38,9 +38,10 @@ class ConsoleLogger(Callback):
 
     def on_epoch_end(self, trainer, record):
         acc = "  -   " if record["test_acc"] is None else f"{record['test_acc']:.4f}"
+        loss = "  -   " if record["train_loss"] is None else f"{record['train_loss']:.4f}"
         self.log(f"[{trainer.label}] phase {record['phase']} epoch {record['epoch']}/"
                  f"{trainer.total_epochs} step {record['steps']} lr {record['lr']:.4g} "
-                 f"loss {record['train_loss']:.4f} acc {acc} admit {record['admitted_frac']:.2f} "
+                 f"loss {loss} acc {acc} admit {record['admitted_frac']:.2f} "
                  f"{record['images_per_s']:.0f} img/s")
 
 

@@ -34,7 +34,7 @@ class EpochSums:
 
     def reset(self) -> None:
         self.values = {"loss_sum": 0.0, "samples": 0, "correct": 0, "steps": 0, "admitted_sum": 0.0,
-                       **{k: 0.0 for k in TIMES}}
+                       "scale_skips": 0, **{k: 0.0 for k in TIMES}}
 
     def __getitem__(self, key: str):
         return self.values[key]
@@ -46,6 +46,8 @@ class EpochSums:
         v["loss_sum"] += read.loss_sum
         v["samples"] += read.samples
         v["correct"] += read.correct
+        # fp16 overflow skips: the ranks agree on them (one all-reduced flag), so not summed.
+        v["scale_skips"] += getattr(read, "scale_skips", 0)
 
     def add_step(self, admitted_frac: float) -> None:
         self.values["steps"] += 1
@@ -72,8 +74,11 @@ class EpochSums:
         v = self.values
         loss_sum, samples, correct = ctx.reduce_sum([v[k] for k in COUNTS])
         return {
-            "train_loss": loss_sum / max(samples, 1), "train_acc": correct / max(samples, 1),
+            # None, not 0, for an epoch whose every step was rejected (train.nonfinite=skip).
+            "train_loss": loss_sum / samples if samples else None,
+            "train_acc": correct / samples if samples else None,
             "admitted_frac": v["admitted_sum"] / max(v["steps"], 1),
+            "loss_scale_skips": v["scale_skips"],
             # Compilation is reported apart, not counted against the throughput.
             "images_per_s": samples / max(v["train_time"] - v["compile"], 1e-9),
             # The model segment encloses the loss call; report them disjoint.

@@ -58,10 +58,15 @@ def ordered_batch_size(num_items: int, batch_size: int, world: int) -> int:
                          "(every rank needs at least one row); use fewer processes")
     if num_items == world:
         return world
+
+    def covers(b: int) -> bool:
+        return not 0 < num_items % b < world
+
+    # The largest batch up to the one asked for, else the smallest above it (num_items always works:
+    # shrinking alone can end below the number of ranks, e.g. 13 items, batch 4, 2 ranks).
     b = max(int(batch_size), world)
-    while 0 < num_items % b < world:
-        b -= 1
-    return b
+    down = next((c for c in range(b, world - 1, -1) if covers(c)), None)
+    return down if down is not None else next(c for c in range(b + 1, num_items + 1) if covers(c))
 
 
 def rank_loss_weight(local_rows: int, global_rows: int, world: int) -> float:

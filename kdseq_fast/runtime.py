@@ -196,6 +196,18 @@ class RunContext:
         torch.distributed.all_reduce(moved, op=torch.distributed.ReduceOp.MAX)
         t.copy_(moved)
 
+    def broadcast_(self, tensors, src: int = 0) -> None:
+        """In place: rank ``src``'s values of ``tensors`` on every rank (no-op with one process)."""
+        if self.world_size == 1:
+            return
+        for t in tensors:
+            if self.backend == "nccl" or t.device.type == "cpu":
+                torch.distributed.broadcast(t, src=src)
+            else:  # gloo/mpi/ucc with a GPU tensor: through host memory
+                moved = t.cpu()
+                torch.distributed.broadcast(moved, src=src)
+                t.copy_(moved)
+
     def broadcast_object(self, obj, src: int = 0):
         """``obj`` from rank ``src`` on every rank (pickled; for small control data)."""
         if self.world_size == 1:

@@ -13,7 +13,9 @@ runs at the speed of the Python loop. So nothing here reads a device value:
 - the host reads them with :meth:`DeviceStep.fold` at log intervals, epoch ends and checkpoints.
 
 fp16 training uses a dynamic loss scale kept on the device (:class:`DynamicLossScale`); bf16 and
-fp32 need none.
+fp32 need none. A step whose scaled fp16 gradients overflow is skipped and halves the scale, as
+``GradScaler`` does; it is counted apart (``scale_skips``), not as a non-finite step, unless the
+loss itself is non-finite or the gradients overflow at a scale of at most 1.
 """
 from __future__ import annotations
 
@@ -127,8 +129,9 @@ class FoldResult:
     loss_sum: float      # sum over accepted samples of the batch-mean loss
     samples: int         # samples of accepted steps
     correct: int         # training predictions equal to the label (accepted steps)
-    bad_steps: int       # steps rejected by the non-finite guard
+    bad_steps: int       # steps rejected by the non-finite guard (train.nonfinite applies to them)
     first_bad: int       # global step number (1-based) of the first rejected step, or -1
+    scale_skips: int = 0  # fp16: steps skipped because the scaled gradients overflowed (loss scaling at work)
 
 
 class DeviceStep:
@@ -171,8 +174,8 @@ class DeviceStep:
         if self.fused:
             zero_momentum_buffers(optimizer)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        # loss_sum, samples, correct, bad_steps: float64 so that long epochs add exactly.
-        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        # loss_sum, samples, correct, bad_steps, scale_skips: float64 so that long epochs add exactly.
+        self.sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self.step_count = torch.zeros((), dtype=torch.int64, device=self.device)
         self._zero = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -246,11 +249,22 @@ class DeviceStep:
         if timer:
             timer.add("loss", timer.now() - tl)
         self.scaler.apply(loss * weight if weight != 1.0 else loss).backward()
-        found = (~torch.isfinite(loss.detach())).float()
+        loss_bad = (~torch.isfinite(loss.detach())).float()
+        found = loss_bad.clone()  # skip this update: a non-finite loss or gradient
         grads = [p.grad for p in self.params if p.grad is not None]
         self.scaler.unscale_and_check(grads, found)
+        if self.scaler.enabled:
+            # Scaled fp16 gradients that overflow are loss scaling at work (GradScaler skips the
+            # step and halves the scale, about once every growth interval once the scale has
+            # grown): a non-finite step in train.nonfinite's sense is a non-finite loss, or
+            # gradients that overflow even at a scale of at most 1.
+            bad = torch.maximum(loss_bad, found * (self.scaler.scale <= 1.0).float())
+        else:
+            bad = found
         if self.all_reduce is not None:
-            self.all_reduce(found)
+            flags = torch.stack([found, bad])
+            self.all_reduce(flags)  # every rank skips, and reports, the same steps
+            found, bad = flags[0], flags[1]
         found_bool = found > 0
         if self.fused:
             self.optimizer.grad_scale = None
@@ -267,8 +281,8 @@ class DeviceStep:
         correct = (logits.detach().argmax(1) == labels).sum()
         accepted = torch.where(found_bool, self._zero, detached * b)
         ok = 1.0 - found.double()
-        self.sums += torch.stack([accepted, ok * b, correct.double() * ok, found.double()])
-        torch.where(found_bool & (self.first_bad < 0), self.step_count, self.first_bad, out=self.first_bad)
+        self.sums += torch.stack([accepted, ok * b, correct.double() * ok, bad.double(), (found - bad).double()])
+        torch.where((bad > 0) & (self.first_bad < 0), self.step_count, self.first_bad, out=self.first_bad)
         if timer:
             timer.add("model", timer.now() - t0)
         return loss.detach()
@@ -277,10 +291,11 @@ class DeviceStep:
     def fold(self) -> FoldResult:
         """Reads (one synchronization) and resets the device counters."""
         values = torch.cat([self.sums, self.first_bad.view(1).double()]).tolist()
-        first = int(values[4])
+        first = int(values[5])
         self.sums.zero_()
         self.first_bad.fill_(-1)
-        return FoldResult(values[0], int(round(values[1])), int(round(values[2])), int(round(values[3])), first)
+        return FoldResult(values[0], int(round(values[1])), int(round(values[2])), int(round(values[3])), first,
+                          int(round(values[4])))
 
     def set_step_count(self, step: int) -> None:
         self.step_count.fill_(int(step))

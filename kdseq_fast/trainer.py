@@ -136,9 +136,9 @@ class Trainer:
         self.ctx.run_on_main(lambda: self.run_dir.check(cfg, role, method, resume=resume,
                                                         overwrite=overwrite))
         self._build_data(data)
-        guard = self._build_student()
+        self.buffers = self._build_student()
         teacher_fwd = self._build_teacher(teacher)
-        self._build_step(guard, teacher_fwd, sync_timing)
+        self._build_step(self.buffers, teacher_fwd, sync_timing)
         self._init_progress()
         from .scoring import teacher_fingerprint
 
@@ -364,9 +364,19 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ evaluation and scoring
+    def _same_student_on_every_rank(self) -> None:
+        """Rank 0's BatchNorm statistics on every rank. DDP broadcasts them at the start of each
+        training forward, and then every rank updates them with its own batch: without this, each
+        rank would evaluate and score its shard with different statistics than the student that
+        rank 0 checkpoints (and a resumed run, which starts from rank 0's, would differ)."""
+        if self.ctx.distributed:
+            self.ctx.broadcast_(self.buffers.flat)
+
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module | None = None) -> float:
         """Top-1 accuracy on the test split, as a fraction (one host read at the end)."""
+        if model is None or model is self.model:
+            self._same_student_on_every_rank()
         model = model or self.model
         was_training = model.training
         model.eval()
@@ -425,6 +435,7 @@ class Trainer:
         self.teacher_train_logits()
         # Scoring runs in eval mode under no_grad and leaves the weights untouched, so the live
         # model *is* the snapshot; a deepcopy would only cost memory.
+        self._same_student_on_every_rank()
         was_training = self.model.training
         self.model.eval()
         try:
@@ -535,7 +546,10 @@ class Trainer:
         order, admitted = self.plan.order(e, prog.sequence)
         seen = []
         self.train_loader.set_epoch(e)
-        self.train_loader.set_order(order, start_batch=prog.batch_in_epoch)
+        # A run resumed on another number of ranks may have one batch fewer in this epoch (the
+        # loader drops a last batch smaller than the world): then the epoch is already done.
+        self.train_loader.set_order(order, start_batch=min(prog.batch_in_epoch,
+                                                           self.train_loader.batches_in(order)))
         t_epoch = time.perf_counter()
         bar = self._bar(self.steps_per_epoch, prog.batch_in_epoch,
                         f"{self.label} ep {e + 1}/{self.total_epochs}")

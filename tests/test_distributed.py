@@ -80,13 +80,15 @@ def test_single_process_context_collectives_are_identities(monkeypatch):
 
 
 @pytest.mark.parametrize("n,bs,world", [(1437, 64, 2), (1409, 64, 2), (130, 64, 3), (129, 64, 4),
-                                        (8, 64, 8), (100, 3, 4)])
+                                        (8, 64, 8), (100, 3, 4),
+                                        # no batch up to the one asked for works: one above it does
+                                        (13, 4, 2), (25, 4, 2), (5, 4, 3), (43, 8, 4)])
 def test_ordered_passes_cover_every_item_once(n, bs, world):
     from kdseq_fast.data import CurriculumLoader
 
     images = np.zeros((n, 2, 2, 1), dtype=np.uint8)
     b = ordered_batch_size(n, bs, world)
-    assert 1 <= b <= max(bs, world)
+    assert world <= b <= n and not 0 < n % b < world
     seen = []
     for rank in range(world):
         loader = CurriculumLoader(images, np.zeros(n, dtype=np.int64), b, backend="torch",
@@ -255,3 +257,47 @@ def test_failure_on_one_rank_ends_the_job_and_resume_is_bit_identical(tmp_path, 
         with open(os.path.join(d, "metrics.jsonl")) as fh:
             return [(r["epoch"], r["steps"], r["train_loss"], r["test_acc"]) for r in map(json.loads, fh)]
     assert rows(ref) == rows(out)
+
+
+@pytest.mark.slow
+def test_preempted_at_a_phase_boundary_the_resumed_two_rank_run_is_bit_identical(tmp_path, teacher, ddp_run):
+    # Stopped after the warm-up epoch's last step: the resumed run evaluates and scores phase 1
+    # first. Each rank's BatchNorm statistics drift from rank 0's with its own batches (DDP
+    # broadcasts them only at the start of a training forward), and a resume starts every rank from
+    # rank 0's: the evaluation and the scoring must use rank 0's statistics on every rank, or the
+    # scores of rank 1's shard, the phase order and everything after it differ.
+    ref, _, _ = ddp_run
+    out = tmp_path / "run"
+    proc, _ = _torchrun(_distill_args(out, teacher), {"KDSEQ_TEST_SIGTERM_AT_STEP": "23"})
+    assert proc.returncode == 0 and "received SIGTERM" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert not os.path.exists(out / "phase_1_scores.npy")
+    proc, _ = _torchrun(_distill_args(out, teacher) + ["--resume"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for k in (1, 2):
+        assert np.array_equal(np.load(os.path.join(ref, f"phase_{k}_scores.npy")),
+                              np.load(os.path.join(out, f"phase_{k}_scores.npy"))), k
+    a = torch.load(os.path.join(ref, "student.pt"), weights_only=True)
+    b = torch.load(os.path.join(out, "student.pt"), weights_only=True)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_more_ranks_may_have_a_batch_fewer_in_the_epoch(tmp_path):
+    # 97 items in batches of 16: 7 batches an epoch on one process, 6 on two (the last, of one row,
+    # is dropped so that every rank steps together). Stopped after batch 7 on one process and
+    # resumed on two, the run starts at the end of that epoch instead of refusing batch 7.
+    out = tmp_path / "run"
+    args = ["distill", "--method", "ce", "--out", str(out), "--quiet", "--dist-backend", "gloo"]
+    for item in ["data.name=synthetic", "data.synthetic_train=97", "data.synthetic_test=32",
+                 "data.image_size=16", "data.loader_backend=torch", "data.num_threads=1",
+                 "student.arch=resnet8", "optim.epochs=3", "optim.batch_size=16", "optim.lr_decay_epochs=[2]",
+                 "curriculum.warmup_epochs=1", "curriculum.num_phases=1", "curriculum.final_full_epochs=1",
+                 "train.tensorboard=false", "device=cpu"]:
+        args += ["--set", item]
+    proc = subprocess.run([sys.executable, "-m", "kdseq_fast", *args], env=_env({"KDSEQ_TEST_SIGTERM_AT_STEP": "7"}),
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and "received SIGTERM" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    proc, _ = _torchrun(args + ["--resume"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(os.path.join(out, "summary.json")) as fh:
+        assert json.load(fh)["methods"]["ce"]["steps"] == 7 + 6 + 6

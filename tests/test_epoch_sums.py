@@ -52,8 +52,11 @@ def test_record_sums_ranks_and_reports_disjoint_times():
 
 
 def test_empty_epoch_record_has_no_division_by_zero():
+    # An epoch without an accepted step (every one rejected, train.nonfinite=skip) has no training
+    # loss or accuracy, rather than a loss of 0.
     rec = EpochSums().record(FakeRanks(0, 1))
-    assert rec["train_loss"] == 0.0 and rec["train_acc"] == 0.0 and rec["admitted_frac"] == 0.0
+    assert rec["train_loss"] is None and rec["train_acc"] is None and rec["admitted_frac"] == 0.0
+    assert rec["loss_scale_skips"] == 0
     assert EpochSums().mean_loss() is None
 
 

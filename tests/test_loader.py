@@ -391,3 +391,25 @@ def test_cuda_matches_cpu(data, backend, augment):
         res[device] = [torch.cat(t).cpu() for t in (ims, labs, idxs)]
     for a, b in zip(res["cpu"], res["cuda"]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_the_torch_backend_leaves_the_training_threads_alone():
+    # torch.set_num_threads in the producer thread is process-wide for every thread (and every
+    # extension's copy of ATen's parallel helpers) that sizes its pool later: the training step then
+    # ran on one core after its first kd_loss, and the two backends gave different numbers.
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, torch, kdseq_fast as kf\n"
+        "from kdseq_fast.data import CurriculumLoader\n"
+        "torch.set_num_threads(2)\n"
+        "L = CurriculumLoader(np.zeros((64, 8, 8, 3), np.uint8), np.zeros(64, np.int64), 16, backend='torch',"
+        " augment='cifar', prefetch=2)\n"
+        "L.set_order(np.arange(64))\n"
+        "for _ in L: pass\n"
+        "kf.kd_loss(torch.randn(64, 1000), torch.randn(64, 1000))\n"
+        "print(torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "2"

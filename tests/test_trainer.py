@@ -395,3 +395,55 @@ def test_a_shorter_teacher_schedule_keeps_every_lr_decay(tmp_path):
         t.scheduler.step()
     base, g = t.base_lr, cfg.optim.lr_decay_rate
     assert lrs == pytest.approx([base] * 4 + [base * g, base * g ** 3])
+
+
+def test_fp16_loss_scale_overflows_are_skipped_quietly_but_a_nan_loss_still_stops(tmp_path, teacher_run):
+    # GradScaler's rule: once the scale has grown, scaled fp16 gradients overflow about once a
+    # growth interval; that step is skipped and the scale halved. It once counted as a non-finite
+    # step, so the default train.nonfinite=stop ended every long fp16 run.
+    cfg = load_config(None, BASE + ["train.amp=fp16"])
+    t = Trainer(cfg, str(tmp_path / "fp16"), method="kd", teacher=teacher_run.weights_path, quiet=True,
+                log=lambda m: None)
+    t.teacher_train_logits()
+    batch = _one_batch(t)
+    t.step.scaler.scale.fill_(2.0 ** 40)  # far beyond fp16: the scaled gradients overflow
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.step.run(batch)
+    r = t.step.fold()
+    assert (r.bad_steps, r.first_bad, r.scale_skips, r.samples) == (0, -1, 1, 0)
+    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    assert float(t.step.scaler.scale) == 2.0 ** 39
+    t.rejected.add_read(r)
+    assert t.rejected.take() is None  # nothing to report: train.nonfinite does not apply
+    # A non-finite loss is a non-finite step at any scale.
+    t.step.run(dict(batch, images=batch["images"].clone().fill_(float("nan"))))
+    r = t.step.fold()
+    assert (r.bad_steps, r.scale_skips) == (1, 0)
+    # Gradients that overflow even at a scale of at most 1 are one too.
+    t.step.scaler.scale.fill_(1.0)
+    t.step.params[0].register_hook(lambda g: torch.full_like(g, float("inf")))
+    t.step.run(batch)
+    r = t.step.fold()
+    assert (r.bad_steps, r.scale_skips) == (1, 0)
+
+
+def test_an_fp16_run_whose_scale_overflows_finishes_and_counts_the_skips(tmp_path, monkeypatch):
+    from kdseq_fast import step as step_module
+
+    init = step_module.DynamicLossScale.__init__
+
+    def grown_scale(self, device, enabled, init_scale=2.0 ** 16, **kw):
+        init(self, device, enabled, init_scale=2.0 ** 24, **kw)  # as after 8 growth intervals
+
+    monkeypatch.setattr(step_module.DynamicLossScale, "__init__", grown_scale)
+    cfg = load_config(None, ["data.name=synthetic", "data.synthetic_train=128", "data.synthetic_test=32",
+                             "data.image_size=16", "data.loader_backend=torch", "data.num_threads=1",
+                             "student.arch=resnet8", "optim.epochs=1", "optim.batch_size=16",
+                             "optim.lr_decay_epochs=[]", "curriculum.warmup_epochs=0", "curriculum.num_phases=1",
+                             "curriculum.final_full_epochs=0", "train.tensorboard=false", "device=cpu",
+                             "train.amp=fp16"])
+    res = Trainer(cfg, str(tmp_path / "run"), method="ce", quiet=True, log=lambda m: None).fit()
+    assert res.summary["methods"]["ce"]["skipped_batches"] == 0
+    with open(os.path.join(res.out_dir, "metrics.jsonl")) as fh:
+        (record,) = [json.loads(line) for line in fh]
+    assert 1 <= record["loss_scale_skips"] < 8  # halved until the scaled gradients fit in fp16

@@ -243,6 +243,11 @@ class CurriculumLoader:
             raise ValueError(f"start_batch must be an int in [0, {len(spans)}], got {start_batch!r}")
         self._order, self._spans, self._start_batch = order, spans, int(start_batch)
 
+    def batches_in(self, indices) -> int:
+        """How many global batches a pass over ``indices`` has on this loader (after the drop of a
+        last batch smaller than the number of ranks): the range of ``set_order``'s ``start_batch``."""
+        return len(self._global_spans(_as_int_vector(indices, "indices")))
+
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict]:
         if self._active:

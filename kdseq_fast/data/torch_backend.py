@@ -113,10 +113,10 @@ class TorchBackend:
         done = object()
 
         def produce():
-            # OpenMP thread counts are per calling thread: keep this producer single-threaded so
-            # it overlaps with the training step instead of competing for its cores (tiny batch
-            # ops gain little from intra-op threads and stall badly on busy machines).
-            torch.set_num_threads(1)
+            # No torch.set_num_threads(1) here: it is process-wide for every thread (and every
+            # extension's copy of ATen's parallel helpers) that sizes its OpenMP pool later, so the
+            # training step itself ran on one core after its first kd_loss, and the torch and DALI
+            # backends gave different numbers.
             try:
                 for s, e in p.spans:
                     if stop.is_set():
