@@ -3,6 +3,7 @@ logits on the training set. Shared by the trainer, the CLI's ``score`` command a
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +22,23 @@ class DataBundle:
     train: Any           # DatasetSplit
     test: Any            # DatasetSplit
     num_classes: int
-    key: str             # identifies the training data for the teacher-logit cache
     in_channels: int = 3  # image channels the models are built for (1 for Fashion-MNIST)
-    test_key: str = ""   # the same for the test split (scoring it)
+    name: str = ""       # data.name
+    image_size: int = 0  # data.image_size
+
+    # What the teacher saw, for the teacher-logit cache: not just the name and size (another folder
+    # of as many images, or relabelled data, must not reuse a stored file) but a digest of the
+    # contents. Computed when first asked (it reads every pixel, or stats every file).
+    @functools.cached_property
+    def key(self) -> str:
+        return self._key(self.train)
+
+    @functools.cached_property
+    def test_key(self) -> str:
+        return self._key(self.test)
+
+    def _key(self, split) -> str:
+        return f"{self.name}-{split.split}-n{len(split)}-s{self.image_size}-{split.content_digest()[:16]}"
 
 
 def build_data(cfg: Config) -> DataBundle:
@@ -35,15 +50,8 @@ def build_data(cfg: Config) -> DataBundle:
     test = dataset_from_config(cfg, "test")
     if train.num_classes != test.num_classes:
         raise ValueError(f"train/test class counts differ: {train.num_classes} vs {test.num_classes}")
-    d = cfg.data
-
-    def key(split) -> str:
-        # What the teacher saw, not just its name and size: another folder of as many images, or
-        # relabelled data, must not reuse a stored teacher-logit file.
-        return f"{d.name}-{split.split}-n{len(split)}-s{d.image_size}-{split.content_digest()[:16]}"
-
     channels = 3 if train.is_files else int(train.images.shape[-1])
-    return DataBundle(train, test, int(train.num_classes), key(train), channels, key(test))
+    return DataBundle(train, test, int(train.num_classes), channels, cfg.data.name, cfg.data.image_size)
 
 
 def ordered_batch_size(num_items: int, batch_size: int, world: int) -> int:
