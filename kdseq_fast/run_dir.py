@@ -154,16 +154,15 @@ class RunDirectory:
         same = (other.get("role") == role and other.get("method") == method
                 and same_run(other.get("resume_hash"), lambda: read_stored_config(self.path), cfg, method))
         if not same:
-            mine = resume_hash(cfg, method)
-            stored = read_stored_config(self.path)
-            diff = [] if stored is None else config_diff(_filled(stored) or stored, cfg.to_dict(), method=method)
             if (other.get("role"), other.get("method")) != (role, method):
                 # The method is part of the identity hash: name it, not two hashes.
                 what = f", not role {role}, method {method}"
-            elif diff:
-                what = "; config differs: " + "; ".join(diff)
             else:
-                what = f" (config hash {str(other.get('resume_hash'))[:12]} vs {mine[:12]} now)"
+                stored = read_stored_config(self.path)
+                diff = [] if stored is None else config_diff(_filled(stored) or stored, cfg.to_dict(),
+                                                             method=method)
+                what = ("; config differs: " + "; ".join(diff)) if diff else \
+                    f" (config hash {str(other.get('resume_hash'))[:12]} vs {resume_hash(cfg, method)[:12]} now)"
             raise RunDirError(
                 f"output directory {self.path} already holds a different run (role "
                 f"{other.get('role')}, method {other.get('method')}){what}; "
