@@ -234,15 +234,17 @@ def memcpy_bandwidth(device: torch.device, *, nbytes: int = 256 * 2**20, repeats
     """Device-to-same-device copy bandwidth, counting bytes read + bytes written.
 
     The buffer is large enough to spill every CPU cache, so this is the DRAM (or HBM) bandwidth a
-    streaming kernel can hope for with torch's own multi-threaded copy. The median of
-    ``repeats`` copies is reported.
+    streaming kernel can hope for with torch's own multi-threaded copy. The median of ``repeats``
+    samples is reported, each sample timed like the candidates it is compared with (copies back to
+    back for at least 2 ms): one copy a sample would count a launch and a synchronization per copy,
+    understating the bandwidth and so overstating every "fraction of memcpy".
     """
     n = max(nbytes // 4, 1)
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch: page faults must not count as bandwidth
     times = interleaved_times({"copy": lambda: dst.copy_(src)}, device=device, repeats=repeats,
-                              warmup=1, min_sample_s=0.0, desc="memcpy")["copy"]
+                              warmup=1, desc="memcpy")["copy"]
     st = summarize(times)
     moved = 2 * src.numel() * src.element_size()
     return {"bytes_copied": src.numel() * src.element_size(), "bytes_moved_per_copy": moved,

@@ -147,9 +147,22 @@ def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
 
     times = C.interleaved_times(calls, device=device, repeats=args.repeats, warmup=args.warmup,
                                 desc=f"{B}x{Cn} {dtype_name}")
-    gpu_s, graph_s, kernel_s, layout = {}, {}, {}, {}
+    gpu_s, graph_s, kernel_s, layout, host_syncs = {}, {}, {}, {}, {}
     if device.type == "cuda":
         for name, call in calls.items():
+            if name.startswith("kdseq"):
+                # Whether one fwd+bwd call waits for the GPU: torch raises on any synchronizing
+                # call under this mode (the issue-14 target; graph capture would fail too).
+                C.sync(device)
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    call()
+                    host_syncs[name] = 0
+                except RuntimeError as exc:
+                    host_syncs[name] = 1
+                    errors[f"{name} (host sync)"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
             gpu_s[name] = C.summarize(C.cuda_event_times(call, device, repeats=args.repeats))["median_s"]
             try:
                 graph_s[name] = C.summarize(C.cuda_graph_times(call, device, repeats=args.repeats))["median_s"]
@@ -183,6 +196,7 @@ def bench_case(B, Cn, dtype_name, device, args, memcpy_gbps, gen):
             "graph_roofline_fraction": None if graph_gbps is None else graph_gbps / memcpy_gbps,
             "kernel_s": kernel_s.get(name),
             "layout": layout.get(name),
+            "host_syncs": host_syncs.get(name),
         })
     return rows, errors
 
@@ -231,6 +245,9 @@ def evaluate_targets(rows, device):
                                         + (", GPU time of a graph replay)" if graphed else ", wall time)"),
                                         r["graph_roofline_fraction"] if graphed else r["roofline_fraction"], 0.5))
             if (r["B"], r["C"]) == (256, 100):
+                targets.append(C.target(f"{key[0]} (256, 100){who}: host synchronizations in one fwd+bwd call "
+                                        "(torch.cuda.set_sync_debug_mode('error'))", r["host_syncs"], 0.0,
+                                        higher_is_better=False))
                 gpu = r["graph_s"] if r["graph_s"] is not None else r["gpu_s"]
                 targets.append(C.target(f"{key[0]} (256, 100){who}: fwd+bwd GPU time ("
                                         + ("graph replay" if r["graph_s"] is not None else "events around the call")

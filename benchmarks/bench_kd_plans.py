@@ -2,9 +2,11 @@
 behind the planner's choice (csrc/kd_loss_kernels.cuh, plan_kd_loss).
 
 For each dtype, (B, C) and with/without the CE term, each layout is forced with
-``torch.ops.kdseq._force_plan`` and timed as forward+backward on the GPU: CUDA events around
-``--calls`` back-to-back calls (large problems, so the host runs ahead and the time is the GPU's),
-reported per call with the fraction of the copy bandwidth measured in the same run (bytes moved:
+``torch.ops.kdseq._force_plan`` and timed as forward+backward on the GPU: one call captured in a
+CUDA graph (the layout fixed at capture) and replayed ``--calls`` times between CUDA events, so the
+time is the GPU's own, not the host's launch rate (a call that cannot be captured falls back to
+events around ``--calls`` back-to-back calls; the ``timing`` field says which), reported per call
+with the fraction of the copy bandwidth measured in the same run (bytes moved:
 student and teacher read once, the gradient written once). The planner's own choice is the row
 ``plan=auto``; the fastest layout of each problem is marked. ``ran`` is the layout that actually ran
 (``torch.ops.kdseq._last_plan``): a forced layout the device cannot launch falls back to the split
@@ -100,35 +102,48 @@ def main(argv=None) -> int:
                     try:
                         with C.forced_plan(plan):
                             call()
-                            ran = torch.ops.kdseq._last_plan().split(",")[0]
+                            ran_plan = torch.ops.kdseq._last_plan()
+                            ran = ran_plan.split(",")[0]
                             torch.cuda.synchronize()
-                            times = []
-                            for _ in range(args.repeats):
-                                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                                a.record()
-                                for _ in range(args.calls):
-                                    call()
-                                b.record()
-                                b.synchronize()
-                                times.append(a.elapsed_time(b) / 1e3 / args.calls)
+                            # The GPU's own time: the call captured in a CUDA graph (with the plan
+                            # fixed at capture) and replayed. Events around eager calls would time
+                            # the host's launch rate at small sizes (~150 us of Python and autograd
+                            # a call against ~60 us of kernels at (16, 131072)).
+                            try:
+                                times = C.cuda_graph_times(call, device, repeats=args.repeats,
+                                                           replays=args.calls)
+                                timing = "graph"
+                            except RuntimeError:  # not capturable: events around back-to-back calls
+                                torch.cuda.synchronize()
+                                times, timing = [], "events"
+                                for _ in range(args.repeats):
+                                    a = torch.cuda.Event(enable_timing=True)
+                                    b = torch.cuda.Event(enable_timing=True)
+                                    a.record()
+                                    for _ in range(args.calls):
+                                        call()
+                                    b.record()
+                                    b.synchronize()
+                                    times.append(a.elapsed_time(b) / 1e3 / args.calls)
                     except RuntimeError as exc:
                         print(f"  {dtype_name} {B}x{Cn} ce={with_ce} {plan or 'auto'}: skipped ({exc})")
                         continue
                     sec = sorted(times)[len(times) // 2]
                     case.append({"dtype": dtype_name, "B": B, "C": Cn, "ce": with_ce, "plan": plan or "auto",
-                                 "ran": ran, "us": sec * 1e6, "GBps": nbytes / sec / 1e9,
+                                 "ran": ran, "ran_plan": ran_plan, "timing": timing,
+                                 "us": sec * 1e6, "GBps": nbytes / sec / 1e9,
                                  "of_memcpy": nbytes / sec / 1e9 / mem["GBps"]})
                 best = min(case, key=lambda r: r["us"]) if case else None
                 for r in case:
                     r["best"] = r is best
                     print(f"  {dtype_name} {B:>5}x{Cn:<6} ce={int(with_ce)} {r['plan']:32s} ran={r['ran']:8s} "
-                          f"{r['us']:9.1f} us "
+                          f"{r['us']:9.1f} us ({r['timing']}) "
                           f"{r['GBps']:8.1f} GB/s {100 * r['of_memcpy']:5.1f}%{'  <- fastest' if r['best'] else ''}")
                 rows += case
             del s, t, y, call  # call's defaults hold the tensors too
     table = C.markdown_table(["dtype", "B", "C", "CE", "plan", "ran", "fwd+bwd", "GB/s", "of memcpy", "fastest"],
                              [[r["dtype"], r["B"], r["C"], "yes" if r["ce"] else "no", r["plan"], r["ran"],
-                               f"{r['us']:.1f} us",
+                               f"{r['us']:.1f} us" + ("" if r["timing"] == "graph" else " (events)"),
                                f"{r['GBps']:.0f}", f"{100 * r['of_memcpy']:.1f}%", "*" if r["best"] else ""]
                               for r in rows])
     print()

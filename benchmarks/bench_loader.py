@@ -102,13 +102,16 @@ def main():
         dl = torch.utils.data.DataLoader(ArrayCIFAR(images, labels, tf), batch_size=bs, shuffle=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.workers > 0)
-        it = torchvision_batches(dl, device)
-        time_pass(it, device, limit=5 * bs)  # workers started and warm
-        del it
-        dt, n = time_pass(torchvision_batches(dl, device), device, args.tv_limit)
-        results[("torchvision", bs)] = n / dt
-        print(f"  batch {bs:4d}  {'torchvision DL':18s} {n / dt:10.0f} images/s  "
-              f"(num_workers={args.workers}, {n} images)")
+        # Warm-up: a whole pass, so the persistent workers hold no batches of it when the timed
+        # passes start; then the best of as many passes as the kdseq backends get.
+        time_pass(torchvision_batches(dl, device), device, 0)
+        best, n = 0.0, 0
+        for _ in range(args.repeats):
+            dt, n = time_pass(torchvision_batches(dl, device), device, args.tv_limit)
+            best = max(best, n / dt)
+        results[("torchvision", bs)] = best
+        print(f"  batch {bs:4d}  {'torchvision DL':18s} {best:10.0f} images/s  "
+              f"(num_workers={args.workers}, {n} images a pass, best of {args.repeats})")
         del dl
     print("\nsummary (images/s):")
     for bs in args.batch_sizes:
