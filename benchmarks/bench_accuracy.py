@@ -121,21 +121,22 @@ QUICK_OVERRIDES = ["optim.epochs=4", "optim.lr_decay_epochs=[3]", "curriculum.wa
 # ---------------------------------------------------------------------------------------------
 # statistics
 # ---------------------------------------------------------------------------------------------
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+# Every df up to 30, then 40, 60, 120 (scipy is only in the test extra).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
+         18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060,
+         26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
 
 
 def t_quantile_975(df: int) -> float:
-    """Two-sided 95% Student t quantile (scipy when installed, else a table)."""
+    """Two-sided 95% Student t quantile (scipy when installed, else a table: exact up to df 30;
+    between the table's larger entries the one for the next smaller df, which widens the interval
+    a little rather than narrowing it)."""
     try:
         from scipy.stats import t
         return float(t.ppf(0.975, df))
     except ImportError:
-        keys = sorted(_T975)
-        for k in keys:
-            if df <= k:
-                return _T975[k]
-        return 1.96
+        return _T975[max(k for k in _T975 if k <= max(int(df), 1))]
 
 
 def mean_ci(values) -> dict:
@@ -310,23 +311,20 @@ def plot(stats: dict, runs: dict, seeds, path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
-def reusable_run(dirs, seed: int, method: str, cfg, teacher_path) -> str | None:
+def reusable_run(dirs, seed: int, method: str, cfg, teacher_fingerprint) -> str | None:
     """A finished run under ``DIR/runs/*/seed<seed>`` of one of ``dirs`` that is this run: same
     method and result-changing settings (the run directory's identity) and, unless ``ce``, the same
-    teacher checkpoint. None when there is none."""
-    from kdseq_fast.run_dir import is_complete
+    teacher weights (``teacher_fingerprint``; a path can hold other weights by now). None when
+    there is none."""
+    from kdseq_fast.run_dir import completed_state
 
     for d in dirs:
         for cand in sorted(glob.glob(os.path.join(d, "runs", "*", f"seed{seed}"))):
-            if not is_complete(cand, "student", method, cfg):
+            state = completed_state(cand, "student", method, cfg)
+            if state is None:
                 continue
-            try:
-                with open(os.path.join(cand, "run.json")) as fh:
-                    recorded = json.load(fh).get("teacher")
-            except (OSError, ValueError):
-                continue
-            if method == "ce" or (recorded is not None and teacher_path is not None
-                                  and os.path.abspath(recorded) == os.path.abspath(teacher_path)):
+            if method == "ce" or (teacher_fingerprint is not None
+                                  and state.get("teacher_fingerprint") == teacher_fingerprint):
                 return cand
     return None
 
@@ -410,6 +408,13 @@ def main(argv=None) -> int:
     elif teacher_path is None:
         teacher_path = os.path.join(args.out, "teacher", "teacher.pt")
     data = None if args.report_only else build_data(cfg)
+    teacher_fp = None
+    if args.reuse and needs_teacher and data is not None and os.path.isfile(teacher_path):
+        from kdseq_fast.run_inputs import load_teacher
+        from kdseq_fast.scoring import teacher_fingerprint
+
+        teacher_fp = teacher_fingerprint(load_teacher(cfg, os.path.abspath(teacher_path), data.num_classes,
+                                                      in_channels=data.in_channels))
     runs = {}
     total = len(variants) * len(args.seeds)
     done = 0
@@ -421,7 +426,7 @@ def main(argv=None) -> int:
             if not args.report_only:
                 v_cfg = load_config(config_path, base_overrides + v.overrides + [f"seed={seed}"])
                 if args.reuse and not os.path.exists(os.path.join(run_dir, "run.json")):
-                    src = reusable_run(args.reuse, seed, v.method, v_cfg, teacher_path)
+                    src = reusable_run(args.reuse, seed, v.method, v_cfg, teacher_fp)
                     if src is not None:
                         shutil.copytree(src, run_dir, dirs_exist_ok=True)
                         log(f"{v.name} seed {seed}: reusing the finished run in {src}")

@@ -386,7 +386,8 @@ def _decay_epochs(key: str, v: Any) -> Any:
             raise ValueError(f"config field '{key}' must hold non-negative integers, got {v!r}")
         out.append(e)
     if out != sorted(out):
-        raise ValueError(f"config field '{key}' must be increasing, got {v!r}")
+        raise ValueError(f"config field '{key}' must be non-decreasing (a repeated epoch decays "
+                         f"once per repeat), got {v!r}")
     return out
 
 
@@ -404,7 +405,7 @@ def _measure(key: str, v: Any) -> Any:
 # Validators for known fields. Fields added to DEFAULTS without an entry here are checked
 # against the type of their default (see _infer_validator), so new fields stay safe.
 _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
-    "seed": _int(0),
+    "seed": _int(0, 2**32 - 1),  # the augmentation streams take the seed modulo 2^32
     "device": _device,
     "deterministic": _bool,
     "method": _choice("ce", "kd", "isl"),
@@ -517,6 +518,9 @@ def validate_config(data: Mapping) -> dict:
     if full["loss"]["ce_weight"] == 0 and full["loss"]["kd_weight"] == 0:
         raise ValueError("config fields 'loss.ce_weight' and 'loss.kd_weight' are both 0; "
                          "the loss would be identically zero")
+    if full["optim"]["nesterov"] and full["optim"]["momentum"] == 0:
+        raise ValueError("config field 'optim.nesterov' is true but 'optim.momentum' is 0; Nesterov "
+                         "momentum needs a momentum > 0")
     return full
 
 
@@ -567,6 +571,9 @@ def parse_measure(measure: str) -> list[tuple[float, str]]:
                              f"{', '.join(MEASURE_TERMS)}, optionally weighted like '0.5*kd', "
                              "joined by '+'")
         out.append((float(m.group("coef")) if m.group("coef") else 1.0, m.group("name")))
+    if all(coef == 0 for coef, _ in out):
+        raise ValueError(f"measure {measure!r} weights every term by 0: every instance would be "
+                         "equally difficult")
     return out
 
 

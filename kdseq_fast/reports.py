@@ -40,7 +40,9 @@ def accuracy_target(value: float | None) -> float | None:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """Records of a ``metrics.jsonl`` file ([] when absent); a torn last line is ignored."""
+    """Records of a ``metrics.jsonl`` file ([] when absent). Unreadable lines (a torn last line
+    after a crash mid-write) are skipped, not taken as the end of the file: the records after one
+    are kept."""
     if not os.path.exists(path):
         return []
     out = []
@@ -52,7 +54,7 @@ def read_metrics(path: str) -> list[dict]:
             try:
                 out.append(json.loads(line))
             except ValueError:
-                break
+                continue
     return out
 
 

@@ -9,6 +9,7 @@ and the plots. Every write is atomic (temp file, fsync, rename).
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -94,10 +95,21 @@ def resume_hash(cfg: Config, method: str | None = None) -> str:
     return config_hash(cfg, exclude=ignored_keys(method))
 
 
+# Fields added after runs existed, with the value that reproduces what those runs did where that
+# differs from today's default: `curriculum.mix_frac` came in at 0.0 (paced admission alone), and
+# its default became 0.2 later. A run written before it existed is a mix_frac=0 run.
+FIELDS_ADDED = {("curriculum", "mix_frac"): 0.0}
+
+
 def _filled(stored: dict):
-    """A stored config with the fields added since it was written at their defaults, or None when
-    it no longer validates (a renamed or removed field)."""
+    """A stored config with the fields added since it was written at the values that reproduce
+    what it ran (``FIELDS_ADDED``, else today's defaults), or None when it no longer validates (a
+    renamed or removed field)."""
     try:
+        stored = copy.deepcopy(dict(stored))
+        for (section, key), value in FIELDS_ADDED.items():
+            if isinstance(stored.get(section), dict) and key not in stored[section]:
+                stored[section][key] = value
         return validate_config(stored)
     except (ValueError, TypeError, KeyError):
         return None

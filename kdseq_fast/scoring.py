@@ -32,6 +32,7 @@ from ._extension import check_cuda_kernels
 from .amp import autocast as amp_autocast
 from .config import MEASURE_TERMS, parse_measure
 from .ops import SCORE_FIELDS, instance_scores
+from .runtime import _fsync_dir
 
 __all__ = ["SCORE_FIELDS", "MEASURES", "score_dataset", "compute_logits", "TeacherLogitCache",
            "difficulty", "teacher_fingerprint"]
@@ -347,6 +348,10 @@ class TeacherLogitCache:
         torch_dtype = torch.float16 if self.dtype == "float16" else torch.float32
         logits = compute_logits(teacher, loader, num_items=num_items, device=device, amp=amp,
                                 progress=progress, dtype=torch_dtype)
+        if self.dtype == "float16" and bool(torch.isinf(logits).any()):
+            # Stored as inf, they would turn every kd score and KD target of those rows into NaN.
+            raise ValueError("the teacher's logits exceed float16's range (|x| > 65504) and cannot be "
+                             "cached as float16; set train.teacher_cache_dtype=float32")
         self.last_hit = False
         if path is not None and (not _dist_active() or torch.distributed.get_rank() == 0):
             self._write(path, logits.numpy(), {"key": key, "num_items": num_items, "dtype": self.dtype,
@@ -369,9 +374,9 @@ class TeacherLogitCache:
             return None
         try:
             arr = np.load(path, mmap_mode="c")  # copy-on-write: writable view, file untouched
-        except (ValueError, OSError):
-            return None  # unreadable (e.g. truncated by a crash): recompute and overwrite
-        if arr.shape[0] != num_items or str(arr.dtype) != self.dtype:
+        except (ValueError, OSError, EOFError):
+            return None  # unreadable (e.g. truncated or emptied by a crash): recompute and overwrite
+        if arr.ndim != 2 or arr.shape[0] != num_items or str(arr.dtype) != self.dtype:
             return None
         return torch.from_numpy(arr)
 
@@ -384,6 +389,7 @@ class TeacherLogitCache:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path) or ".")  # the rename survives a power loss too
         with open(path[:-4] + ".json", "w") as f:
             json.dump(meta, f, indent=1)
 

@@ -219,6 +219,33 @@ def test_bench_accuracy_quick_and_resumable(tmp_path):
     assert reused.stdout.count("reusing the finished run") == 2, reused.stdout
     assert json.loads((out2 / "results.json").read_text())["variants"]["kd"]["test_acc"] == \
         res["variants"]["kd"]["test_acc"]
+    # Reuse goes by the teacher's weights, not its path: other weights find no run to reuse (a
+    # copied run would then refuse to resume with this teacher and stop the benchmark).
+    import bench_accuracy as ba
+    from kdseq_fast.cli import find_config
+    from kdseq_fast.config import load_config
+
+    kd_cfg = load_config(find_config("digits_quick"), ba.QUICK_OVERRIDES + ["data.train_subset=256",
+                                                                           "teacher.epochs=2", "seed=0"])
+    finished = json.loads((out / "runs" / "kd" / "seed0" / "run.json").read_text())
+    assert finished["method"] == "kd"
+    from kdseq_fast.run_dir import completed_state
+
+    fingerprint = completed_state(str(out / "runs" / "kd" / "seed0"), "student", "kd", kd_cfg)["teacher_fingerprint"]
+    assert ba.reusable_run([str(out)], 0, "kd", kd_cfg, fingerprint) == str(out / "runs" / "kd" / "seed0")
+    assert ba.reusable_run([str(out)], 0, "kd", kd_cfg, "0" * 64) is None
+
+
+def test_bench_accuracy_t_table_without_scipy(monkeypatch):
+    # scipy is only in the test extra: the table must never give a narrower interval than the
+    # true t quantile (a larger df's value did, e.g. df 11 -> 2.179 instead of 2.201).
+    import bench_accuracy as ba
+
+    exact = {df: ba.t_quantile_975(df) for df in (1, 2, 11, 13, 16, 25, 31, 45, 100, 500)}
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # import fails as without scipy
+    for df, t in exact.items():
+        table = ba.t_quantile_975(df)
+        assert table >= t - 1e-3 and table - t < 0.03, (df, table, t)
 
 
 def test_bench_accuracy_statistics():

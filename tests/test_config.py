@@ -251,3 +251,27 @@ def test_digits_quick_recipe():
     cfg = load_config(os.path.join(REPO, "configs", "digits_quick.yaml"))
     assert cfg.data.name == "digits"
     assert cfg.optim.epochs <= 20 and phase_epochs(cfg) >= 1 and cfg.curriculum.num_phases >= 2
+
+
+def test_nesterov_without_momentum_is_refused_at_load_time():
+    # torch.optim.SGD refuses it only when the run builds its optimizer (after the data and,
+    # for a student, the teacher pass).
+    with pytest.raises(ValueError, match="optim.nesterov.*optim.momentum"):
+        load_config(None, ["optim.nesterov=true", "optim.momentum=0"])
+    assert load_config(None, ["optim.nesterov=true", "optim.momentum=0.9"]).optim.nesterov
+
+
+def test_seed_and_measure_limits():
+    with pytest.raises(ValueError, match="seed"):
+        load_config(None, [f"seed={2**32}"])  # augmentation takes the seed modulo 2^32
+    assert load_config(None, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+    with pytest.raises(ValueError, match="weights every term by 0"):
+        load_config(None, ["curriculum.measure=0*ce+0*kd"])
+
+
+def test_read_metrics_keeps_records_after_an_unreadable_line(tmp_path):
+    from kdseq_fast.reports import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n{"epoch": 4')
+    assert [r["epoch"] for r in read_metrics(str(path))] == [1, 3]

@@ -247,7 +247,9 @@ def test_rng_state_roundtrip_through_a_checkpoint(tmp_path):
 
 def test_run_written_before_a_new_config_field_still_resumes(tmp_path):
     # A field added to the package later (here: removed from the stored config and the run's
-    # identity hash recomputed without it, as an older version wrote them) takes its default.
+    # identity hash recomputed without it, as an older version wrote them) takes its default, or
+    # the value that reproduces what the run did where the default has changed since:
+    # curriculum.mix_frac came in at 0 and became 0.2 later.
     import json
 
     import yaml
@@ -255,11 +257,14 @@ def test_run_written_before_a_new_config_field_still_resumes(tmp_path):
     from kdseq_fast.config import config_hash, load_config
     from kdseq_fast.run_dir import RESUME_IGNORED_KEYS, RunDirError, RunDirectory, is_complete, same_run_config
 
-    cfg = load_config(None, ["data.name=digits", "device=cpu"])
+    today = load_config(None, ["data.name=digits", "device=cpu"])
+    cfg = load_config(None, ["data.name=digits", "device=cpu", "curriculum.mix_frac=0"])
     old = cfg.to_dict()
     del old["train"]["cuda_graphs"]
     del old["curriculum"]["mix_frac"]
     assert same_run_config(old, cfg)
+    assert not same_run_config(old, today, "isl")  # an old isl run did no easy-first mixing
+    assert same_run_config(old, today, "kd")  # kd never reads the curriculum
     changed = json.loads(json.dumps(old))
     changed["optim"]["lr"] = 0.5
     assert not same_run_config(changed, cfg)

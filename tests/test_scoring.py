@@ -189,6 +189,15 @@ def test_teacher_cache_fp16_and_corrupt_file(tmp_path):
     again = fresh.get(teacher, loader, num_items=12, progress=False)
     assert fresh.last_hit is False
     torch.testing.assert_close(again, half)
+    path.write_bytes(b"")  # emptied by a crash: np.load raises EOFError, not ValueError
+    fresh = TeacherLogitCache(tmp_path, dtype="float16")
+    torch.testing.assert_close(fresh.get(teacher, loader, num_items=12, progress=False), half)
+    assert fresh.last_hit is False
+    # Logits beyond float16's range would be stored as inf (NaN kd scores and KD targets later).
+    with torch.no_grad():
+        teacher[-1].weight.mul_(1e6)
+    with pytest.raises(ValueError, match="teacher_cache_dtype=float32"):
+        TeacherLogitCache(tmp_path, dtype="float16").get(teacher, loader, num_items=12, progress=False)
     with pytest.raises(ValueError, match="dtype"):
         TeacherLogitCache(tmp_path, dtype="int8")
 
