@@ -22,6 +22,7 @@ CUDA_HOME                CUDA toolkit; defaults to /usr/local/cuda when unset an
 ``ccache`` is used automatically when it is on PATH.
 """
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -34,7 +35,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # torch.utils.cpp_extension reads CUDA_HOME at import time and may guess /usr/local otherwise.
 if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+    # Unset or empty (TORCH_CUDA_ARCH_LIST= pip install ..., a Docker ENV set to ""): the default.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 if shutil.which("ccache"):
     # Debian's ccache masquerade directory; CXX="ccache c++" breaks torch's ninja file.
     if os.path.isdir("/usr/lib/ccache") and "/usr/lib/ccache" not in os.environ.get("PATH", ""):
@@ -47,6 +50,8 @@ if shutil.which("ccache"):
 # no torch; every command that builds the extension does.
 METADATA_ONLY = {"egg_info", "dist_info", "sdist", "check", "clean", "--name", "--version",
                  "--help", "-h", "--help-commands"}
+BUILDS = {"build", "build_ext", "build_py", "build_clib", "bdist", "bdist_wheel", "bdist_egg", "install",
+          "develop", "editable_wheel"}
 
 TORCH_MISSING = """
 kdseq-fast: torch is not importable in this build environment ({error}).
@@ -63,8 +68,8 @@ With python -m build, add --no-isolation.
 
 
 def _metadata_only(argv):
-    commands = [a for a in argv if not a.startswith("-") or a in METADATA_ONLY]
-    return bool(commands) and all(c in METADATA_ONLY for c in commands)
+    # Options' values (sdist --dist-dir DIR, dist_info --output-dir DIR) are neither kind of word.
+    return any(a in METADATA_ONLY for a in argv) and not any(a in BUILDS for a in argv)
 
 
 try:
@@ -131,7 +136,11 @@ def cuda_fallback_includes(cuda_home):
 def cpu_arch_flags():
     arch = os.environ.get("KDSEQ_CPU_ARCH", "native")
     if arch == "portable":
-        return [], "portable"
+        # The ISA's baseline, named: a compiler's own default can be newer (x86-64-v2/v3 on some
+        # distributions), and the wheel would not run on every CPU of the architecture.
+        baseline = {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "armv8-a", "arm64": "armv8-a"}
+        machine = platform.machine().lower()
+        return ([f"-march={baseline[machine]}"] if machine in baseline else []), "portable"
     return [f"-march={arch}"], arch
 
 

@@ -346,6 +346,15 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_autograd(const at::Tensor& student, c
   return {out[0], out[1]};
 }
 
+// The compiler's name with its version (GCC's __VERSION__ alone is just "12.2.0").
+#if defined(__clang__)
+constexpr const char* kCompiler = "clang " __clang_version__;
+#elif defined(__GNUC__)
+constexpr const char* kCompiler = "gcc " __VERSION__;
+#else
+constexpr const char* kCompiler = "unknown";
+#endif
+
 std::string build_info_json() {
   std::ostringstream os;
 #ifdef KDSEQ_WITH_CUDA
@@ -360,7 +369,7 @@ std::string build_info_json() {
 #endif
   os << "{\"cuda_compiled\": " << (cuda ? "true" : "false") << ", \"cuda_archs\": \"" << KDSEQ_CUDA_ARCHS
      << "\", \"cuda_targets\": \"" << KDSEQ_CUDA_TARGETS << "\", \"openmp\": " << (openmp ? "true" : "false")
-     << ", \"cpu_isa\": \"" << KDSEQ_CPU_ISA << "\", \"compiler\": \"" << __VERSION__ << "\"}";
+     << ", \"cpu_isa\": \"" << KDSEQ_CPU_ISA << "\", \"compiler\": \"" << kCompiler << "\"}";
   return os.str();
 }
 

@@ -10,14 +10,26 @@ import torch
 
 from ._version import __version__
 
+def _missing_extension_message(exc: ImportError) -> str:
+    import glob
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    # Python words a missing compiled module as a circular import ("cannot import name '_C' from
+    # partially initialized module"); say what is actually wrong.
+    built = glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd"))
+    what = (f"there is no compiled module (_C*.so) in {here}: the package was not built there"
+            if not built else f"{os.path.basename(built[0])} does not load ({exc}): it was built against "
+            f"another torch or Python than this one (torch {torch.__version__})")
+    return (f"kdseq_fast's compiled extension (kdseq_fast._C) could not be loaded: {what}. Build it "
+            "against the installed torch with `pip install --no-build-isolation -e .` (see README.md, "
+            "'Install').")
+
+
 try:
     from . import _C  # noqa: F401  (importing registers the operators with the dispatcher)
 except ImportError as exc:  # pragma: no cover - only hit on a broken install
-    raise ImportError(
-        "kdseq_fast's compiled extension (kdseq_fast._C) could not be loaded: "
-        f"{exc}. Build it against the installed torch with "
-        "`pip install --no-build-isolation -e .` (see README.md, 'Install')."
-    ) from exc
+    raise ImportError(_missing_extension_message(exc)) from exc
 
 
 def build_info() -> dict:

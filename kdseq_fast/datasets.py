@@ -320,6 +320,17 @@ def _load_svhn(root: str, split: str, download: bool) -> DatasetSplit:
 # --------------------------------------------------------------------------------------------
 # Folder-per-class trees: CINIC-10 and generic ImageFolder
 # --------------------------------------------------------------------------------------------
+def _image_files_under(directory: str) -> list[str]:
+    """Image files in ``directory`` and its subfolders, as torchvision's ImageFolder finds a class's
+    images; hidden files and subfolders (macOS ._ files, .git) are skipped, like hidden class folders."""
+    out = []
+    for root, dirs, names in os.walk(directory, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [os.path.join(root, n) for n in names
+                if n.lower().endswith(_IMAGE_EXTENSIONS) and not n.startswith(".")]
+    return out
+
+
 def _scan_class_folders(directory: str, classes: Sequence[str] | None = None
                         ) -> tuple[list[str], np.ndarray, list[str]]:
     """Sorted class folders -> (file paths, labels, class names); files sorted for determinism."""
@@ -335,8 +346,7 @@ def _scan_class_folders(directory: str, classes: Sequence[str] | None = None
     labels: list[int] = []
     for label, cls in enumerate(classes):
         cdir = os.path.join(directory, cls)
-        files = sorted(e.path for e in os.scandir(cdir)
-                       if e.is_file() and e.name.lower().endswith(_IMAGE_EXTENSIONS))
+        files = sorted(_image_files_under(cdir))
         paths += files
         labels += [label] * len(files)
     if not paths:

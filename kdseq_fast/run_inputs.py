@@ -93,7 +93,10 @@ def make_loader(cfg: Config, split, ctx: RunContext, *, augment: bool, seed: int
     files = isinstance(split.images, (list, tuple))
     aug = None
     if augment and cfg.data.augment != "none":
-        aug = "rrc" if files else "cifar"
+        # data.augment: cifar is the CIFAR protocol (pad 4, crop, flip) for the in-memory sets and
+        # for CINIC-10, whose files are CIFAR-sized images; other file datasets (imagefolder) take
+        # the random-resized crop of their image_size, as ImageNet-style training does.
+        aug = "rrc" if files and split.name != "cinic10" else "cifar"
     return CurriculumLoader(
         split.images, split.labels, batch_size or cfg.optim.batch_size, backend=cfg.data.loader_backend,
         device=ctx.device.type, augment=aug, mean=split.mean, std=split.std, drop_last=False,

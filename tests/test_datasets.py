@@ -353,3 +353,39 @@ def test_dataset_from_config(tmp_path):
     with pytest.raises(ValueError, match="data.image_size"):
         dataset_from_config(load_config(overrides=["data.name=cifar10", "data.image_size=64"]),
                             "train")
+
+
+def test_imagefolder_finds_images_in_subfolders_as_torchvision_does(tmp_path):
+    import torchvision
+
+    rng = _rng(8)
+    for rel in ("train/a/0.png", "train/a/sub/1.png", "train/a/sub/deeper/2.png", "train/b/3.png",
+                "train/a/.hidden/4.png", "train/b/._5.png"):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_png_bytes(rng, 8))
+    ds = get_dataset("imagefolder", tmp_path, "train")
+    tv = torchvision.datasets.ImageFolder(str(tmp_path / "train"),
+                                          is_valid_file=lambda p: not os.path.basename(p).startswith(".")
+                                          and ".hidden" not in p)
+    assert sorted(zip(ds.images, ds.labels.tolist())) == sorted(tv.samples)
+    assert len(ds) == 4
+
+
+def test_cinic10_trains_with_the_cifar_protocol_and_imagefolder_with_rrc(tmp_path):
+    # CINIC-10's files are CIFAR-sized images: pad-crop-flip, as its recipes say; a generic
+    # ImageFolder gets the random-resized crop of its image_size.
+    from kdseq_fast.run_inputs import make_loader
+    from kdseq_fast.runtime import RunContext
+
+    import torch
+
+    make_cinic(tmp_path / "cinic10", per_class=1)
+    ctx = RunContext(torch.device("cpu"))
+    cfg = load_config(None, ["data.name=cinic10", f"data.root={tmp_path}", "data.loader_backend=torch"])
+    split = dataset_from_config(cfg, "train")
+    assert make_loader(cfg, split, ctx, augment=True, seed=0).augment == "cifar"
+    cfg = load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / 'cinic10'}",
+                             "data.loader_backend=torch", "data.image_size=32"])
+    split = dataset_from_config(cfg, "train")
+    assert make_loader(cfg, split, ctx, augment=True, seed=0).augment == "rrc"

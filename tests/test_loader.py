@@ -413,3 +413,33 @@ def test_the_torch_backend_leaves_the_training_threads_alone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "2"
+
+
+@pytest.mark.parametrize("augment", [None, "rrc"])
+def test_exif_rotated_jpegs_read_alike_on_both_backends(tmp_path, augment):
+    # DALI's decoder applied the EXIF orientation, PIL (the torch backend, torchvision) does not:
+    # DALI's image was the other's transpose, and an rrc box from the stored size fell outside it
+    # (a crash of the DALI pipeline).
+    if not HAVE_DALI:
+        pytest.skip("no DALI")
+    from PIL import Image
+
+    h, w = 40, 80
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 90)], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    paths = []
+    for k in range(4):
+        p = tmp_path / f"{k}.jpg"
+        Image.fromarray(img).save(p, quality=95, exif=exif)
+        paths.append(str(p))
+    labels = np.arange(4, dtype=np.int64)
+    outs = {}
+    for backend in ("torch", "dali"):
+        L = CurriculumLoader(paths, labels, 4, backend=backend, augment=augment, image_size=32,
+                             mean=MEAN, std=STD, seed=3)
+        L.set_order(np.arange(4))
+        outs[backend] = torch.cat(run_pass(L)[0])
+    diff = (outs["torch"] - outs["dali"]).abs() * torch.tensor(STD).view(1, 3, 1, 1)
+    assert diff.mean() < 3.0, diff.mean()  # resampling and JPEG decoders only

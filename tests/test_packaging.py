@@ -168,6 +168,15 @@ def test_missing_torch_is_a_message_not_a_traceback(tmp_path):
         exec(fh.read(), version)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == version["__version__"], \
         r.stdout + r.stderr
+    # So does an sdist, with options whose values are not commands (what `python -m build --sdist`
+    # passes; the values once made it look like a build and ask for torch). In a copy: sdist writes
+    # egg-info next to setup.py.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.so", "runs", ".whl"))
+    r = _run([py, "setup.py", "sdist", "--formats", "gztar", "--dist-dir", str(tmp_path / "dist")], cwd=src,
+             check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert glob.glob(str(tmp_path / "dist" / "kdseq_fast-*.tar.gz"))
 
 
 def test_regular_install_with_the_newest_pip(tmp_path):

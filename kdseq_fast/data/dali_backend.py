@@ -119,8 +119,11 @@ class DaliBackend:
             images, labels, indices = outs[:3]
             mirror = 0
             if files:
+                # adjust_orientation=False: pixels as stored, as PIL and torchvision (the torch
+                # backend) read them. With EXIF rotation DALI's image would be the other's
+                # transpose, and an rrc box computed from the stored size would fall outside it.
                 images = fn.decoders.image(images, device="mixed" if gpu else "cpu",
-                                           output_type=types.RGB)
+                                           output_type=types.RGB, adjust_orientation=False)
                 if augment == "rrc":
                     roi_start, roi_end, mirror = outs[3:]
                     images = fn.resize(images, roi_start=roi_start, roi_end=roi_end,
