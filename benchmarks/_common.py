@@ -167,10 +167,10 @@ def interleaved_times(candidates: Dict[str, Callable[[], object]], *, device: to
 
 
 def cuda_event_times(fn: Callable[[], object], device: torch.device, *, repeats: int,
-                     warmup: int = 2) -> List[float]:
-    """GPU seconds per call: CUDA events recorded on the stream before and after each call, so
-    the time is what the GPU spent from the first to the last kernel of the call (host time
-    between launches shows up only as GPU idle time inside the window)."""
+                     warmup: int = 2, calls: int = 1) -> List[float]:
+    """GPU seconds per call: CUDA events recorded on the stream before and after ``calls``
+    back-to-back calls a sample, so the time is what the GPU spent from the first to the last
+    kernel (host time between launches shows up only as GPU idle time inside the window)."""
     for _ in range(max(warmup, 0)):
         fn()
     sync(device)
@@ -178,10 +178,11 @@ def cuda_event_times(fn: Callable[[], object], device: torch.device, *, repeats:
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        out.append(start.elapsed_time(end) / 1e3)
+        out.append(start.elapsed_time(end) / 1e3 / calls)
     return out
 
 

@@ -114,17 +114,9 @@ def main(argv=None) -> int:
                                                            replays=args.calls)
                                 timing = "graph"
                             except RuntimeError:  # not capturable: events around back-to-back calls
-                                torch.cuda.synchronize()
-                                times, timing = [], "events"
-                                for _ in range(args.repeats):
-                                    a = torch.cuda.Event(enable_timing=True)
-                                    b = torch.cuda.Event(enable_timing=True)
-                                    a.record()
-                                    for _ in range(args.calls):
-                                        call()
-                                    b.record()
-                                    b.synchronize()
-                                    times.append(a.elapsed_time(b) / 1e3 / args.calls)
+                                times = C.cuda_event_times(call, device, repeats=args.repeats, warmup=0,
+                                                           calls=args.calls)
+                                timing = "events"
                     except RuntimeError as exc:
                         print(f"  {dtype_name} {B}x{Cn} ce={with_ce} {plan or 'auto'}: skipped ({exc})")
                         continue

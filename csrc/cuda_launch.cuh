@@ -10,6 +10,7 @@
 
 #include <map>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -69,6 +70,25 @@ struct CudaLauncher {
     }
   }
 
+  // cudaFuncGetAttributes of `kernel` on this device (std::nullopt when the query is refused), asked
+  // once per (kernel, device): the static facts smem_ok and has_cluster_code read.
+  template <typename... KArgs>
+  std::optional<cudaFuncAttributes> func_attributes(void (*kernel)(KArgs...)) {
+    static std::mutex mu;
+    static std::map<std::pair<const void*, int>, std::optional<cudaFuncAttributes>> known;
+    const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = known.find(key);
+    if (it == known.end()) {
+      cudaFuncAttributes attr;
+      std::optional<cudaFuncAttributes> got;
+      if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess) got = attr;
+      (void)cudaGetLastError();  // a refused query is an answer, not a sticky error
+      it = known.emplace(key, got).first;
+    }
+    return it->second;
+  }
+
   // Whether a CTA of `kernel` may have `bytes` of dynamic shared memory on this device. The first
   // call per (kernel, device) raises the kernel's limit to all the device allows (above the default
   // 48 KiB a kernel must opt in), so the answer never depends on an earlier call's size.
@@ -76,21 +96,21 @@ struct CudaLauncher {
   bool smem_ok(void (*kernel)(KArgs...), int64_t bytes) {
     static std::mutex mu;
     static std::map<std::pair<const void*, int>, int64_t> limits;
+    const auto attr = func_attributes(kernel);
     const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
     std::lock_guard<std::mutex> lock(mu);
     auto it = limits.find(key);
     if (it == limits.end()) {
       int64_t limit = 0;
-      cudaFuncAttributes attr;
-      if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess) {
+      if (attr) {
         limit = static_cast<int64_t>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin) -
-                static_cast<int64_t>(attr.sharedSizeBytes);
+                static_cast<int64_t>(attr->sharedSizeBytes);
         if (limit <= 0 ||
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)) !=
                 cudaSuccess)
           limit = 0;
+        (void)cudaGetLastError();
       }
-      (void)cudaGetLastError();  // a refused query is an answer, not a sticky error
       it = limits.emplace(key, limit).first;
     }
     return bytes <= it->second;
@@ -100,22 +120,12 @@ struct CudaLauncher {
   // (KDSEQ_HAS_CLUSTERS: built from a compute_90 or newer virtual architecture). A Hopper GPU runs a
   // build whose best match is older PTX (TORCH_CUDA_ARCH_LIST="8.0+PTX") by JIT-compiling that PTX,
   // and there every cluster branch is gone: a cluster launch would leave each CTA thinking it is
-  // alone (wrong sums, unwritten gradient columns, rows out of bounds). Asked once per (kernel, device).
+  // alone (wrong sums, unwritten gradient columns, rows out of bounds).
   template <typename... KArgs>
   bool has_cluster_code(void (*kernel)(KArgs...)) {
-    static std::mutex mu;
-    static std::map<std::pair<const void*, int>, bool> known;
-    const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = known.find(key);
-    if (it == known.end()) {
-      cudaFuncAttributes attr;
-      // ptxVersion: the virtual architecture the code was compiled from, major * 10 + minor.
-      const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
-      (void)cudaGetLastError();  // a refused query is an answer, not a sticky error
-      it = known.emplace(key, ok).first;
-    }
-    return it->second;
+    // ptxVersion: the virtual architecture the code was compiled from, major * 10 + minor.
+    const auto attr = func_attributes(kernel);
+    return attr && attr->ptxVersion >= 90;
   }
 
   // Whether `ctas`-CTA clusters of `kernel` (with `smem` bytes of dynamic shared memory a CTA, after

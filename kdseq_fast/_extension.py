@@ -10,6 +10,7 @@ import torch
 
 from ._version import __version__
 
+
 def _missing_extension_message(exc: ImportError) -> str:
     import glob
     import os

@@ -3,7 +3,6 @@ logits on the training set. Shared by the trainer, the CLI's ``score`` command a
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +27,13 @@ class DataBundle:
 
     # What the teacher saw, for the teacher-logit cache: not just the name and size (another folder
     # of as many images, or relabelled data, must not reuse a stored file) but a digest of the
-    # contents. Computed when first asked (it reads every pixel, or stats every file).
-    @functools.cached_property
+    # contents. Computed when first asked (it reads every pixel, or stats every file; the split
+    # keeps the digest).
+    @property
     def key(self) -> str:
         return self._key(self.train)
 
-    @functools.cached_property
+    @property
     def test_key(self) -> str:
         return self._key(self.test)
 

@@ -184,29 +184,27 @@ class RunContext:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
 
+    def _in_place(self, collective, t: torch.Tensor) -> None:
+        """``collective(t)`` changing ``t`` in place, on a tensor this backend can move: NCCL
+        moves GPU tensors itself; gloo/mpi/ucc get a GPU tensor through host memory."""
+        if self.backend == "nccl" or t.device.type == "cpu":
+            collective(t)
+            return
+        moved = t.cpu()
+        collective(moved)
+        t.copy_(moved)
+
     def all_reduce_max(self, t: torch.Tensor) -> None:
         """In-place MAX of ``t`` over all processes, without a host read on NCCL (the device
         step's non-finite flag: every rank skips the same steps)."""
-        if self.world_size == 1:
-            return
-        if self.backend == "nccl" or t.device.type == "cpu":
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            return
-        moved = t.cpu()  # gloo/mpi/ucc with a GPU tensor: through host memory
-        torch.distributed.all_reduce(moved, op=torch.distributed.ReduceOp.MAX)
-        t.copy_(moved)
+        if self.world_size > 1:
+            self._in_place(lambda x: torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX), t)
 
     def broadcast_(self, tensors, src: int = 0) -> None:
         """In place: rank ``src``'s values of ``tensors`` on every rank (no-op with one process)."""
-        if self.world_size == 1:
-            return
-        for t in tensors:
-            if self.backend == "nccl" or t.device.type == "cpu":
-                torch.distributed.broadcast(t, src=src)
-            else:  # gloo/mpi/ucc with a GPU tensor: through host memory
-                moved = t.cpu()
-                torch.distributed.broadcast(moved, src=src)
-                t.copy_(moved)
+        if self.world_size > 1:
+            for t in tensors:
+                self._in_place(lambda x: torch.distributed.broadcast(x, src=src), t)
 
     def broadcast_object(self, obj, src: int = 0):
         """``obj`` from rank ``src`` on every rank (pickled; for small control data)."""

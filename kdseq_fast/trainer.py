@@ -136,9 +136,9 @@ class Trainer:
         self.ctx.run_on_main(lambda: self.run_dir.check(cfg, role, method, resume=resume,
                                                         overwrite=overwrite))
         self._build_data(data)
-        self.buffers = self._build_student()
+        guard = self._build_student()
         teacher_fwd = self._build_teacher(teacher)
-        self._build_step(self.buffers, teacher_fwd, sync_timing)
+        self._build_step(guard, teacher_fwd, sync_timing)
         self._init_progress()
         from .scoring import teacher_fingerprint
 
@@ -370,7 +370,7 @@ class Trainer:
         rank would evaluate and score its shard with different statistics than the student that
         rank 0 checkpoints (and a resumed run, which starts from rank 0's, would differ)."""
         if self.ctx.distributed:
-            self.ctx.broadcast_(self.buffers.flat)
+            self.ctx.broadcast_(self.step.guard.flat)  # the model's buffers, as one flat tensor a dtype
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module | None = None) -> float:

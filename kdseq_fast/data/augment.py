@@ -8,12 +8,14 @@ mid-epoch resume and sharding need.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import torch
 
-__all__ = ["epoch_generator", "cifar_params", "rrc_params", "pad_crop_flip", "normalize_nhwc"]
+__all__ = ["epoch_generator", "cifar_params", "rrc_params", "pad_crop_flip", "normalize_nhwc", "image_hw",
+           "decode_errors"]
 
 # Scale/ratio ranges of torchvision's RandomResizedCrop defaults; both backends use these.
 RRC_SCALE = (0.08, 1.0)
@@ -25,6 +27,25 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     # streams, which a plain `seed + epoch` would.
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF])
                .generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@contextlib.contextmanager
+def decode_errors(path: str):
+    """PIL's errors for an unreadable or corrupt image file, as a ValueError naming the file."""
+    try:
+        yield
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"cannot decode image {path}: {exc}") from None
+
+
+def image_hw(source, path: str) -> tuple:
+    """(height, width) from an image's header, ``source`` being its path or a file object of its
+    bytes: what the random-resized-crop boxes of a file are drawn from, on either backend."""
+    from PIL import Image
+
+    with decode_errors(path), Image.open(source) as im:  # parses the header only
+        w, h = im.size
+    return h, w
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -41,16 +41,6 @@ def dali_import_error() -> Optional[str]:
     return _IMPORT_ERROR
 
 
-def _image_hw_from_bytes(data: np.ndarray, path: str):
-    from PIL import Image
-    try:
-        with Image.open(io.BytesIO(data.tobytes())) as im:  # parses the header only
-            w, h = im.size
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"cannot decode image {path}: {exc}") from None
-    return h, w
-
-
 class DaliBackend:
     name = "dali"
 
@@ -92,7 +82,8 @@ class DaliBackend:
             start = (np.stack([oy, ox], axis=1) - p.padding).astype(np.int32)
             outs += [start, flip.astype(np.int32)]
         elif p.augment == "rrc":
-            boxes = np.array([aug.rrc_params(*_image_hw_from_bytes(enc, path), p.seed, p.epoch, pos)
+            boxes = np.array([aug.rrc_params(*aug.image_hw(io.BytesIO(enc.tobytes()), path), p.seed,
+                                             p.epoch, pos)
                               for enc, path, pos in zip(outs[0], paths, range(s, e))], dtype=np.float32)
             outs += [boxes[:, :2].copy(), (boxes[:, :2] + boxes[:, 2:]).copy(),
                      p.flips[s:e].numpy().astype(np.int32)]

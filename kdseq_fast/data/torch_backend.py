@@ -16,27 +16,14 @@ def _decode_file(path: str, box, image_size):
     from PIL import Image
     import torchvision.transforms.v2.functional as TF
 
-    try:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for unreadable/corrupt files
-        raise ValueError(f"cannot decode image {path}: {exc}") from None
+    with aug.decode_errors(path), Image.open(path) as im:
+        img = im.convert("RGB")
     if box is not None:
         top, left, h, w = box
         img = TF.resized_crop(img, top, left, h, w, [image_size, image_size], antialias=True)
     elif image_size is not None:
         img = TF.center_crop(TF.resize(img, image_size, antialias=True), [image_size, image_size])
     return np.asarray(img, dtype=np.uint8)
-
-
-def _image_hw(path: str):
-    from PIL import Image
-    try:
-        with Image.open(path) as im:  # reads the header only
-            w, h = im.size
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"cannot decode image {path}: {exc}") from None
-    return h, w
 
 
 class TorchBackend:
@@ -64,7 +51,7 @@ class TorchBackend:
         size = self.L.image_size
         if p.augment == "rrc":
             def work(k):
-                h, w = _image_hw(paths[k])
+                h, w = aug.image_hw(paths[k], paths[k])
                 box = aug.rrc_params(h, w, p.seed, p.epoch, int(pos[k]))
                 return _decode_file(paths[k], box, size)
         else:
