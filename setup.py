@@ -91,26 +91,33 @@ def nvcc_version(cuda_home):
 
 
 def want_cuda():
+    """(build them, why, codes): codes name each reason the kernels are left out, without spaces,
+    so the extension can carry them as one define (build_info()["cuda_off_reasons"]; the words for
+    each code are in kdseq_fast/_extension.py's CUDA_OFF_REASONS)."""
     flag = os.environ.get("KDSEQ_CUDA")
     if flag == "0":
-        return False, "KDSEQ_CUDA=0"
+        return False, "KDSEQ_CUDA=0", ["env_off"]
     cuda_home = cpp_extension.CUDA_HOME
-    reasons = []
+    reasons, codes = [], []
     if torch.version.cuda is None:
         reasons.append("torch is a CPU-only build")
+        codes.append("cpu_torch")
     if cuda_home is None:
         reasons.append("no CUDA toolkit found (set CUDA_HOME)")
+        codes.append("no_toolkit")
     else:
         found = nvcc_version(cuda_home)
         if found is None:
             reasons.append(f"no working nvcc under {cuda_home}")
+            codes.append("no_nvcc")
         elif torch.version.cuda is not None and found.split(".")[0] != torch.version.cuda.split(".")[0]:
             reasons.append(f"nvcc {found} does not match torch's CUDA {torch.version.cuda}")
+            codes.append("nvcc_mismatch")
     if reasons:
         if flag == "1":
             raise RuntimeError("KDSEQ_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(reasons))
-        return False, "; ".join(reasons)
-    return True, f"nvcc under {cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
+        return False, "; ".join(reasons), codes
+    return True, f"nvcc under {cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}", []
 
 
 def cuda_fallback_includes(cuda_home):
@@ -189,7 +196,7 @@ def nvcc_threads(targets):
 
 
 def make_extension():
-    with_cuda, why = want_cuda()
+    with_cuda, why, off_codes = want_cuda()
     arch_flags, isa = cpu_arch_flags()
     debug = os.environ.get("KDSEQ_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -199,6 +206,8 @@ def make_extension():
     if not debug:
         cxx += gcc_scheduling_flags()
     cxx.append(f'-DKDSEQ_CPU_ISA="{isa}"')
+    if off_codes:
+        cxx.append(f'-DKDSEQ_CUDA_OFF="{",".join(off_codes)}"')
     sources = ["csrc/ops.cpp", "csrc/kd_loss_cpu.cpp", "csrc/instance_scores_cpu.cpp"]
     extra = {"cxx": cxx}
     print(f"kdseq-fast: CUDA kernels {'ON' if with_cuda else 'OFF'} ({why}); CPU ISA {isa}")

@@ -28,6 +28,9 @@
 #ifndef KDSEQ_CUDA_TARGETS
 #define KDSEQ_CUDA_TARGETS ""
 #endif
+#ifndef KDSEQ_CUDA_OFF  // setup.py's codes for why a build left the CUDA kernels out
+#define KDSEQ_CUDA_OFF ""
+#endif
 #ifndef KDSEQ_CPU_ISA
 #define KDSEQ_CPU_ISA "generic"
 #endif
@@ -369,7 +372,7 @@ std::string build_info_json() {
 #endif
   os << "{\"cuda_compiled\": " << (cuda ? "true" : "false") << ", \"cuda_archs\": \"" << KDSEQ_CUDA_ARCHS
      << "\", \"cuda_targets\": \"" << KDSEQ_CUDA_TARGETS << "\", \"openmp\": " << (openmp ? "true" : "false")
-     << ", \"cpu_isa\": \"" << KDSEQ_CPU_ISA << "\", \"compiler\": \"" << kCompiler << "\"}";
+     << ", \"cuda_off\": \"" << KDSEQ_CUDA_OFF << "\", \"cpu_isa\": \"" << KDSEQ_CPU_ISA << "\", \"compiler\": \"" << kCompiler << "\"}";
   return os.str();
 }
 

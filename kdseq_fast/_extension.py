@@ -33,13 +33,27 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
     raise ImportError(_missing_extension_message(exc)) from exc
 
 
+# setup.py's want_cuda() codes for why a build left the CUDA kernels out.
+CUDA_OFF_REASONS = {
+    "env_off": "KDSEQ_CUDA=0 was set",
+    "cpu_torch": "the torch it was built against is a CPU-only build",
+    "no_toolkit": "no CUDA toolkit was found (CUDA_HOME)",
+    "no_nvcc": "no working nvcc was found in the CUDA toolkit",
+    "nvcc_mismatch": "nvcc's CUDA major version did not match torch's",
+}
+
+
 def build_info() -> dict:
-    """How the extension was built: version, CUDA kernels, their archs, OpenMP, CPU ISA, torch."""
+    """How the extension was built: version, CUDA kernels (and, when they were left out, why),
+    their archs, OpenMP, CPU ISA, torch."""
     info = json.loads(torch.ops.kdseq.build_info())
     archs = info.pop("cuda_archs")
+    off = [c for c in info.pop("cuda_off", "").split(",") if c]
     return {
         "version": __version__,
         "cuda_compiled": bool(info.pop("cuda_compiled")),
+        # Empty when the kernels were built (or the build predates the record).
+        "cuda_off_reasons": [CUDA_OFF_REASONS.get(c, c) for c in off],
         # TORCH_CUDA_ARCH_LIST separates entries with ';' or spaces.
         "cuda_archs": archs.replace(";", " ").split(),
         # What nvcc emitted for them, in torch.cuda.get_arch_list()'s names: "sm_80" machine code,
@@ -85,10 +99,13 @@ def _kernels_problem(index: int) -> str | None:
     info = build_info()
     name = torch.cuda.get_device_name(index)
     if not info["cuda_compiled"]:
-        return (f"kdseq_fast was built without its CUDA kernels, so kd_loss and instance_scores cannot run "
-                f"on cuda:{index} ({name}). Rebuild it with a CUDA toolkit whose major version matches "
-                f"torch's CUDA {torch.version.cuda} (CUDA_HOME=<toolkit> pip install --no-build-isolation "
-                "<path to kdseq-fast>; the build prints why it left CUDA out), or use device 'cpu'.")
+        why = "; ".join(info.get("cuda_off_reasons") or [])
+        how = ("Rebuild it without KDSEQ_CUDA=0" if CUDA_OFF_REASONS["env_off"] in info.get("cuda_off_reasons", [])
+               else f"Rebuild it with a CUDA toolkit whose major version matches torch's CUDA {torch.version.cuda}")
+        return (f"kdseq_fast was built without its CUDA kernels{f' ({why})' if why else ''}, so kd_loss and "
+                f"instance_scores cannot run on cuda:{index} ({name}). {how} (CUDA_HOME=<toolkit> pip install "
+                "--no-build-isolation <path to kdseq-fast>; the build prints why it left CUDA out), or use "
+                "device 'cpu'.")
     capability = torch.cuda.get_device_capability(index)
     if not info["cuda_targets"] or targets_run_on(capability, info["cuda_targets"]):
         return None

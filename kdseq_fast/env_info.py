@@ -61,7 +61,8 @@ def format_report(info: dict) -> str:
         cuda = (f"yes, TORCH_CUDA_ARCH_LIST={';'.join(b['cuda_archs'])} "
                 f"(code {' '.join(b['cuda_targets']) or 'not recorded'})")
     else:
-        cuda = "no (the build leaves them out without a CUDA torch and a matching nvcc)"
+        why = "; ".join(b.get("cuda_off_reasons") or []) or "not recorded by this build"
+        cuda = f"no, left out at build time: {why}"
     lines += [
         f"  CUDA kernels: {cuda}",
         f"  CPU kernels: ISA {b.get('cpu_isa', '?')}, OpenMP {'yes' if b['openmp'] else 'no'}, "

@@ -140,3 +140,18 @@ def test_check_cuda_kernels_without_cuda_kernels(fake_gpu):
     fake_gpu((9, 0), name="NVIDIA H100", cuda_compiled=False, cuda_archs=[], cuda_targets=[])
     with pytest.raises(RuntimeError, match=r"built without its CUDA kernels.*cuda:0 \(NVIDIA H100\)"):
         kf.check_cuda_kernels("cuda:0")
+
+
+def test_check_cuda_kernels_says_why_the_build_left_them_out(fake_gpu):
+    fake_gpu((9, 0), name="NVIDIA H100", cuda_compiled=False, cuda_archs=[], cuda_targets=[],
+             cuda_off_reasons=[_extension.CUDA_OFF_REASONS["env_off"]])
+    with pytest.raises(RuntimeError, match=r"CUDA kernels \(KDSEQ_CUDA=0 was set\).*without KDSEQ_CUDA=0"):
+        kf.check_cuda_kernels("cuda:0")
+    fake_gpu((9, 0), cuda_compiled=False, cuda_off_reasons=[_extension.CUDA_OFF_REASONS["nvcc_mismatch"]])
+    with pytest.raises(RuntimeError, match=r"\(nvcc's CUDA major version did not match torch's\).*whose major"):
+        kf.check_cuda_kernels("cuda:0")
+
+
+def test_build_records_no_off_reason_when_the_kernels_are_built():
+    info = kf.build_info()
+    assert (info["cuda_off_reasons"] == []) == info["cuda_compiled"]

@@ -264,5 +264,9 @@ def test_info_report_of_a_cpu_only_build():
     text = format_report({"kdseq_fast": build, "python": "3.11.7", "platform": "Linux", "torch_cuda": None,
                           "gpus": [], "dali": None, "dali_error": "nvidia-dali not importable (ImportError: x)"})
     assert "torch 2.4.1+cpu (CUDA none: a CPU-only build)" in text
-    assert "CUDA kernels: no" in text and "ISA portable, OpenMP yes" in text
+    assert "CUDA kernels: no, left out at build time: not recorded" in text and "ISA portable, OpenMP yes" in text
     assert "DALI loader: not available (nvidia-dali not importable" in text and "GPUs: none visible" in text
+    build["cuda_off_reasons"] = ["KDSEQ_CUDA=0 was set"]
+    text = format_report({"kdseq_fast": build, "python": "3.11.7", "platform": "Linux", "torch_cuda": "13.0",
+                          "gpus": [], "dali": None, "dali_error": "x"})
+    assert "CUDA kernels: no, left out at build time: KDSEQ_CUDA=0 was set" in text

@@ -127,6 +127,10 @@ def test_sdist_has_the_sources_and_a_clean_unpack_builds_a_portable_wheel(tmp_pa
     out = _run([py, "-c", _SMOKE], cwd=str(tmp_path)).stdout.split()
     assert out[0].startswith(str(tmp_path / "venv")), out
     assert out[-1] == "portable"
+    # The build records why it left the CUDA kernels out (info and check_cuda_kernels say it).
+    why = _run([py, "-c", "import kdseq_fast as kf; print(kf.build_info()['cuda_off_reasons'])"],
+               cwd=str(tmp_path)).stdout.strip()
+    assert why == "['KDSEQ_CUDA=0 was set']", why
 
 
 def _source_copy(tmp_path):
