@@ -162,9 +162,17 @@ def bench_pass(device, args, gen):
     batches = [(images[i:i + bs].to(device), labels[i:i + bs].to(device), torch.arange(i, min(i + bs, n)))
                for i in range(0, n, bs)]
 
-    # Warm-up on the first batch (cuDNN autotuning, allocator growth, OpenMP pool start-up).
-    warm_n = len(batches[0][2])
-    scoring.score_dataset(model, batches[:1], teacher_logits[:warm_n], num_items=warm_n, progress=False)
+    # Warm-up on each batch shape the pass meets: the first batch and a shorter last one (cuDNN
+    # autotuning and allocator growth happen per shape; OpenMP pool start-up once).
+    def warm_up(batch):
+        images, labels, indices = batch
+        k = len(indices)
+        scoring.score_dataset(model, [(images, labels, torch.arange(k))], teacher_logits[indices],
+                              num_items=k, progress=False)
+
+    warm_up(batches[0])
+    if len(batches[-1][2]) != len(batches[0][2]):
+        warm_up(batches[-1])
 
     def forward_only():
         # The same batches through the same model, nothing else: what the pass cannot go below.
