@@ -181,6 +181,37 @@ def test_nonfinite_step_leaves_no_trace_and_the_next_step_is_a_first_step(tmp_pa
     assert good.bad_steps == 0 and good.samples == batch["labels"].numel()
 
 
+@pytest.mark.parametrize("augment", ["none", "cifar"])
+def test_kd_step_trains_on_the_configured_kd_loss(tmp_path, teacher_run, augment):
+    # What a kd step backpropagates is Hinton's loss with the config's T and weights, against the
+    # teacher's logits for those very images: cached for un-augmented data, the teacher online for
+    # augmented batches (every other trainer test compares the trainer with itself).
+    import copy
+
+    cfg = load_config(None, BASE + [f"data.augment={augment}", "loss.temperature=3.0",
+                                    "loss.kd_weight=0.7", "loss.ce_weight=0.3"])
+    t = Trainer(cfg, str(tmp_path / "kd"), method="kd", teacher=teacher_run.weights_path, quiet=True,
+                log=lambda m: None)
+    t.teacher_train_logits()
+    assert t.step.use_cached == (augment == "none")
+    batch = _one_batch(t)
+    student = copy.deepcopy(t.model).train()  # the same forward, without touching the run's BN state
+    with torch.no_grad():
+        logits = student(batch["images"])
+        if augment == "none":
+            teacher = t.teacher_train_logits()[batch["indices"]]
+        else:
+            teacher = t.step.teacher(batch["images"])
+            # Not the cached logits of the un-augmented images: the online teacher sees the crop.
+            assert not torch.allclose(teacher, t.teacher_train_logits()[batch["indices"]])
+    expect = kf.kd_loss_reference(logits.double(), teacher.double(), batch["labels"], temperature=3.0,
+                                  kd_weight=0.7, ce_weight=0.3)
+    got = t.step.run(batch)
+    assert float(got) == pytest.approx(float(expect), rel=1e-5)
+    ce = torch.nn.functional.cross_entropy(logits.double(), batch["labels"])
+    assert abs(float(got) - float(ce)) > 1e-3  # the two losses this test tells apart
+
+
 def test_device_counters_match_the_host_loss(tmp_path, teacher_run):
     cfg = load_config(None, BASE)
     t = Trainer(cfg, str(tmp_path / "c"), method="kd", teacher=teacher_run.weights_path, quiet=True,
