@@ -55,6 +55,15 @@ def isl_run(tmp_path_factory, teacher_run):
     check = ScoreCheck()
     trainer = Trainer(cfg, out, method="isl", teacher=teacher_run.weights_path, quiet=True,
                       callbacks=[check], log=lambda m: None)
+    # Every batch the step trained on, in order (what the loader really delivered).
+    check.batches = []
+    run = trainer.step.run
+
+    def recording_run(batch, *args, **kwargs):
+        check.batches.append(batch["indices"].cpu().numpy().copy())
+        return run(batch, *args, **kwargs)
+
+    trainer.step.run = recording_run
     result = trainer.fit()
     return trainer, result, check
 
@@ -110,6 +119,33 @@ def test_isl_scores_with_the_kernel_and_orders_change(isl_run):
     # Easy -> hard by the default measure (snapshot cross-entropy), ties by index.
     ce = s1[:, kf.SCORE_FIELDS.index("ce")]
     assert np.all(np.diff(ce[o1]) >= 0)
+
+
+def test_isl_trains_on_the_admitted_prefix_of_each_phase_sequence(isl_run):
+    # The batches the step trained on, against the phase's written sequence: in a curriculum
+    # epoch, a batch holds instances ranked below its admitted count, but for the easy-first
+    # mixing share. (admitted_frac and the pacing plot come from the counts, not the batches.)
+    trainer, result, check = isl_run
+    spe, n = trainer.steps_per_epoch, trainer.num_items
+    assert len(check.batches) == len(trainer.schedule) * spe
+    mix = trainer.cfg.curriculum.mix_frac
+    curriculum_batches = outside_total = 0
+    for e, (phase, kind, _, _) in enumerate(trainer.schedule):
+        if kind != "curriculum":
+            continue
+        sequence = np.load(os.path.join(result.out_dir, f"phase_{phase}_order.npy"))
+        rank = np.empty(n, dtype=np.int64)
+        rank[sequence] = np.arange(n)
+        _, admitted = trainer.plan.order(e, sequence)
+        for j in range(spe):
+            idx = check.batches[e * spe + j]
+            outside = int((rank[idx] >= admitted[j]).sum())
+            assert outside <= round(mix * len(idx)) + 1, (e, j, outside, int(admitted[j]), len(idx))
+            assert len(np.unique(idx)) == len(idx)
+            curriculum_batches += 1
+            outside_total += outside
+    assert curriculum_batches == 2 * spe and admitted[0] < n
+    assert (outside_total > 0) == (mix > 0)  # the mixing share is there, and only with mixing
 
 
 def test_isl_reaches_sane_accuracy(isl_run):
