@@ -80,6 +80,31 @@ def test_ties_first_maximum_wins():
     assert out[:, 5].tolist() == [1.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_non_finite_rows_follow_the_documented_rules_worked_by_hand(dtype):
+    # README: on a row holding NaN or +inf, ce, p_true, entropy and kd are NaN; the maxima behind
+    # margin and correct skip NaN entries. Expected values worked out by hand, not by a reference.
+    nan, inf = float("nan"), float("inf")
+    s = torch.tensor([[nan, 1.0, 3.0],     # y = 2: margin 3 - 1 = 2, argmax over {1, 3} is y
+                      [1.0, nan, 3.0],     # y = 1 (the NaN): margin NaN, argmax is class 2
+                      [nan, nan, nan],     # nothing to compare: margin NaN, not correct
+                      [inf, 1.0, 3.0],     # y = 2: margin 3 - inf, argmax is the +inf class
+                      [-inf, 1.0, 3.0]], dtype=dtype)  # y = 0, masked: ce = +inf; the teacher's
+    # uniform row gives the masked class 1/3, so the KL (kd) is +inf too
+    y = torch.tensor([2, 1, 1, 2, 0])
+    t = torch.zeros(5, 3, dtype=dtype)
+    nan_cols = [kf.SCORE_FIELDS.index(f) for f in ("ce", "kd", "p_true", "entropy")]
+    for out in (kf.instance_scores(s, y, t), kf.instance_scores_reference(s, y, t).to(torch.float32)):
+        col = {f: out[:, kf.SCORE_FIELDS.index(f)] for f in kf.SCORE_FIELDS}
+        assert torch.isnan(out[:4, nan_cols]).all()
+        assert col["margin"][0] == 2.0 and col["correct"][0] == 1.0
+        assert torch.isnan(col["margin"][1]) and col["correct"][1] == 0.0
+        assert torch.isnan(col["margin"][2]) and col["correct"][2] == 0.0
+        assert col["margin"][3] == -inf and col["correct"][3] == 0.0
+        assert col["ce"][4] == inf and col["p_true"][4] == 0.0 and col["margin"][4] == -inf
+        assert col["correct"][4] == 0.0 and torch.isfinite(col["entropy"][4]) and col["kd"][4] == inf
+
+
 def test_masked_classes_and_extreme_values():
     s, t = make_logits(6, 600, seed=1), make_logits(6, 600, seed=2)
     s[:, 500:] = float("-inf")

@@ -56,22 +56,25 @@ def instance_scores_reference(student_logits: torch.Tensor, labels: torch.Tensor
     """The six measures as separate plain-PyTorch reductions, in ``dtype`` (float64 by default)."""
     s = student_logits.detach().to(dtype)
     y = labels.long()
-    lse = torch.logsumexp(s, 1)
+    # log_softmax, not logsumexp: a +inf logit makes the row NaN (inf - inf), as in the kernels
+    # (torch.logsumexp special-cases it to inf).
+    logp = F.log_softmax(s, 1)
     s_y = s.gather(1, y[:, None]).squeeze(1)
-    ce = lse - s_y
+    ce = -logp.gather(1, y[:, None]).squeeze(1)
     p_true = torch.exp(-ce)
-    others = s.scatter(1, y[:, None], float("-inf"))
+    # The maxima behind margin and correct skip NaN entries (README: unlike torch.argmax).
+    no_nan = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s)
+    others = no_nan.scatter(1, y[:, None], float("-inf"))
     margin = s_y - others.max(1).values
-    logp = s - lse[:, None]
     p = logp.exp()
-    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(1)
-    correct = (s.argmax(1) == y).to(dtype)
+    entropy = -torch.where(p == 0, torch.zeros_like(p), p * logp).sum(1)
+    correct = (no_nan.argmax(1) == y).to(dtype)
     if teacher_logits is not None:
         T = float(temperature)
         log_pt = F.log_softmax(teacher_logits.detach().to(dtype) / T, 1)
         log_ps = F.log_softmax(s / T, 1)
         pt = log_pt.exp()
-        kd = T * T * torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt)).sum(1)
+        kd = T * T * torch.where(pt == 0, torch.zeros_like(pt), pt * (log_pt - log_ps)).sum(1)
     else:
         kd = torch.zeros_like(ce)
     return torch.stack([ce, kd, p_true, margin, entropy, correct], 1)

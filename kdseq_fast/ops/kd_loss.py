@@ -99,8 +99,8 @@ def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     log_ps = F.log_softmax(s / T, dim=1)
     log_pt = F.log_softmax(t / T, dim=1)
     pt = log_pt.exp()
-    # pt == 0 (masked teacher class) contributes 0, not 0 * (-inf - x) = nan.
-    kl_terms = torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt))
+    # pt == 0 (masked teacher class) contributes 0, not 0 * (-inf - x) = nan; a NaN pt stays NaN.
+    kl_terms = torch.where(pt == 0, torch.zeros_like(pt), pt * (log_pt - log_ps))
     rows = kd_weight * T * T * kl_terms.sum(1)
     if labels is not None:
         keep = labels != ignore_index
