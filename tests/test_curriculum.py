@@ -131,6 +131,34 @@ def test_paced_epoch_draws_only_from_admitted_prefix(strict):
     assert np.array_equal(again, first)
 
 
+@pytest.mark.parametrize("mix_frac", [0.0, 0.25])
+def test_strict_walk_continues_across_the_epochs_of_a_phase(mix_frac):
+    # Strict order walks the admitted prefix as one continuous pass over the phase: a batch, and an
+    # epoch, starts right after the last instance the one before took (at the sequence start only
+    # when that one closed the prefix), not over at the easiest instance every epoch.
+    n, bs = 1000, 32
+    seq = np.random.default_rng(3).permutation(n)
+    rank = np.empty(n, dtype=np.int64)
+    rank[seq] = np.arange(n)
+    g = OrderGenerator(n, bs, seed=1)
+    pacing = Pacing("linear", 0.2, 0.8)
+    starts = np.concatenate([[0], np.cumsum(g.batch_sizes)[:-1]])
+    last, carried = None, 0
+    for e in range(4):
+        order, admitted = g.paced_epoch(seq, pacing, phase=1, epoch_in_phase=e, phase_epochs=4,
+                                        strict_order=True, mix_frac=mix_frac)
+        for s, size, k in zip(starts, g.batch_sizes, admitted):
+            ranks = rank[order[s:s + size]]
+            walked = ranks[ranks < k]  # in batch order; the mixed rows come from beyond the prefix
+            assert len(walked) < size if mix_frac and k < n else len(walked) == size
+            assert np.array_equal(walked[1:], (walked[:-1] + 1) % k)
+            if last is not None:
+                assert walked[0] == (last + 1 if last + 1 < k else 0), (e, s)
+                carried += bool(s == 0 and walked[0] != 0)
+            last = int(walked[-1])
+    assert carried >= 2  # epochs did carry the walk's position over
+
+
 def test_paced_epoch_first_batches_are_easiest_prefix():
     n, bs = 500, 50
     seq = np.arange(n)[::-1].copy()  # sequence: 499 easiest ... 0 hardest
