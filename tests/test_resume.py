@@ -106,6 +106,20 @@ def test_kill_and_resume_is_bit_identical(tmp_path, teacher, reference, where, e
     _assert_identical(reference, out)
 
 
+def test_resume_may_change_where_and_how_often_and_stays_bit_identical(tmp_path, teacher, reference):
+    # README: where a run runs, where its data and cache live, how often it checkpoints and reads
+    # the device may differ on --resume (RESUME_IGNORED_KEYS); the result may not.
+    out = tmp_path / "run"
+    killed = _run(_args(out, teacher), {"KDSEQ_TEST_KILL_AT_STEP": "15"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    changed = ["train.checkpoint_every_steps=5", "train.log_every_steps=3", "data.num_threads=2",
+               f"data.root={tmp_path / 'elsewhere'}", f"train.teacher_cache_dir={tmp_path / 'cache2'}",
+               "train.target_acc=0.5", "train.nonfinite=skip"]
+    resumed = _run(_args(out, teacher, changed) + ["--resume"])
+    assert "resuming from" in resumed.stdout
+    _assert_identical(reference, out)
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, teacher, reference):
     out = tmp_path / "run"
     killed = _run(_args(out, teacher), {"KDSEQ_TEST_KILL_AT_STEP": "27"}, check=False)
