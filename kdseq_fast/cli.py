@@ -16,27 +16,9 @@ import argparse
 import os
 import sys
 
+from .config import find_config  # re-exported: what --config accepts
+
 __all__ = ["main", "build_parser", "find_config"]
-
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def find_config(name: str) -> str:
-    """A config path, or a recipe name (``digits_quick``) looked up in the installed package
-    (``kdseq_fast/configs/``) and then in the source tree's ``configs/``."""
-    if os.path.isfile(name):
-        return name
-    stem = name[:-5] if name.endswith(".yaml") else name
-    if os.path.normpath(os.path.dirname(stem)) == "configs":
-        # The README's form (configs/NAME.yaml) run outside the source tree: the packaged copy.
-        stem = os.path.basename(stem)
-    candidates = [os.path.join(_PKG_DIR, "configs", stem + ".yaml"),
-                  os.path.join(os.path.dirname(_PKG_DIR), "configs", stem + ".yaml")]
-    for c in candidates:
-        if os.path.isfile(c):
-            return c
-    raise FileNotFoundError(f"config {name!r} not found (looked for the file and in "
-                            f"{', '.join(os.path.dirname(c) for c in candidates)})")
 
 
 def _common(p: argparse.ArgumentParser, *, out_required: bool = True, run_flags: bool = True) -> None:
@@ -78,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="run several methods on one config; one summary + plots")
     _common(p)
     p.add_argument("--methods", default="ce,kd,isl", help="comma-separated (default ce,kd,isl)")
-    p.add_argument("--teacher", help="teacher checkpoint; trained into OUT/teacher when absent")
+    p.add_argument("--teacher", help="teacher checkpoint (default: teacher.checkpoint; when neither is "
+                                     "given, one is trained into OUT/teacher)")
 
     p = sub.add_parser("score", help="score a dataset split with a checkpoint -> (N, 6) matrix")
     _common(p, run_flags=False)

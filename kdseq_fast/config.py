@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 __all__ = [
-    "DEFAULTS", "Config", "load_config", "save_config", "config_hash", "apply_overrides",
+    "DEFAULTS", "Config", "load_config", "find_config", "save_config", "config_hash", "apply_overrides",
     "validate_config", "phase_epochs", "parse_measure", "MEASURE_TERMS",
 ]
 
@@ -87,7 +87,7 @@ DEFAULTS: dict[str, Any] = {
         "amp": "auto",           # auto (bf16 on GPUs with bf16, fp32 elsewhere) | none | bf16 | fp16
         "compile": "auto",       # torch.compile student and teacher: auto (off until measured) | true | false
         "compile_mode": "default",  # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
-        "channels_last": "auto",  # auto (on for CUDA) | true | false
+        "channels_last": "auto",  # auto (on, except deterministic CPU runs) | true | false
         "cuda_graphs": "auto",   # training step replayed as one CUDA graph: auto (one CUDA process, not compiled, not deterministic) | true (also a compiled step, unless compile_mode=reduce-overhead) | false
         "fused_optimizer": "auto",  # fused SGD (skips a non-finite step on a device flag): auto | true | false
         "log_every_steps": "auto",  # host reads of the device's loss/accuracy/guard counters: auto | N
@@ -580,14 +580,35 @@ def parse_measure(measure: str) -> list[tuple[float, str]]:
 # --------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_config(name: str) -> str:
+    """A config path, or a recipe name (``digits_quick``) looked up in the installed package
+    (``kdseq_fast/configs/``) and then in the source tree's ``configs/``."""
+    if os.path.isfile(name):
+        return name
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if os.path.normpath(os.path.dirname(stem)) == "configs":
+        # The README's form (configs/NAME.yaml) run outside the source tree: the packaged copy.
+        stem = os.path.basename(stem)
+    candidates = [os.path.join(_PKG_DIR, "configs", stem + ".yaml"),
+                  os.path.join(os.path.dirname(_PKG_DIR), "configs", stem + ".yaml")]
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    raise FileNotFoundError(f"config {name!r} not found (looked for the file and in "
+                            f"{', '.join(os.path.dirname(c) for c in candidates)})")
+
+
 def load_config(path: str | os.PathLike | None = None,
                 overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
-    """Defaults <- YAML file (optional) <- ``"a.b=value"`` overrides, then validation."""
+    """Defaults <- YAML file (optional: a path, or a packaged recipe's name such as
+    ``"digits_quick"``, see :func:`find_config`) <- ``"a.b=value"`` overrides, then validation."""
     data = copy.deepcopy(DEFAULTS)
     if path is not None:
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file not found: {path}")
+        # A file, or a recipe name / configs/NAME.yaml found in the package (as --config does).
+        path = find_config(os.fspath(path))
         with open(path, encoding="utf-8") as fh:
             try:
                 loaded = yaml.safe_load(fh)

@@ -155,7 +155,7 @@ def get_dataset(name: str, root: str | os.PathLike = "./data", split: str = "tra
     """Load one split of a dataset.
 
     Extra keyword arguments by dataset:
-      - ``cinic10``: ``merge_valid=False`` (train = train + valid, as the CINIC authors suggest).
+      - ``cinic10``: ``merge_valid=False`` (True: train = train + valid, as the CINIC authors suggest).
       - ``imagefolder``: ``image_size=224``, ``mean=``, ``std=`` (default: ImageNet statistics).
       - ``fashion_mnist``: ``image_size=28`` (the native size) or ``32`` (zero-padded by 2 px on
         every side, for recipes that assume CIFAR-sized inputs); one grey channel, kept as is.

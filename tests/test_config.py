@@ -275,3 +275,46 @@ def test_read_metrics_keeps_records_after_an_unreadable_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n{"epoch": 4')
     assert [r["epoch"] for r in read_metrics(str(path))] == [1, 3]
+
+
+def _run_lines(path):
+    """The commands a recipe's '# Run:' comment gives, '<this file>' filled in."""
+    import shlex
+
+    text, grab = [], False
+    with open(path) as fh:
+        for line in fh:
+            if not line.startswith("#"):
+                break
+            body = line[1:].strip()
+            if body.startswith("Run:"):
+                grab, body = True, body[len("Run:"):]
+            if grab:
+                text.append(body)
+                if body.endswith(";"):
+                    break
+    joined = " ".join(text).rstrip(";").replace("<this file>", path)
+    return [shlex.split(c)[1:] for c in joined.split(", then ") if c.strip()]
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "# Run:" in open(p).read()],
+                         ids=os.path.basename)
+def test_a_recipes_run_comment_is_commands_the_cli_accepts(path):
+    # The comment is what a user copies: each command must parse, and distill needs the teacher
+    # the first one trains (the recipes set teacher.checkpoint: null).
+    from kdseq_fast.cli import build_parser
+
+    commands = _run_lines(path)
+    assert [c[0] for c in commands] == ["train-teacher", "distill"], commands
+    parsed = [build_parser().parse_args(c) for c in commands]
+    assert os.path.join(parsed[0].out, "teacher.pt") == parsed[1].teacher
+
+
+def test_load_config_finds_a_packaged_recipe_from_anywhere(tmp_path, monkeypatch):
+    # README's Python example, run outside the source tree: the recipe name or configs/NAME.yaml.
+    monkeypatch.chdir(tmp_path)
+    by_name = load_config("cifar100_resnet32x4_resnet8x4", ["data.name=digits"])
+    by_path = load_config("configs/cifar100_resnet32x4_resnet8x4.yaml", ["data.name=digits"])
+    assert by_name.to_dict() == by_path.to_dict() and by_name.student.arch == "resnet8x4"
+    with pytest.raises(FileNotFoundError, match="not_a_recipe"):
+        load_config("not_a_recipe")
