@@ -305,11 +305,15 @@ class KDLossFunction : public torch::autograd::Function<KDLossFunction> {
     // scales the stored gradient in place on the device (its blocks return at once for a factor of
     // 1: no second pass over B x C, no second gradient in memory) and hands it out; it was never
     // visible before. A later backward of a retained graph multiplies out of place by the ratio to
-    // the factor already applied (an applied factor of 0 then gives NaN: the values are gone).
+    // the factor already applied (an applied factor of 0 then gives NaN: the values are gone). The
+    // applied factor is the caller's tensor, not a copy (a copy would be a second launch): its
+    // version counter tells when the caller has changed it in place since (gradcheck's reused
+    // grad_output does), and that is an error rather than a silently wrong ratio.
     if (grad.is_cuda() && !ctx->saved_data.count("applied")) {
       if (is_plain(grad_loss)) {
         kd_grad_scale_cuda_(grad, grad_loss, per_row);
         ctx->saved_data["applied"] = grad_loss;
+        ctx->saved_data["applied_version"] = static_cast<int64_t>(grad_loss._version());
         grads[0] = grad;
         return grads;
       }
@@ -317,7 +321,15 @@ class KDLossFunction : public torch::autograd::Function<KDLossFunction> {
 #endif
     at::Tensor scale = grad_loss;
 #ifdef KDSEQ_WITH_CUDA
-    if (grad.is_cuda() && ctx->saved_data.count("applied")) scale = grad_loss / ctx->saved_data["applied"].toTensor();
+    if (grad.is_cuda() && ctx->saved_data.count("applied")) {
+      const at::Tensor applied = ctx->saved_data["applied"].toTensor();
+      TORCH_CHECK(static_cast<int64_t>(applied._version()) == ctx->saved_data["applied_version"].toInt(),
+                  "kdseq.kd_loss: the grad_output of an earlier backward through this graph was modified in "
+                  "place since (the stored gradient was scaled by its old value, which is gone). Pass a new "
+                  "tensor to each backward of a retained graph (torch.autograd.gradcheck reuses one: check "
+                  "kd_loss's gradient on the CPU, or with reduction='mean' or 'sum').");
+      scale = grad_loss / applied;
+    }
 #endif
     grads[0] = grad * (per_row ? scale.unsqueeze(1) : scale).to(grad.scalar_type());
     if (at::GradMode::is_enabled() && is_untraced(grad_loss)) grads[0] = once_differentiable(grads[0], ctx);

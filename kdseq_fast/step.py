@@ -207,7 +207,10 @@ class DeviceStep:
         if self.use_cached:
             idx = indices
             if idx.device != self.teacher_logits.device:
-                idx = idx.to(self.teacher_logits.device, non_blocking=True)
+                # A host table (too large for the GPU) takes the indices back blocking: a
+                # non-blocking device-to-host copy returns before its data arrives, and the host's
+                # index_select would read a stale buffer (another batch's teacher logits).
+                idx = idx.to(self.teacher_logits.device)
             return self.teacher_logits.index_select(0, idx).to(self.device, non_blocking=True)
         with torch.no_grad(), self.autocast():
             return self.teacher(images)

@@ -199,7 +199,11 @@ class Trainer:
         if not self.settings["compile"]:
             return module
         mode = self.settings["compile_mode"]
-        return torch.compile(module, **({} if mode == "default" else {"mode": mode}))
+        # dynamic=False: a run meets few batch sizes (the batch, an epoch's shorter last batch, the
+        # evaluation batches), and each gets static kernels. By default the first recompile (the
+        # last batch) marks the batch dynamic, and every later full batch then runs dynamic-shape
+        # kernels, which reduce BatchNorm's statistics in another order than the captured graph.
+        return torch.compile(module, dynamic=False, **({} if mode == "default" else {"mode": mode}))
 
     def _build_student(self) -> BufferGuard:
         """The student, its DDP wrapper and compiled form; returns its BatchNorm buffer guard."""

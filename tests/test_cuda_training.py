@@ -82,6 +82,22 @@ def test_resume_on_cuda_is_bit_identical(tmp_path, teacher):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_teacher_logits_kept_in_host_memory_give_each_batch_its_own_rows(tmp_path, teacher, monkeypatch):
+    # A teacher-logit table too large for the GPU stays on the host and each step gathers its rows
+    # there: the batch's indices (on the GPU) must have arrived before the host reads them.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 1 << 40))
+    cfg = load_config(None, BASE + ["data.augment=none", "optim.batch_size=256"])
+    t = Trainer(cfg, str(tmp_path / "host"), method="kd", teacher=teacher, quiet=True, log=lambda m: None)
+    table = t.teacher_train_logits()
+    assert t.step.teacher_logits.device.type == "cpu"
+    t.train_loader.set_order(t.plan.order(0, None)[0])
+    for batch in t.train_loader:
+        assert batch["indices"].device.type == "cuda"
+        got = t.step._teacher_batch(batch["indices"], batch["images"])
+        assert got.device.type == "cuda"
+        assert torch.equal(got.cpu(), table.index_select(0, batch["indices"].cpu()))
+
+
 @pytest.mark.parametrize("graphs", ["false", "true"])
 def test_device_step_never_waits_for_the_gpu(tmp_path, teacher, graphs):
     for method, augment in (("kd", "none"), ("isl", "cifar"), ("ce", "cifar")):
