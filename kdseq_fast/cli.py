@@ -120,8 +120,10 @@ def _cmd_distill(args, log) -> int:
     res = distill(cfg, args.out, method=args.method, teacher=args.teacher, resume=args.resume,
                   overwrite=args.overwrite, quiet=args.quiet, log=log)
     (m, e), = res.summary["methods"].items()
-    log(f"{m}: test acc {e['test_acc']:.4f} (best {e['best_acc']:.4f}), {e['steps']} steps, "
-        f"{e['wall_s']:.1f} s -> {res.weights_path}")
+    skipped = e.get("skipped_batches") or 0
+    log(f"{m}: test acc {e['test_acc']:.4f} (best {e['best_acc']:.4f}), {e['steps']} steps"
+        + (f" ({skipped} batches skipped as non-finite)" if skipped else "")
+        + f", {e['wall_s']:.1f} s -> {res.weights_path}")
     return 0
 
 

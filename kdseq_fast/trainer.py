@@ -306,6 +306,10 @@ class Trainer:
 
     def save_checkpoint(self, reason: str = "") -> None:
         self._fold()
+        if not self.step.params_finite():
+            # Never over a good checkpoint (nor, after the last epoch's, into student.pt): a loss
+            # can stay finite for the step whose update overflowed the weights.
+            self._stop_for_nonfinite_weights(f"at step {self.progress.global_step} ({reason or 'a'} checkpoint)")
         # Every rank calls this at the same points (the epoch sums gather the ranks' counts).
         sums = self.sums.state_dict(self.ctx)
         if self.ctx.is_main:
@@ -485,20 +489,27 @@ class Trainer:
             return
         bad, msg = found
         self.progress.skipped_batches += bad
+        if not self.step.params_finite():
+            # An earlier update overflowed the weights while its loss and gradient were still
+            # finite: every later batch is then non-finite, and skipping them cannot help.
+            self._stop_for_nonfinite_weights(msg)
         if self.cfg.train.nonfinite == "skip":
             self.log(f"[{self.label}] warning: {msg}; batch skipped (train.nonfinite=skip)")
             return
-        if self.step.params_finite():
-            self.save_checkpoint("non-finite")
-            saved = f"the last good state (step {self.progress.global_step}) is saved in"
-        else:
-            # An earlier update overflowed the weights while its loss and gradient were still
-            # finite; keep the older checkpoint rather than overwrite it with broken weights.
-            saved = (f"the weights were already non-finite, so the checkpoint from step "
-                     f"{self._last_checkpoint_step} was kept in")
+        self.save_checkpoint("non-finite")
         raise NonFiniteError(
-            f"{msg}; {saved} {self.out_dir}/checkpoint.pt. Lower the LR, use train.amp=none, or "
-            "resume with --resume --set train.nonfinite=skip to skip such batches")
+            f"{msg}; the last good state (step {self.progress.global_step}) is saved in {self.out_dir}/"
+            "checkpoint.pt. Lower the LR, use train.amp=none, or resume with --resume --set "
+            "train.nonfinite=skip to skip such batches")
+
+    def _stop_for_nonfinite_weights(self, what: str) -> None:
+        """The weights are non-finite: keep the last checkpoint (never overwrite it with them) and
+        stop, whatever train.nonfinite says."""
+        raise NonFiniteError(
+            f"{what}; the weights are non-finite (an update overflowed them: the LR is too high for "
+            f"this model and precision), so the checkpoint from step {self._last_checkpoint_step} was "
+            f"kept in {self.out_dir}/checkpoint.pt. Lower the LR or use train.amp=none; skipping "
+            "batches (train.nonfinite=skip) cannot help")
 
     # ------------------------------------------------------------------ training
     def fit(self) -> TrainResult:
@@ -539,6 +550,7 @@ class Trainer:
         """The steps of epoch ``e`` from the batch the run stands at (a phase's first epoch scores
         the snapshot first), with the device reads, interval checkpoints and preemption on the way."""
         prog = self.progress  # mutated in place
+        self._epoch_mark = (prog.global_step, prog.skipped_batches)
         every = self.cfg.train.checkpoint_every_steps
         bs, world = self.cfg.optim.batch_size, self.ctx.world_size
         dump = bool(os.environ.get("KDSEQ_TEST_DUMP_DIR"))
@@ -663,6 +675,13 @@ class Trainer:
         self._emit("on_epoch_end", record)
         self.progress.epoch, self.progress.batch_in_epoch = e + 1, 0
         self.sums.reset()
+        steps = self.progress.global_step - self._epoch_mark[0]
+        if steps and self.progress.skipped_batches - self._epoch_mark[1] == steps:
+            # train.nonfinite=skip is for the odd bad batch: a run that skips them all has stopped.
+            raise NonFiniteError(
+                f"every batch of epoch {e + 1} ({steps}) was non-finite and skipped (train.nonfinite=skip): "
+                f"the run no longer learns; the checkpoint from step {self._last_checkpoint_step} was kept in "
+                f"{self.out_dir}/checkpoint.pt. Lower the LR or use train.amp=none")
         self.save_checkpoint("epoch end")
 
     # ------------------------------------------------------------------ outputs

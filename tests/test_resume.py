@@ -186,17 +186,27 @@ def test_nonfinite_loss_stops_with_step_phase_and_indices(tmp_path, teacher, cap
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_nonfinite_skip_mode_finishes(tmp_path, teacher, capsys):
+def test_nonfinite_skip_mode_finishes(tmp_path, teacher, capsys, monkeypatch):
+    # The odd bad batch (here: steps 3 and 8 see NaN images) is skipped and the run finishes.
+    from kdseq_fast.step import DeviceStep
+
+    run, calls = DeviceStep.run, []
+
+    def poisoned(self, batch, *args, **kwargs):
+        calls.append(1)
+        if len(calls) in (3, 8):
+            batch = dict(batch, images=torch.full_like(batch["images"], float("nan")))
+        return run(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(DeviceStep, "run", poisoned)
     out = tmp_path / "run"
-    rc = cli.main(_args(out, teacher, ["optim.lr=1.0e+30", "optim.lr_decay_epochs=[]",
-                                       "optim.epochs=2", "curriculum.num_phases=0",
-                                       "curriculum.final_full_epochs=1",
-                                       "train.nonfinite=skip"]) )
+    rc = cli.main(_args(out, teacher, ["optim.epochs=2", "optim.lr_decay_epochs=[]", "curriculum.num_phases=0",
+                                       "curriculum.final_full_epochs=1", "train.nonfinite=skip"]))
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "batch skipped" in captured.out
+    assert "batch skipped" in captured.out and "2 batches skipped as non-finite" in captured.out
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["methods"]["isl"]["skipped_batches"] > 0
+    assert summary["methods"]["isl"]["skipped_batches"] == 2
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -336,3 +346,21 @@ def test_curriculum_settings_are_not_part_of_a_ce_or_kd_run(tmp_path):
         else:
             with pytest.raises(RunDirError, match="curriculum.mix_frac"):
                 run.check(mixed, "student", method, resume=True, overwrite=False)
+
+
+@pytest.mark.parametrize("lr, message", [
+    ("1.0e+6", "the weights are non-finite"),   # an update overflows the weights
+    ("1.0e+8", "every batch of epoch 2"),        # the weights stay finite, every later step is skipped
+])
+def test_skip_mode_still_stops_a_run_that_cannot_learn(tmp_path, lr, message, capsys):
+    # train.nonfinite=skip skips the odd bad batch; it does not finish a run with non-finite weights
+    # (exit 0 and an inf student.pt) or one whose every step is skipped.
+    out = tmp_path / "run"
+    args = _args(out, "unused", [f"optim.lr={lr}", "optim.lr_decay_epochs=[]", "train.nonfinite=skip"])
+    args[args.index("--method") + 1] = "ce"
+    del args[args.index("--teacher"):args.index("--teacher") + 2]
+    assert cli.main(args) == 3
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(out / "student.pt")
+    state = load_checkpoint(str(out / "checkpoint.pt"))
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
