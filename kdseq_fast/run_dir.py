@@ -22,7 +22,7 @@ import yaml
 from .config import Config, config_hash, save_config, validate_config
 from .runtime import CheckpointError, atomic_write_bytes, load_latest_checkpoint
 
-__all__ = ["RunDirectory", "RunDirError", "RESUME_IGNORED_KEYS", "ignored_keys", "TrainResult", "config_diff", "same_run_config",
+__all__ = ["RunDirectory", "RunDirError", "RUN_FILES", "run_files_in", "acquire_dir_lock", "release_dir_lock", "RESUME_IGNORED_KEYS", "ignored_keys", "TrainResult", "config_diff", "same_run_config",
            "write_json", "is_complete", "completed_state", "completed_result", "check_resumable"]
 
 # Keys that may change between a run and its resume without changing the result: where it runs,
@@ -141,27 +141,118 @@ def read_stored_config(run_dir: str) -> dict | None:
         return None
 
 
+# What a run writes at the top of its directory (init deletes them when a run starts over).
+RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.prev.pt", "student.pt", "teacher.pt",
+             "teacher_best.pt")
+
+# Directories this process holds the lock of: path -> [file descriptor, holders] (re-entrant, so
+# one process may open a run twice; another process is refused).
+_LOCKS: dict = {}
+
+
+def run_files_in(path: str) -> list[str]:
+    """The run outputs (RUN_FILES, phase_K_*.npy) present in ``path``."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return []
+    return [n for n in names if n in RUN_FILES or (n.startswith("phase_") and n.endswith(".npy"))]
+
+
+def acquire_dir_lock(path: str) -> None:
+    """Holds ``path``/.lock until :func:`release_dir_lock`: a second process writing into the same
+    directory (a job launched twice, a --resume while the run still goes) is refused, naming the
+    holder. The lock is released by the OS when the process ends, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no locking
+        return
+    path = os.path.abspath(path)
+    if path in _LOCKS:
+        _LOCKS[path][1] += 1
+        return
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        raise RunDirError(f"output directory {path} is in use by another process"
+                          + (f" (pid {holder})" if holder else "")
+                          + ": wait for it to finish, or stop it, before starting or resuming a run there")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[path] = [fd, 1]
+
+
+def release_dir_lock(path: str) -> None:
+    entry = _LOCKS.get(os.path.abspath(path))
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _LOCKS[os.path.abspath(path)]
+        os.close(entry[0])  # closing the descriptor releases the flock
+
+
 class RunDirectory:
     """One run's output directory (``path``); writes happen on the main process only."""
 
     def __init__(self, path: str, *, is_main: bool = True):
         self.path = os.path.abspath(path)
         self.is_main = is_main
+        self._locked = False
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
+    def unlock(self) -> None:
+        """Lets another process use the directory (the run is over; check() took the lock)."""
+        if self._locked:
+            self._locked = False
+            release_dir_lock(self.path)
+
+    def __del__(self):
+        self.unlock()
+
     # ------------------------------------------------------------------ identity
     def check(self, cfg: Config, role: str, method: str, *, resume: bool, overwrite: bool) -> None:
-        """Refuses a directory holding another run, or this run without ``resume``/``overwrite``."""
+        """Refuses a directory in use by another process, holding another run or results that are
+        not a run's, or this run without ``resume``/``overwrite``; else holds its lock (unlock())."""
+        acquire_dir_lock(self.path)
+        self._locked = True
+        try:
+            self._check_identity(cfg, role, method, resume=resume, overwrite=overwrite)
+        except BaseException:
+            self.unlock()
+            raise
+
+    def _check_identity(self, cfg: Config, role: str, method: str, *, resume: bool, overwrite: bool) -> None:
         run_json = self.file("run.json")
-        if not os.path.exists(run_json) or overwrite:
+        if overwrite:
+            return
+        if not os.path.exists(run_json):
+            found = run_files_in(self.path)
+            if found:
+                # Results without a run's identity (an older layout, files copied in): starting here
+                # would delete them.
+                raise RunDirError(
+                    f"output directory {self.path} holds results that are not a run's ({', '.join(sorted(found))}, "
+                    "no run.json); choose another --out or pass --overwrite to delete them")
             return
         try:
             with open(run_json) as fh:
                 other = json.load(fh)
         except (OSError, ValueError):
             other = {}
+        if other.get("role") == "compare":
+            raise RunDirError(
+                f"output directory {self.path} holds a comparison (compare/demo of "
+                f"{', '.join(other.get('methods') or [])}), each run in a folder of its own "
+                f"({self.path}/<method>); choose another --out or pass --overwrite")
         # config.yaml is read only when the identity hashes differ (same_run) or to name the difference.
         same = (other.get("role") == role and other.get("method") == method
                 and same_run(other.get("resume_hash"), lambda: read_stored_config(self.path), cfg, method))
@@ -190,12 +281,8 @@ class RunDirectory:
         if not self.is_main:
             return
         os.makedirs(self.path, exist_ok=True)
-        stale = ["metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.prev.pt",
-                 "student.pt", "teacher.pt", "teacher_best.pt"]
-        stale += [n for n in os.listdir(self.path) if n.startswith("phase_") and n.endswith(".npy")]
-        for name in stale:
-            if os.path.exists(self.file(name)):
-                os.remove(self.file(name))
+        for name in run_files_in(self.path):
+            os.remove(self.file(name))
         save_config(cfg, self.file("config.yaml"))
         write_json(identity, self.file("run.json"))
 

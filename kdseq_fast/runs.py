@@ -72,6 +72,36 @@ def _check_same_teacher(cfg: Config, out_dir: str, method: str, teacher, data, s
             "the teacher given now; pass the original --teacher or start a new --out")
 
 
+def _claim_compare_dir(out_dir: str, methods: Sequence[str], *, overwrite: bool) -> None:
+    """Marks ``out_dir`` as a comparison (run.json, role "compare"), refusing a directory that
+    holds a single run: compare writes its summary, metrics and plots over that run's."""
+    import json
+
+    from .run_dir import RunDirError, run_files_in, write_json
+
+    run_json = os.path.join(out_dir, "run.json")
+    other = None
+    if os.path.exists(run_json):
+        try:
+            with open(run_json) as fh:
+                other = json.load(fh)
+        except (OSError, ValueError):
+            other = {}
+    # A comparison's own top-level files are summary.json and metrics.jsonl; these are a run's.
+    single_files = [f for f in run_files_in(out_dir) if f not in ("summary.json", "metrics.jsonl")]
+    if (other is not None and other.get("role") != "compare") or (other is None and single_files):
+        if not overwrite:
+            what = (f"role {other.get('role')}, method {other.get('method')}" if other
+                    else ", ".join(sorted(single_files)))
+            raise RunDirError(f"output directory {out_dir} holds a single run ({what}), not a comparison "
+                              "(compare and demo put each method in a folder of its own); choose another "
+                              "--out or pass --overwrite to delete it")
+        for name in run_files_in(out_dir):
+            os.remove(os.path.join(out_dir, name))
+    os.makedirs(out_dir, exist_ok=True)
+    write_json({"role": "compare", "methods": list(methods)}, run_json)
+
+
 def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teacher=None,
             resume=False, overwrite=False, quiet=False, log=print) -> dict:
     """Train the teacher if needed, then each method on the same config, seed and budget.
@@ -94,7 +124,6 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
             raise ValueError(f"methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
         if methods.count(m) > 1:
             raise ValueError(f"methods: {m!r} is given twice")
-    os.makedirs(out_dir, exist_ok=True)
     ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
     if any(m != "ce" for m in methods):
         check_cuda_kernels(ctx.device)  # before the teacher trains, not after
@@ -103,6 +132,8 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
     if teacher is not None and any(m != "ce" for m in methods):
         # A missing or mismatched teacher fails now, not after the ce student has trained.
         open_teacher(cfg, teacher, "kd", data.num_classes, in_channels=data.in_channels)
+    # Inputs checked: now the directory (nothing is written into it before).
+    ctx.run_on_main(lambda: _claim_compare_dir(out_dir, methods, overwrite=overwrite))
     teacher_entry = None
     if teacher is None and any(m != "ce" for m in methods):
         res = train_teacher(cfg, os.path.join(out_dir, "teacher"), resume=resume,

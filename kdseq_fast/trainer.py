@@ -514,8 +514,11 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def fit(self) -> TrainResult:
         """Run (or finish) the training; returns the summary. Honors SIGTERM/SIGINT."""
-        with GracefulStop() as stop:
-            return self._fit(stop)
+        try:
+            with GracefulStop() as stop:
+                return self._fit(stop)
+        finally:
+            self.run_dir.unlock()  # the directory is free for another process (e.g. a --resume)
 
     def _fit(self, stop: GracefulStop) -> TrainResult:
         self._t_start = time.perf_counter()

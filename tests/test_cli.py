@@ -270,3 +270,52 @@ def test_info_report_of_a_cpu_only_build():
     text = format_report({"kdseq_fast": build, "python": "3.11.7", "platform": "Linux", "torch_cuda": "13.0",
                           "gpus": [], "dali": None, "dali_error": "x"})
     assert "CUDA kernels: no, left out at build time: KDSEQ_CUDA=0 was set" in text
+
+
+def test_an_out_holding_other_results_is_refused_not_overwritten(tmp_path, capsys, teacher_ckpt):
+    # A new user's slips: distill into a compare/demo folder, compare into a single run's folder,
+    # a run into a folder of results without run.json. Each deleted or overwrote results.
+    cmp_dir, single = tmp_path / "cmp", tmp_path / "single"
+    _main(["compare", "--methods", "ce", "--out", str(cmp_dir), "--quiet"] + _sets(TINY), capsys)
+    before = (cmp_dir / "summary.json").read_text()
+    rc = cli.main(["distill", "--method", "ce", "--out", str(cmp_dir), "--quiet"] + _sets(TINY))
+    assert rc == 2 and "holds a comparison (compare/demo of ce)" in capsys.readouterr().err
+    assert (cmp_dir / "summary.json").read_text() == before
+    _main(["distill", "--method", "ce", "--out", str(single), "--quiet"] + _sets(TINY), capsys)
+    before = (single / "summary.json").read_text()
+    rc = cli.main(["compare", "--methods", "ce", "--out", str(single), "--quiet"] + _sets(TINY))
+    assert rc == 2 and "holds a single run (role student, method ce)" in capsys.readouterr().err
+    assert (single / "summary.json").read_text() == before and not (single / "ce").exists()
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "summary.json").write_text(before)
+    rc = cli.main(["distill", "--method", "ce", "--out", str(loose), "--quiet"] + _sets(TINY))
+    assert rc == 2 and "holds results that are not a run's (summary.json" in capsys.readouterr().err
+    assert (loose / "summary.json").read_text() == before
+    # --overwrite is the way to reuse it.
+    _main(["compare", "--methods", "ce", "--out", str(single), "--quiet", "--overwrite"] + _sets(TINY), capsys)
+    assert not (single / "student.pt").exists() and (single / "ce" / "student.pt").exists()
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, capsys):
+    # Two processes training into one --out (a job launched twice, a --resume while it still runs)
+    # would interleave checkpoints and metrics: the second is refused, naming the first.
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from kdseq_fast.run_dir import acquire_dir_lock; "
+         f"acquire_dir_lock({str(out)!r}); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc = cli.main(["distill", "--method", "ce", "--out", str(out), "--quiet", "--resume"] + _sets(TINY))
+        err = capsys.readouterr().err
+        assert rc == 2 and f"is in use by another process (pid {holder.pid})" in err, err
+        assert not (out / "run.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Released with its process; and this process's finished run releases it too.
+    _main(["distill", "--method", "ce", "--out", str(out), "--quiet"] + _sets(TINY), capsys)
+    probe = subprocess.run([sys.executable, "-c", "from kdseq_fast.run_dir import acquire_dir_lock; "
+                            f"acquire_dir_lock({str(out)!r}); print('free')"], capture_output=True, text=True)
+    assert probe.stdout.strip() == "free", probe.stderr
