@@ -19,6 +19,8 @@ file, fsynced and renamed, so a SIGKILL at any moment leaves at least one comple
 from __future__ import annotations
 
 import datetime
+import errno
+import glob
 import hashlib
 import io
 import os
@@ -374,13 +376,29 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def write_synced(tmp: str, write, final: str) -> None:
+    """``write(fh)`` into ``tmp``, flushed and fsynced, for a rename to ``final``. On failure (a full
+    disk, a quota) the partial ``tmp`` is removed and the error names ``final``: the files written
+    before it are intact."""
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        hint = (" (no space left on the device: the files written before this one are intact; free "
+                "space, then continue with --resume)" if exc.errno == errno.ENOSPC else "")
+        raise OSError(exc.errno, f"could not write {final}: {exc.strerror or exc}{hint}") from exc
+
+
 def _write_atomic(data: bytes, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_synced(tmp, lambda fh: fh.write(data), path)
     os.replace(tmp, path)
     _fsync_dir(directory)
 
@@ -399,11 +417,19 @@ def save_checkpoint(state: dict, directory: str) -> str:
     latest, prev = checkpoint_paths(directory)
     directory = os.path.dirname(os.path.abspath(latest))
     tmp = os.path.join(directory, f".{CHECKPOINT_NAME}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    # A process killed mid-write left its partial file (one writer per directory: its lock).
+    for stale in glob.glob(os.path.join(glob.escape(directory), f".{CHECKPOINT_NAME}.tmp.*")):
+        if stale != tmp:
+            try:
+                os.unlink(stale)
+            except OSError:
+                pass
+
+    def write(fh):
         fh.write(header)
         fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
+
+    write_synced(tmp, write, latest)
     if os.path.exists(latest):
         os.replace(latest, prev)
     os.replace(tmp, latest)

@@ -364,3 +364,21 @@ def test_skip_mode_still_stops_a_run_that_cannot_learn(tmp_path, lr, message, ca
     assert not os.path.exists(out / "student.pt")
     state = load_checkpoint(str(out / "checkpoint.pt"))
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    save_checkpoint({"step": 1}, str(tmp_path))
+    (tmp_path / ".checkpoint.pt.tmp.999999").write_bytes(b"left by a process killed mid-write")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=r"could not write .*checkpoint\.pt: No space left on device \(no space left "
+                                      r"on the device: the files written before this one are intact"):
+        save_checkpoint({"step": 2}, str(tmp_path))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]  # no partial files, the old one intact
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 1
