@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["load_model_weights", "extract_state_dict", "atomic_save"]
+__all__ = ["load_model_weights", "extract_state_dict", "fitting_architectures", "atomic_save"]
 
 # Checked in this order; the first key holding a tensor mapping wins.
 _WRAPPER_KEYS = ("model", "state_dict", "student", "model_state", "net", "module")
@@ -72,9 +72,15 @@ def _load_path(path: str | os.PathLike, weights_only: bool) -> Any:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     with open(path, "rb") as fh:
-        if fh.read(len(_MAGIC)) == _MAGIC:
-            # A run's own checkpoint.pt (checksummed header): its "model" entry holds the weights.
-            return load_checkpoint(path)
+        head = fh.read(max(len(_MAGIC), 4))
+    if head[:len(_MAGIC)] == _MAGIC:
+        # A run's own checkpoint.pt (checksummed header): its "model" entry holds the weights.
+        return load_checkpoint(path)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        # torch.save writes a zip archive (or, before torch 1.6, a pickle): anything else is
+        # another kind of file (torch's unpickler would call it unsafe Python objects).
+        raise ValueError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; "
+                         f"this file starts with {head[:4]!r})")
     if not weights_only:
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
@@ -94,6 +100,25 @@ def _load_path(path: str | os.PathLike, weights_only: bool) -> Any:
             "weights_only=False)") from None
     except Exception as exc:  # noqa: BLE001 - a zip/pickle reader error: not a torch file
         raise ValueError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def fitting_architectures(path: str | os.PathLike, num_classes: int, *, in_channels: int = 3,
+                          image_size: int = 32) -> list[str]:
+    """The model zoo's architectures whose state dict ``path`` matches key for key and shape for
+    shape (for an error that says which ``arch`` a checkpoint is); [] when it cannot be read."""
+    from .models import MODEL_REGISTRY, get_model
+
+    try:
+        sd = extract_state_dict(_load_path(path, weights_only=True))
+    except (ValueError, OSError, TypeError, KeyError):
+        return []
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+    fits = []
+    for name in MODEL_REGISTRY:
+        own = get_model(name, num_classes, image_size=image_size, in_channels=in_channels).state_dict()
+        if own.keys() == shapes.keys() and all(tuple(v.shape) == shapes[k] for k, v in own.items()):
+            fits.append(name)
+    return fits
 
 
 def _fmt(items: list[str]) -> str:

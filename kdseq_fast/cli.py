@@ -98,6 +98,14 @@ def _load_cfg(args, default_config: str | None = None):
     if args.device is not None:
         overrides.append(f"device={args.device}")
     path = args.config or default_config
+    if path is None:
+        # Not an error (every field has a default), but rarely what was meant: say what runs.
+        from .config import DEFAULTS as d
+
+        if _rank() == 0:
+            print(f"note: no --config; using the built-in defaults ({d['data']['name']}, {d['teacher']['arch']} -> "
+                  f"{d['student']['arch']}, {d['optim']['epochs']} epochs) with the --set overrides; recipes are in "
+                  "configs/ (e.g. --config digits_quick)", file=sys.stderr, flush=True)
     return load_config(find_config(path) if path else None, overrides)
 
 
@@ -198,6 +206,20 @@ def _cmd_score(args, log) -> int:
     return 0
 
 
+def _describe_os_error(exc: OSError) -> str:
+    """Python's "[Errno 17] File exists: 'x'" for the path problems a user can fix, in words."""
+    import errno
+
+    path = exc.filename
+    if path is None:
+        return str(exc)
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"{path}: a file is in the way (it, or a folder above it, is a file where a directory is needed)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{path}: not writable here ({exc.strerror}); choose another --out or fix its permissions"
+    return f"{path}: {exc.strerror or exc}"
+
+
 def _rank() -> int:
     try:
         return int(os.environ.get("RANK", "0"))
@@ -242,7 +264,7 @@ def main(argv=None) -> int:
         rc = 3
     except (ValueError, TypeError, OSError, CheckpointError, CudaKernelsUnavailable) as exc:
         # OSError: a path that cannot be used (--out is a file, a missing or unreadable file).
-        error(str(exc))
+        error(_describe_os_error(exc) if isinstance(exc, OSError) else str(exc))
         rc = 2
     except BaseException:
         # Anything else (a failed collective, a bug) propagates with its traceback and a

@@ -218,6 +218,9 @@ def dataset_from_config(cfg: Mapping, split: str) -> DatasetSplit:
                          "are 32 px; set data.image_size=32")
     out = get_dataset(name, data["root"], split, download=data["download"], **kwargs)
     subset = data.get("train_subset")
+    if split == "train" and subset is not None and subset > len(out):
+        raise ValueError(f"config field 'data.train_subset' is {subset}, but the training split of {name} "
+                         f"has {len(out)} images; set it to at most {len(out)}, or null for all of them")
     if split == "train" and subset is not None and subset < len(out):
         out = stratified_subset(out, subset, seed=0)
     return out

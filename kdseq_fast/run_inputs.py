@@ -120,8 +120,12 @@ def load_teacher(cfg: Config, path: str, num_classes: int, device=None,
     try:
         load_model_weights(model, path)
     except ValueError as exc:
+        from .checkpoint_io import fitting_architectures
+
+        fits = fitting_architectures(path, num_classes, in_channels=in_channels, image_size=cfg.data.image_size)
+        hint = (f". It fits {', '.join(fits)}: --set teacher.arch={fits[0]}" if fits else "")
         raise ValueError(f"teacher checkpoint {path} does not fit teacher.arch="
-                         f"{cfg.teacher.arch} with {num_classes} classes: {exc}") from None
+                         f"{cfg.teacher.arch} with {num_classes} classes: {exc}{hint}") from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
