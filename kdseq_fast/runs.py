@@ -134,6 +134,10 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
         open_teacher(cfg, teacher, "kd", data.num_classes, in_channels=data.in_channels)
     # Inputs checked: now the directory (nothing is written into it before).
     ctx.run_on_main(lambda: _claim_compare_dir(out_dir, methods, overwrite=overwrite))
+    if cfg.train.teacher_cache_dir is None:
+        # One teacher-logit cache for the methods of the comparison, not one a method folder.
+        cfg = Config(cfg.to_dict())
+        cfg.train.teacher_cache_dir = os.path.join(out_dir, "cache")
     teacher_entry = None
     if teacher is None and any(m != "ce" for m in methods):
         res = train_teacher(cfg, os.path.join(out_dir, "teacher"), resume=resume,

@@ -338,3 +338,11 @@ def test_no_config_says_what_runs_and_an_oversized_subset_is_refused(tmp_path, c
     err = capsys.readouterr().err
     assert "note: no --config; using the built-in defaults (digits, resnet32x4 -> resnet8x4, 240 epochs)" in err
     assert rc == 2 and "'data.train_subset' is 100000, but the training split of digits has 1437 images" in err
+
+
+def test_compare_computes_the_teacher_logits_once(tmp_path, capsys, teacher_ckpt):
+    out = tmp_path / "cmp"
+    _main(["compare", "--methods", "kd,isl", "--teacher", str(teacher_ckpt), "--out", str(out), "--quiet",
+           "--set", "data.augment=none"] + _sets(TINY), capsys)
+    assert len(list((out / "cache").glob("*.npy"))) == 1
+    assert not (out / "kd" / "cache").exists() and not (out / "isl" / "cache").exists()
