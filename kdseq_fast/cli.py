@@ -200,9 +200,12 @@ def _cmd_score(args, log) -> int:
     path = os.path.join(args.out, f"scores_{args.split}.npy")
     np.save(path, scores.cpu().numpy())
     means = scores.float().mean(0).tolist()
+    # Without a teacher the kd column is 0 by definition, not a measurement.
     log(f"scored {len(split)} {args.split} instances with {arch}: " +
-        " ".join(f"{f}={v:.4f}" for f, v in zip(SCORE_FIELDS, means)))
-    log(f"columns {', '.join(SCORE_FIELDS)} -> {path}")
+        " ".join(f"{f}=n/a" if f == "kd" and t_logits is None else f"{f}={v:.4f}"
+                 for f, v in zip(SCORE_FIELDS, means)))
+    log(f"columns {', '.join(SCORE_FIELDS)} -> {path}"
+        + ("" if t_logits is not None else " (kd is 0 there: no --teacher)"))
     return 0
 
 

@@ -502,6 +502,11 @@ class GracefulStop:
             os.kill(os.getpid(), signum)
             return
         self.requested = signum
+        # Said at once: the stop waits for the current step or pass (a teacher-logit or scoring
+        # pass can take minutes), and a second signal is the way to stop without a checkpoint.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\n{signal.Signals(signum).name}: stopping after the current step or pass, with a "
+                  "checkpoint; send it again to stop at once without one", file=sys.stderr, flush=True)
 
     @property
     def name(self) -> str:

@@ -89,7 +89,10 @@ def test_score(tmp_path, capsys, teacher_ckpt):
     assert scores.shape == (128, 6)
     # Teacher scored against itself: the kd column is zero up to rounding.
     assert np.abs(scores[:, 1]).max() < 1e-4
-    assert "p_true=" in text
+    assert "p_true=" in text and "kd=0.0000" in text
+    text = _main(["score", "--checkpoint", str(teacher_ckpt), "--arch", "resnet8", "--out", str(out), "--quiet"]
+                 + _sets(TINY), capsys)
+    assert "kd=n/a" in text and "no --teacher" in text  # no teacher: kd is not a measurement
 
 
 def test_score_rejects_mismatched_checkpoint(tmp_path, capsys, teacher_ckpt):

@@ -137,6 +137,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path, teacher, reference):
     out = tmp_path / "run"
     stopped = _run(_args(out, teacher), {"KDSEQ_TEST_SIGTERM_AT_STEP": "10"})
     assert "SIGTERM" in stopped.stdout and "--resume" in stopped.stdout
+    assert "SIGTERM: stopping after the current step or pass" in stopped.stderr  # said at once
     state = load_checkpoint(str(out / "checkpoint.pt"))
     assert state["progress"]["global_step"] == 10
     _run(_args(out, teacher) + ["--resume"])
