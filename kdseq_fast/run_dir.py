@@ -10,6 +10,7 @@ and the plots. Every write is atomic (temp file, fsync, rename).
 from __future__ import annotations
 
 import copy
+import errno
 import io
 import json
 import os
@@ -175,7 +176,11 @@ def acquire_dir_lock(path: str) -> None:
     fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            # A file system without flock (some network mounts): run unlocked rather than never.
+            os.close(fd)
+            return
         try:
             holder = os.read(fd, 64).decode(errors="replace").strip()
         finally:

@@ -349,3 +349,18 @@ def test_compare_computes_the_teacher_logits_once(tmp_path, capsys, teacher_ckpt
            "--set", "data.augment=none"] + _sets(TINY), capsys)
     assert len(list((out / "cache").glob("*.npy"))) == 1
     assert not (out / "kd" / "cache").exists() and not (out / "isl" / "cache").exists()
+
+
+def test_a_file_system_without_flock_runs_unlocked(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from kdseq_fast import run_dir
+
+    def unsupported(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    run_dir.acquire_dir_lock(str(tmp_path))  # no error: a network mount must not make runs impossible
+    assert str(tmp_path) not in run_dir._LOCKS
+    run_dir.release_dir_lock(str(tmp_path))
