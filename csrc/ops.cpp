@@ -308,7 +308,8 @@ class KDLossFunction : public torch::autograd::Function<KDLossFunction> {
     // the factor already applied (an applied factor of 0 then gives NaN: the values are gone). The
     // applied factor is the caller's tensor, not a copy (a copy would be a second launch): its
     // version counter tells when the caller has changed it in place since (gradcheck's reused
-    // grad_output does), and that is an error rather than a silently wrong ratio.
+    // grad_output does). The old factor is then gone, and so is every later backward of this
+    // graph: an error rather than a silently wrong ratio.
     if (grad.is_cuda() && !ctx->saved_data.count("applied")) {
       if (is_plain(grad_loss)) {
         kd_grad_scale_cuda_(grad, grad_loss, per_row);
@@ -324,10 +325,11 @@ class KDLossFunction : public torch::autograd::Function<KDLossFunction> {
     if (grad.is_cuda() && ctx->saved_data.count("applied")) {
       const at::Tensor applied = ctx->saved_data["applied"].toTensor();
       TORCH_CHECK(static_cast<int64_t>(applied._version()) == ctx->saved_data["applied_version"].toInt(),
-                  "kdseq.kd_loss: the grad_output of an earlier backward through this graph was modified in "
-                  "place since (the stored gradient was scaled by its old value, which is gone). Pass a new "
-                  "tensor to each backward of a retained graph (torch.autograd.gradcheck reuses one: check "
-                  "kd_loss's gradient on the CPU, or with reduction='mean' or 'sum').");
+                  "kdseq.kd_loss: the grad_output of the first backward through this graph was modified in "
+                  "place afterwards. On CUDA the first backward scales the stored gradient by it in place, so "
+                  "with its old value gone this graph cannot be backpropagated again. Give each backward of a "
+                  "retained graph a tensor of its own (torch.autograd.gradcheck reuses one: check kd_loss's "
+                  "gradient on the CPU).");
       scale = grad_loss / applied;
     }
 #endif

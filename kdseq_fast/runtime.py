@@ -505,8 +505,14 @@ class GracefulStop:
         # Said at once: the stop waits for the current step or pass (a teacher-logit or scoring
         # pass can take minutes), and a second signal is the way to stop without a checkpoint.
         if os.environ.get("RANK", "0") == "0":
-            print(f"\n{signal.Signals(signum).name}: stopping after the current step or pass, with a "
-                  "checkpoint; send it again to stop at once without one", file=sys.stderr, flush=True)
+            # os.write, not print: the signal may have interrupted a write to stderr (a progress
+            # bar), and a buffered stream re-entered from its handler raises.
+            msg = (f"\n{signal.Signals(signum).name}: stopping after the current step or pass, with a "
+                   "checkpoint; send it again to stop at once without one\n")
+            try:
+                os.write(2, msg.encode())
+            except OSError:
+                pass
 
     @property
     def name(self) -> str:

@@ -135,6 +135,13 @@ class Trainer:
         # verdict, so a refused directory stops every rank with the same error.
         self.ctx.run_on_main(lambda: self.run_dir.check(cfg, role, method, resume=resume,
                                                         overwrite=overwrite))
+        try:
+            self._build_after_check(cfg, data, teacher, sync_timing, resume)
+        except BaseException:
+            self.run_dir.unlock()  # a traceback kept alive (a notebook) must not keep the directory
+            raise
+
+    def _build_after_check(self, cfg, data, teacher, sync_timing, resume) -> None:
         self._build_data(data)
         guard = self._build_student()
         teacher_fwd = self._build_teacher(teacher)
@@ -306,7 +313,7 @@ class Trainer:
 
     def save_checkpoint(self, reason: str = "") -> None:
         self._fold()
-        if not self.step.params_finite():
+        if not self._weights_finite():
             # Never over a good checkpoint (nor, after the last epoch's, into student.pt): a loss
             # can stay finite for the step whose update overflowed the weights.
             self._stop_for_nonfinite_weights(f"at step {self.progress.global_step} ({reason or 'a'} checkpoint)")
@@ -489,7 +496,7 @@ class Trainer:
             return
         bad, msg = found
         self.progress.skipped_batches += bad
-        if not self.step.params_finite():
+        if not self._weights_finite():
             # An earlier update overflowed the weights while its loss and gradient were still
             # finite: every later batch is then non-finite, and skipping them cannot help.
             self._stop_for_nonfinite_weights(msg)
@@ -501,6 +508,11 @@ class Trainer:
             f"{msg}; the last good state (step {self.progress.global_step}) is saved in {self.out_dir}/"
             "checkpoint.pt. Lower the LR, use train.amp=none, or resume with --resume --set "
             "train.nonfinite=skip to skip such batches")
+
+    def _weights_finite(self) -> bool:
+        """Parameters and buffers all finite, agreed by every rank: BatchNorm's running statistics
+        differ between ranks, and a rank that stopped alone would leave the others in a collective."""
+        return not self.ctx.any_true(not self.step.params_finite())
 
     def _stop_for_nonfinite_weights(self, what: str) -> None:
         """The weights are non-finite: keep the last checkpoint (never overwrite it with them) and
@@ -553,7 +565,8 @@ class Trainer:
         """The steps of epoch ``e`` from the batch the run stands at (a phase's first epoch scores
         the snapshot first), with the device reads, interval checkpoints and preemption on the way."""
         prog = self.progress  # mutated in place
-        self._epoch_mark = (prog.global_step, prog.skipped_batches)
+        # For the skip-mode guard at the epoch's end: only an epoch run from its first batch here.
+        self._epoch_mark = (prog.global_step, prog.skipped_batches) if prog.batch_in_epoch == 0 else None
         every = self.cfg.train.checkpoint_every_steps
         bs, world = self.cfg.optim.batch_size, self.ctx.world_size
         dump = bool(os.environ.get("KDSEQ_TEST_DUMP_DIR"))
@@ -678,8 +691,8 @@ class Trainer:
         self._emit("on_epoch_end", record)
         self.progress.epoch, self.progress.batch_in_epoch = e + 1, 0
         self.sums.reset()
-        steps = self.progress.global_step - self._epoch_mark[0]
-        if steps and self.progress.skipped_batches - self._epoch_mark[1] == steps:
+        steps = self.progress.global_step - self._epoch_mark[0] if self._epoch_mark else 0
+        if steps >= 2 and self.progress.skipped_batches - self._epoch_mark[1] == steps:
             # train.nonfinite=skip is for the odd bad batch: a run that skips them all has stopped.
             raise NonFiniteError(
                 f"every batch of epoch {e + 1} ({steps}) was non-finite and skipped (train.nonfinite=skip): "

@@ -364,3 +364,18 @@ def test_a_file_system_without_flock_runs_unlocked(tmp_path, monkeypatch):
     run_dir.acquire_dir_lock(str(tmp_path))  # no error: a network mount must not make runs impossible
     assert str(tmp_path) not in run_dir._LOCKS
     run_dir.release_dir_lock(str(tmp_path))
+
+
+def test_a_trainer_that_fails_to_build_releases_its_directory(tmp_path):
+    # Its exception (kept alive by a notebook or a caller) must not keep the directory locked.
+    from kdseq_fast.config import load_config
+    from kdseq_fast.trainer import Trainer
+
+    out = tmp_path / "kd"
+    with pytest.raises(FileNotFoundError) as kept:
+        Trainer(load_config(None, TINY + ["device=cpu"]), str(out), method="kd", teacher=str(tmp_path / "missing.pt"),
+                quiet=True, log=lambda m: None)
+    probe = subprocess.run([sys.executable, "-c", "from kdseq_fast.run_dir import acquire_dir_lock; "
+                            f"acquire_dir_lock({str(out)!r}); print('free')"], capture_output=True, text=True)
+    assert probe.stdout.strip() == "free", probe.stderr
+    assert kept.value is not None
