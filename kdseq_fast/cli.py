@@ -63,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher checkpoint (default: teacher.checkpoint; when neither is "
                                      "given, one is trained into OUT/teacher)")
 
-    p = sub.add_parser("score", help="score a dataset split with a checkpoint -> (N, 6) matrix")
+    p = sub.add_parser("score", help="score a dataset split with a checkpoint -> (N, 6) matrix (without "
+                                     "--config, a run's checkpoint brings its run's config.yaml)")
     _common(p, run_flags=False)
     p.add_argument("--checkpoint", required=True,
                    help="weights to score with (student.pt, teacher.pt, checkpoint.pt, RepDistiller)")
-    p.add_argument("--arch", help="architecture of --checkpoint (default: student.arch)")
+    p.add_argument("--arch", help="architecture of --checkpoint (default: student.arch, or teacher.arch "
+                                  "for a teacher run's weights)")
     p.add_argument("--teacher", help="teacher checkpoint for the kd column (optional)")
     p.add_argument("--split", default="train", choices=("train", "test"))
 
@@ -160,13 +162,21 @@ def _cmd_score(args, log) -> int:
     from .run_inputs import (build_data, load_teacher, make_loader, ordered_batch_size,
                              shared_teacher_logits)
 
+    run_role = None
+    if args.config is None:
+        # A run's own weights (student.pt, teacher.pt, checkpoint.pt in its folder): its config.yaml
+        # says the data and the architecture, unlike the built-in defaults.
+        run_config, run_role = _run_config_of(args.checkpoint)
+        if run_config is not None:
+            args.config = run_config
+            log(f"score: using {run_config} (the config of the run that wrote --checkpoint)")
     cfg = _load_cfg(args)
     ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
     if ctx.is_main:
         os.makedirs(args.out, exist_ok=True)  # an unusable --out fails now, not after the pass
     data = build_data(cfg)
     split = data.train if args.split == "train" else data.test
-    arch = args.arch or cfg.student.arch
+    arch = args.arch or (cfg.teacher.arch if run_role == "teacher" else cfg.student.arch)
     model = get_model(arch, data.num_classes, image_size=cfg.data.image_size,
                       in_channels=data.in_channels)
     if not os.path.isfile(args.checkpoint):
@@ -207,6 +217,22 @@ def _cmd_score(args, log) -> int:
     log(f"columns {', '.join(SCORE_FIELDS)} -> {path}"
         + ("" if t_logits is not None else " (kd is 0 there: no --teacher)"))
     return 0
+
+
+def _run_config_of(checkpoint: str) -> tuple[str | None, str | None]:
+    """(config.yaml, role) of the run directory holding ``checkpoint``, or (None, None)."""
+    import json
+
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    config, ident = os.path.join(folder, "config.yaml"), os.path.join(folder, "run.json")
+    if not (os.path.isfile(config) and os.path.isfile(ident)):
+        return None, None
+    try:
+        with open(ident) as fh:
+            role = json.load(fh).get("role")
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    return (config, role) if role in ("student", "teacher") else (None, None)
 
 
 def _describe_os_error(exc: OSError) -> str:

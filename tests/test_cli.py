@@ -93,6 +93,10 @@ def test_score(tmp_path, capsys, teacher_ckpt):
     text = _main(["score", "--checkpoint", str(teacher_ckpt), "--arch", "resnet8", "--out", str(out), "--quiet"]
                  + _sets(TINY), capsys)
     assert "kd=n/a" in text and "no --teacher" in text  # no teacher: kd is not a measurement
+    # A run's own weights need neither --config nor --arch: the run's config.yaml says both.
+    text = _main(["score", "--checkpoint", str(teacher_ckpt), "--out", str(out), "--quiet"], capsys)
+    assert "the config of the run that wrote --checkpoint" in text and "with resnet8:" in text
+    assert np.load(out / "scores_train.npy").shape == (128, 6)
 
 
 def test_score_rejects_mismatched_checkpoint(tmp_path, capsys, teacher_ckpt):
