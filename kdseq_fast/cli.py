@@ -4,7 +4,8 @@ Subcommands: ``train-teacher``, ``distill``, ``compare``, ``score``, ``demo``, `
 ``info`` take ``--config``, ``--set key=value`` (repeatable), ``--seed``, ``--device``, ``--out``,
 ``--quiet``; those that train also take ``--resume`` or ``--overwrite``.
 Exit status: 0 on success and after a SIGTERM/SIGINT checkpoint; 2 for bad input (config,
-paths, checkpoints, a different run in ``--out`` or one in use); 3 when training hit a non-finite loss or weights.
+paths, checkpoints, a different run in ``--out`` or one in use); 3 when training hit a non-finite
+loss or weights.
 
 Multi-process: ``torchrun --nproc_per_node N -m kdseq_fast distill ...`` (or
 ``python -m torch.distributed.run``) runs the same command on N ranks with DDP; only rank 0
