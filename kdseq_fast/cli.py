@@ -222,18 +222,12 @@ def _cmd_score(args, log) -> int:
 
 def _run_config_of(checkpoint: str) -> tuple[str | None, str | None]:
     """(config.yaml, role) of the run directory holding ``checkpoint``, or (None, None)."""
-    import json
+    from .run_dir import read_identity
 
     folder = os.path.dirname(os.path.abspath(checkpoint))
-    config, ident = os.path.join(folder, "config.yaml"), os.path.join(folder, "run.json")
-    if not (os.path.isfile(config) and os.path.isfile(ident)):
-        return None, None
-    try:
-        with open(ident) as fh:
-            role = json.load(fh).get("role")
-    except (OSError, ValueError, AttributeError):
-        return None, None
-    return (config, role) if role in ("student", "teacher") else (None, None)
+    config = os.path.join(folder, "config.yaml")
+    role = (read_identity(folder) or {}).get("role")
+    return (config, role) if role in ("student", "teacher") and os.path.isfile(config) else (None, None)
 
 
 def _describe_os_error(exc: OSError) -> str:

@@ -23,7 +23,7 @@ import yaml
 from .config import Config, config_hash, save_config, validate_config
 from .runtime import CheckpointError, atomic_write_bytes, load_latest_checkpoint
 
-__all__ = ["RunDirectory", "RunDirError", "RUN_FILES", "run_files_in", "acquire_dir_lock", "release_dir_lock", "RESUME_IGNORED_KEYS", "ignored_keys", "TrainResult", "config_diff", "same_run_config",
+__all__ = ["RunDirectory", "RunDirError", "RUN_FILES", "run_files_in", "read_identity", "acquire_dir_lock", "release_dir_lock", "RESUME_IGNORED_KEYS", "ignored_keys", "TrainResult", "config_diff", "same_run_config",
            "write_json", "is_complete", "completed_state", "completed_result", "check_resumable"]
 
 # Keys that may change between a run and its resume without changing the result: where it runs,
@@ -151,6 +151,20 @@ RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.prev.
 _LOCKS: dict = {}
 
 
+def read_identity(folder: str) -> dict | None:
+    """A directory's ``run.json`` (role, method, identity hash; role "compare" for a comparison):
+    None when there is none, {} when it cannot be read."""
+    path = os.path.join(folder, "run.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            ident = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return ident if isinstance(ident, dict) else {}
+
+
 def run_files_in(path: str) -> list[str]:
     """The run outputs (RUN_FILES, phase_K_*.npy) present in ``path``."""
     try:
@@ -236,10 +250,10 @@ class RunDirectory:
             raise
 
     def _check_identity(self, cfg: Config, role: str, method: str, *, resume: bool, overwrite: bool) -> None:
-        run_json = self.file("run.json")
         if overwrite:
             return
-        if not os.path.exists(run_json):
+        other = read_identity(self.path)
+        if other is None:
             found = run_files_in(self.path)
             if found:
                 # Results without a run's identity (an older layout, files copied in): starting here
@@ -248,11 +262,6 @@ class RunDirectory:
                     f"output directory {self.path} holds results that are not a run's ({', '.join(sorted(found))}, "
                     "no run.json); choose another --out or pass --overwrite to delete them")
             return
-        try:
-            with open(run_json) as fh:
-                other = json.load(fh)
-        except (OSError, ValueError):
-            other = {}
         if other.get("role") == "compare":
             raise RunDirError(
                 f"output directory {self.path} holds a comparison (compare/demo of "
@@ -363,12 +372,8 @@ def is_complete(out_dir: str, role: str, method: str, cfg: Config) -> bool:
 def completed_state(out_dir: str, role: str, method: str, cfg: Config) -> dict | None:
     """The last checkpoint of a finished run with the same identity (what the run was trained
     from, e.g. its ``teacher_fingerprint``), or None when there is no such run."""
-    try:
-        with open(os.path.join(out_dir, "run.json")) as fh:
-            ident = json.load(fh)
-        with open(os.path.join(out_dir, "checkpoint.pt"), "rb"):
-            pass
-    except (OSError, ValueError):
+    ident = read_identity(out_dir)
+    if not ident or not os.path.isfile(os.path.join(out_dir, "checkpoint.pt")):
         return None
     if ident.get("role") != role or ident.get("method") != method:
         return None

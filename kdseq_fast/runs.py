@@ -75,18 +75,9 @@ def _check_same_teacher(cfg: Config, out_dir: str, method: str, teacher, data, s
 def _claim_compare_dir(out_dir: str, methods: Sequence[str], *, overwrite: bool) -> None:
     """Marks ``out_dir`` as a comparison (run.json, role "compare"), refusing a directory that
     holds a single run: compare writes its summary, metrics and plots over that run's."""
-    import json
+    from .run_dir import RunDirError, read_identity, run_files_in, write_json
 
-    from .run_dir import RunDirError, run_files_in, write_json
-
-    run_json = os.path.join(out_dir, "run.json")
-    other = None
-    if os.path.exists(run_json):
-        try:
-            with open(run_json) as fh:
-                other = json.load(fh)
-        except (OSError, ValueError):
-            other = {}
+    other = read_identity(out_dir)
     # A comparison's own top-level files are summary.json and metrics.jsonl; these are a run's.
     single_files = [f for f in run_files_in(out_dir) if f not in ("summary.json", "metrics.jsonl")]
     if (other is not None and other.get("role") != "compare") or (other is None and single_files):
@@ -99,7 +90,7 @@ def _claim_compare_dir(out_dir: str, methods: Sequence[str], *, overwrite: bool)
         for name in run_files_in(out_dir):
             os.remove(os.path.join(out_dir, name))
     os.makedirs(out_dir, exist_ok=True)
-    write_json({"role": "compare", "methods": list(methods)}, run_json)
+    write_json({"role": "compare", "methods": list(methods)}, os.path.join(out_dir, "run.json"))
 
 
 def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teacher=None,
