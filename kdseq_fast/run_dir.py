@@ -14,6 +14,7 @@ import errno
 import io
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,7 +145,8 @@ def read_stored_config(run_dir: str) -> dict | None:
 
 # What a run writes at the top of its directory (init deletes them when a run starts over).
 RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.prev.pt", "student.pt", "teacher.pt",
-             "teacher_best.pt")
+             "teacher_best.pt", "accuracy_vs_steps.png", "pacing.png", "difficulty_hist.png")
+RUN_FOLDERS = ("tb",)  # TensorBoard events: a run that starts over must not append to the old curves
 
 # Directories this process holds the lock of: path -> [file descriptor, holders] (re-entrant, so
 # one process may open a run twice; another process is refused).
@@ -297,6 +299,8 @@ class RunDirectory:
         os.makedirs(self.path, exist_ok=True)
         for name in run_files_in(self.path):
             os.remove(self.file(name))
+        for name in RUN_FOLDERS:
+            shutil.rmtree(self.file(name), ignore_errors=True)
         save_config(cfg, self.file("config.yaml"))
         write_json(identity, self.file("run.json"))
 

@@ -10,7 +10,7 @@ from ._extension import check_cuda_kernels
 from .callbacks import ConsoleLogger, TensorBoardLogger
 from .config import Config
 from .reports import accuracy_target, steps_to_target
-from .run_dir import TrainResult, completed_result, completed_state, is_complete
+from .run_dir import TrainResult, completed_result, completed_state, is_complete, release_dir_lock
 from .run_inputs import DataBundle, build_data, open_teacher
 from .runtime import CheckpointError, setup_run
 from .trainer import METHODS, Trainer
@@ -75,22 +75,28 @@ def _check_same_teacher(cfg: Config, out_dir: str, method: str, teacher, data, s
 def _claim_compare_dir(out_dir: str, methods: Sequence[str], *, overwrite: bool) -> None:
     """Marks ``out_dir`` as a comparison (run.json, role "compare"), refusing a directory that
     holds a single run: compare writes its summary, metrics and plots over that run's."""
-    from .run_dir import RunDirError, read_identity, run_files_in, write_json
+    from .run_dir import RunDirError, acquire_dir_lock, read_identity, run_files_in, write_json
 
-    other = read_identity(out_dir)
-    # A comparison's own top-level files are summary.json and metrics.jsonl; these are a run's.
-    single_files = [f for f in run_files_in(out_dir) if f not in ("summary.json", "metrics.jsonl")]
-    if (other is not None and other.get("role") != "compare") or (other is None and single_files):
-        if not overwrite:
-            what = (f"role {other.get('role')}, method {other.get('method')}" if other
-                    else ", ".join(sorted(single_files)))
-            raise RunDirError(f"output directory {out_dir} holds a single run ({what}), not a comparison "
-                              "(compare and demo put each method in a folder of its own); choose another "
-                              "--out or pass --overwrite to delete it")
-        for name in run_files_in(out_dir):
-            os.remove(os.path.join(out_dir, name))
-    os.makedirs(out_dir, exist_ok=True)
-    write_json({"role": "compare", "methods": list(methods)}, os.path.join(out_dir, "run.json"))
+    # Held until compare returns: a run started into this folder meanwhile would take it over.
+    acquire_dir_lock(out_dir)
+    try:
+        other = read_identity(out_dir)
+        found = run_files_in(out_dir)
+        # A comparison written before run.json marked one: its methods' folders hold runs.
+        older = other is None and any(read_identity(os.path.join(out_dir, m)) for m in METHODS)
+        if (other is not None and other.get("role") != "compare") or (other is None and found and not older):
+            if not overwrite:
+                what = (f"a single run (role {other.get('role')}, method {other.get('method')})" if other
+                        else f"results that are not a comparison's ({', '.join(sorted(found))}, no run.json)")
+                raise RunDirError(f"output directory {out_dir} holds {what}; compare and demo put each method in "
+                                  "a folder of its own: choose another --out or pass --overwrite to delete them")
+            for name in found:
+                os.remove(os.path.join(out_dir, name))
+        os.makedirs(out_dir, exist_ok=True)
+        write_json({"role": "compare", "methods": list(methods)}, os.path.join(out_dir, "run.json"))
+    except BaseException:
+        release_dir_lock(out_dir)
+        raise
 
 
 def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teacher=None,
@@ -125,55 +131,59 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
         open_teacher(cfg, teacher, "kd", data.num_classes, in_channels=data.in_channels)
     # Inputs checked: now the directory (nothing is written into it before).
     ctx.run_on_main(lambda: _claim_compare_dir(out_dir, methods, overwrite=overwrite))
-    if cfg.train.teacher_cache_dir is None:
-        # One teacher-logit cache for the methods of the comparison, not one a method folder.
-        cfg = Config(cfg.to_dict())
-        cfg.train.teacher_cache_dir = os.path.join(out_dir, "cache")
-    teacher_entry = None
-    if teacher is None and any(m != "ce" for m in methods):
-        res = train_teacher(cfg, os.path.join(out_dir, "teacher"), resume=resume,
-                            overwrite=overwrite, quiet=quiet, log=log, data=data, ctx=ctx)
-        teacher = res.weights_path
-        teacher_entry = res.summary["teacher"]
-    results = {}
-    for m in methods:
-        # Same seed for every method: reseed so each starts from the identical initial student.
-        ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
-        results[m] = distill(cfg, os.path.join(out_dir, m), method=m,
-                             teacher=teacher if m != "ce" else None, resume=resume,
-                             overwrite=overwrite, quiet=quiet, log=log, data=data, ctx=ctx)
-    summary = {"teacher": teacher_entry or {}, "methods": {}}
-    for m, r in results.items():
-        if r.summary.get("teacher", {}).get("test_acc") is not None and not teacher_entry:
-            summary["teacher"] = dict(r.summary["teacher"])
-        summary["methods"][m] = dict(r.summary["methods"][m])
-    if teacher_entry is None and teacher is not None:
-        summary["teacher"].setdefault("checkpoint", os.path.abspath(os.fspath(teacher)))
-    if not ctx.is_main:
-        # The combined files and plots come from rank 0; the other ranks only trained.
-        return {**summary, "plots": []}
-    target = accuracy_target(cfg.train.target_acc)
-    if target is None and "kd" in summary["methods"]:
-        target = summary["methods"]["kd"]["test_acc"]
-    records = {m: reports.read_metrics(os.path.join(out_dir, m, "metrics.jsonl")) for m in results}
-    for m, entry in summary["methods"].items():
-        hist = [(r["steps"], r["test_acc"]) for r in records[m] if r["test_acc"] is not None]
-        entry["target_acc"] = target
-        entry["steps_to_target"] = steps_to_target(hist, target)
-    if teacher_entry is not None:
-        summary["teacher"] = teacher_entry
-    write_json(summary, os.path.join(out_dir, "summary.json"))
-    with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as fh:
-        for m in results:
-            for r in records[m]:
-                fh.write(json.dumps(r) + "\n")
-    reports.plot_accuracy(records, os.path.join(out_dir, "accuracy_vs_steps.png"), target=target)
-    plots = [os.path.join(out_dir, "accuracy_vs_steps.png")]
-    if "isl" in results:
-        for name in ("pacing.png", "difficulty_hist.png"):
-            src = os.path.join(out_dir, "isl", name)
-            if os.path.exists(src):
-                plots.append(src)
-    summary_out = copy.deepcopy(summary)
-    summary_out["plots"] = plots
-    return summary_out
+    try:
+        if cfg.train.teacher_cache_dir is None:
+            # One teacher-logit cache for the methods of the comparison, not one a method folder.
+            cfg = Config(cfg.to_dict())
+            cfg.train.teacher_cache_dir = os.path.join(out_dir, "cache")
+        teacher_entry = None
+        if teacher is None and any(m != "ce" for m in methods):
+            res = train_teacher(cfg, os.path.join(out_dir, "teacher"), resume=resume,
+                                overwrite=overwrite, quiet=quiet, log=log, data=data, ctx=ctx)
+            teacher = res.weights_path
+            teacher_entry = res.summary["teacher"]
+        results = {}
+        for m in methods:
+            # Same seed for every method: reseed so each starts from the identical initial student.
+            ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
+            results[m] = distill(cfg, os.path.join(out_dir, m), method=m,
+                                 teacher=teacher if m != "ce" else None, resume=resume,
+                                 overwrite=overwrite, quiet=quiet, log=log, data=data, ctx=ctx)
+        summary = {"teacher": teacher_entry or {}, "methods": {}}
+        for m, r in results.items():
+            if r.summary.get("teacher", {}).get("test_acc") is not None and not teacher_entry:
+                summary["teacher"] = dict(r.summary["teacher"])
+            summary["methods"][m] = dict(r.summary["methods"][m])
+        if teacher_entry is None and teacher is not None:
+            summary["teacher"].setdefault("checkpoint", os.path.abspath(os.fspath(teacher)))
+        if not ctx.is_main:
+            # The combined files and plots come from rank 0; the other ranks only trained.
+            return {**summary, "plots": []}
+        target = accuracy_target(cfg.train.target_acc)
+        if target is None and "kd" in summary["methods"]:
+            target = summary["methods"]["kd"]["test_acc"]
+        records = {m: reports.read_metrics(os.path.join(out_dir, m, "metrics.jsonl")) for m in results}
+        for m, entry in summary["methods"].items():
+            hist = [(r["steps"], r["test_acc"]) for r in records[m] if r["test_acc"] is not None]
+            entry["target_acc"] = target
+            entry["steps_to_target"] = steps_to_target(hist, target)
+        if teacher_entry is not None:
+            summary["teacher"] = teacher_entry
+        write_json(summary, os.path.join(out_dir, "summary.json"))
+        with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as fh:
+            for m in results:
+                for r in records[m]:
+                    fh.write(json.dumps(r) + "\n")
+        reports.plot_accuracy(records, os.path.join(out_dir, "accuracy_vs_steps.png"), target=target)
+        plots = [os.path.join(out_dir, "accuracy_vs_steps.png")]
+        if "isl" in results:
+            for name in ("pacing.png", "difficulty_hist.png"):
+                src = os.path.join(out_dir, "isl", name)
+                if os.path.exists(src):
+                    plots.append(src)
+        summary_out = copy.deepcopy(summary)
+        summary_out["plots"] = plots
+        return summary_out
+    finally:
+        if ctx.is_main:
+            release_dir_lock(out_dir)  # the comparison's folder is free again

@@ -301,9 +301,48 @@ def test_an_out_holding_other_results_is_refused_not_overwritten(tmp_path, capsy
     rc = cli.main(["distill", "--method", "ce", "--out", str(loose), "--quiet"] + _sets(TINY))
     assert rc == 2 and "holds results that are not a run's (summary.json" in capsys.readouterr().err
     assert (loose / "summary.json").read_text() == before
+    rc = cli.main(["compare", "--methods", "ce", "--out", str(loose), "--quiet"] + _sets(TINY))
+    assert rc == 2 and "holds results that are not a comparison's (summary.json" in capsys.readouterr().err
+    assert (loose / "summary.json").read_text() == before
     # --overwrite is the way to reuse it.
     _main(["compare", "--methods", "ce", "--out", str(single), "--quiet", "--overwrite"] + _sets(TINY), capsys)
     assert not (single / "student.pt").exists() and (single / "ce" / "student.pt").exists()
+    # A comparison written before compare marked its folder (no run.json at the top) resumes.
+    os.remove(cmp_dir / "run.json")
+    _main(["compare", "--methods", "ce", "--out", str(cmp_dir), "--quiet", "--resume"] + _sets(TINY), capsys)
+
+
+def test_a_running_comparison_holds_its_folder(tmp_path, capsys, monkeypatch):
+    # A run started into a comparison's folder while it trains would take the folder over.
+    from kdseq_fast import runs
+
+    out = tmp_path / "cmp"
+    seen = []
+    distill = runs.distill
+
+    def distill_and_probe(*args, **kwargs):
+        probe = subprocess.run([sys.executable, "-c", "from kdseq_fast.run_dir import acquire_dir_lock; "
+                                f"acquire_dir_lock({str(out)!r})"], capture_output=True, text=True)
+        seen.append("in use by another process" in probe.stderr)
+        return distill(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "distill", distill_and_probe)
+    _main(["compare", "--methods", "ce", "--out", str(out), "--quiet"] + _sets(TINY), capsys)
+    assert seen == [True]
+    probe = subprocess.run([sys.executable, "-c", "from kdseq_fast.run_dir import acquire_dir_lock; "
+                            f"acquire_dir_lock({str(out)!r}); print('free')"], capture_output=True, text=True)
+    assert probe.stdout.strip() == "free", probe.stderr
+
+
+def test_overwrite_starts_the_tensorboard_curves_and_plots_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    sets = _sets([t for t in TINY if not t.startswith("train.tensorboard")] + ["train.tensorboard=true"])
+    _main(["distill", "--method", "ce", "--out", str(out), "--quiet"] + sets, capsys)
+    first = sorted(p.name for p in (out / "tb").iterdir())
+    (out / "pacing.png").write_bytes(b"an older isl run's plot")
+    _main(["distill", "--method", "ce", "--out", str(out), "--quiet", "--overwrite"] + sets, capsys)
+    assert not (out / "pacing.png").exists()
+    assert len(list((out / "tb").iterdir())) == len(first)  # one run's events, not two
 
 
 def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, capsys):

@@ -255,3 +255,35 @@ def test_ordered_full_coverage_walks_the_sequence_every_epoch():
         order, admitted = g.paced_epoch(seq, Pacing("full"), phase=1, epoch_in_phase=e,
                                         phase_epochs=3, strict_order=True)
         assert np.array_equal(order, seq) and (admitted == n).all()
+
+
+def test_admitted_counts_exact_values():
+    # The prefix is ceil(g * N), at least one batch, and g * N that is an integer up to float
+    # error does not jump by one.
+    assert Pacing("linear", 0.07, 0.8).admitted(0.0, 100) == 7
+    assert OrderGenerator(100, 32).admitted_counts(Pacing("linear", 0.1, 0.8), 0, 1)[0] == 32
+    g = OrderGenerator(1000, 32)
+    counts = g.admitted_counts(Pacing("linear", 0.2, 0.8), 0, 4)
+    assert counts[0] == 200 and np.all(np.diff(counts) >= 0) and len(counts) == len(g.batch_sizes)
+    assert g.admitted_counts(Pacing("linear", 0.2, 0.8), 3, 4)[-1] == 1000
+
+
+def test_shuffled_paced_epoch_visits_each_admitted_instance_before_repeating():
+    # "A pool of not-yet-used admitted positions": until the first repeat, no admitted instance
+    # (newly admitted ones included) is left out.
+    n, bs = 1000, 32
+    seq = np.random.default_rng(0).permutation(n)
+    rank = np.empty(n, dtype=np.int64)
+    rank[seq] = np.arange(n)
+    g = OrderGenerator(n, bs, seed=1)
+    order, admitted = g.paced_epoch(seq, Pacing("linear", 0.2, 0.8), phase=1, epoch_in_phase=0, phase_epochs=4)
+    starts = np.concatenate([[0], np.cumsum(g.batch_sizes)])
+    seen = set()
+    for j in range(len(g.batch_sizes)):
+        batch = rank[order[starts[j]:starts[j + 1]]].tolist()
+        if seen & set(batch):  # the pool ran out in this batch: everything admitted was drawn
+            assert set(range(int(admitted[j]))) <= seen | set(batch)
+            break
+        seen |= set(batch)
+    else:
+        pytest.fail("no batch repeated an instance")

@@ -443,3 +443,24 @@ def test_exif_rotated_jpegs_read_alike_on_both_backends(tmp_path, augment):
         outs[backend] = torch.cat(run_pass(L)[0])
     diff = (outs["torch"] - outs["dali"]).abs() * torch.tensor(STD).view(1, 3, 1, 1)
     assert diff.mean() < 3.0, diff.mean()  # resampling and JPEG decoders only
+
+
+def test_augmentation_streams_differ_by_epoch_and_do_not_collide():
+    # Every epoch draws new flips and crops; (seed, epoch) pairs with the same sum are not the
+    # same stream (what a plain seed + epoch would give).
+    assert not torch.equal(aug.flip_params(7, 0, 1000), aug.flip_params(7, 1, 1000))
+    assert [aug.rrc_params(64, 64, 7, 0, p) for p in range(20)] != [aug.rrc_params(64, 64, 7, 1, p) for p in range(20)]
+    assert aug._epoch_seed(0, 3) != aug._epoch_seed(1, 2)
+    assert not torch.equal(aug.flip_params(0, 3, 1000), aug.flip_params(1, 2, 1000))
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_a_last_batch_of_exactly_world_rows_is_kept(data, backend):
+    images, labels = data
+    order = np.arange(43)  # 4 full batches of 10, then 3 rows for 3 ranks: one each
+    sizes = []
+    for rank in range(3):
+        L = CurriculumLoader(images, labels, 10, backend=backend, augment=None, shard=(rank, 3), mean=MEAN, std=STD)
+        L.set_order(order)
+        sizes.append([len(i) for i in run_pass(L)[2]])
+    assert [s[-1] for s in sizes] == [1, 1, 1] and all(len(s) == 5 for s in sizes)

@@ -228,3 +228,25 @@ def test_difficulty_rejects_bad_shapes_and_non_finite():
     s[1, 0] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         difficulty(s, "ce")
+
+
+def test_difficulty_rejects_infinite_scores_too():
+    # A -inf margin (a class masked in the snapshot) or an inf ce must not sort as a difficulty.
+    for column, value in (("ce", float("inf")), ("margin", float("-inf"))):
+        s = torch.zeros(3, 6)
+        s[1, kf.SCORE_FIELDS.index(column)] = value
+        with pytest.raises(ValueError, match="not finite"):
+            difficulty(s, "ce" if column == "ce" else "-margin")
+
+
+def test_teacher_cache_keeps_float32_and_float16_apart(tmp_path):
+    # The stored dtype is part of the key: a float16 cache must not overwrite the float32 one.
+    x, y, teacher = small_problem(n=25)
+    loader = loader_for(x, y, batch_size=10)
+    assert TeacherLogitCache(str(tmp_path), dtype="float32").key_for(teacher, "k", 25) != \
+        TeacherLogitCache(str(tmp_path), dtype="float16").key_for(teacher, "k", 25)
+    TeacherLogitCache(str(tmp_path), dtype="float32").get(teacher, loader, num_items=25, key="k", progress=False)
+    TeacherLogitCache(str(tmp_path), dtype="float16").get(teacher, loader, num_items=25, key="k", progress=False)
+    again = TeacherLogitCache(str(tmp_path), dtype="float32")
+    again.get(teacher, loader, num_items=25, key="k", progress=False)
+    assert again.last_hit is True and len(list(tmp_path.glob("*.npy"))) == 2

@@ -64,6 +64,14 @@ def isl_run(tmp_path_factory, teacher_run):
         return run(batch, *args, **kwargs)
 
     trainer.step.run = recording_run
+    check.epochs = []
+    set_epoch = trainer.train_loader.set_epoch
+
+    def recording_set_epoch(e):
+        check.epochs.append(e)
+        return set_epoch(e)
+
+    trainer.train_loader.set_epoch = recording_set_epoch
     result = trainer.fit()
     return trainer, result, check
 
@@ -99,6 +107,8 @@ def test_isl_run_writes_every_output(isl_run):
     assert records[2]["admitted_frac"] < 1.0 and records[0]["admitted_frac"] == 1.0
     assert records[2]["time_scoring"] > 0 and records[0]["time_scoring"] == 0
     assert records[-1]["lr"] == pytest.approx(0.01)
+    # The LR each epoch trained with: decayed once, at optim.lr_decay_epochs=[5].
+    assert [r["lr"] for r in records] == pytest.approx([0.1] * 5 + [0.01])
     summary = json.loads(open(os.path.join(out, "summary.json")).read())
     m = summary["methods"]["isl"]
     assert set(m) >= {"test_acc", "best_acc", "steps", "steps_to_target", "wall_s"}
@@ -148,6 +158,12 @@ def test_isl_trains_on_the_admitted_prefix_of_each_phase_sequence(isl_run):
     assert (outside_total > 0) == (mix > 0)  # the mixing share is there, and only with mixing
 
 
+def test_every_epoch_draws_its_own_augmentation(isl_run):
+    # The loader's epoch (its augmentation stream) is the run's epoch, not the epoch in a phase.
+    trainer, _, check = isl_run
+    assert check.epochs == list(range(len(trainer.schedule)))
+
+
 def test_isl_reaches_sane_accuracy(isl_run):
     _, result, _ = isl_run
     assert result.summary["methods"]["isl"]["test_acc"] >= 0.7
@@ -174,13 +190,21 @@ def test_steps_to_target():
     assert steps_to_target(hist, 0.85) == 40
     assert steps_to_target(hist, 0.95) is None
     assert steps_to_target(hist, None) is None
+    from kdseq_fast.reports import accuracy_target
+
+    # train.target_acc may be a percentage.
+    assert accuracy_target(91.5) == pytest.approx(0.915) and accuracy_target(0.5) == 0.5
+    assert accuracy_target(None) is None
 
 
 def test_schedule_and_pacing_curve(isl_run):
     trainer, _, _ = isl_run
     phases = [p for p, *_ in trainer.schedule]
     assert phases == [0, 0, 1, 2, 3, 3]
+    # Each curriculum phase paces on its own (one epoch each here) and reaches the full set.
+    assert trainer.schedule[2] == (1, "curriculum", 0, 1) and trainer.schedule[3] == (2, "curriculum", 0, 1)
     steps, frac = trainer.pacing_curve()
+    assert frac[3 * 23 - 1] == 1.0 and frac[4 * 23 - 1] == 1.0
     assert len(steps) == 6 * 23 and steps[0] == 1
     in_phase1 = frac[2 * 23:3 * 23]
     assert in_phase1[0] == pytest.approx(np.ceil(0.2 * trainer.num_items) / trainer.num_items)
