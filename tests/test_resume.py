@@ -383,3 +383,19 @@ def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path, monkeyp
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]  # no partial files, the old one intact
     assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 1
+
+
+def test_cuda_rng_states_are_captured_and_restored(monkeypatch):
+    # Checked without a GPU: the CUDA generators' states travel with the checkpoint and come back.
+    from kdseq_fast import runtime
+
+    saved = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: saved)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(states))
+    state = runtime.capture_rng_state()
+    assert state["cuda"] is saved
+    runtime.restore_rng_state(state)
+    assert restored == [saved]

@@ -538,3 +538,15 @@ def test_an_fp16_run_whose_scale_overflows_finishes_and_counts_the_skips(tmp_pat
     with open(os.path.join(res.out_dir, "metrics.jsonl")) as fh:
         (record,) = [json.loads(line) for line in fh]
     assert 1 <= record["loss_scale_skips"] < 8  # halved until the scaled gradients fit in fp16
+
+
+def test_curriculum_order_setting_reaches_the_sequence(tmp_path, teacher_run):
+    # curriculum.order=anti sorts the phase's sequence hard -> easy by the measure.
+    cfg = load_config(None, BASE + ["optim.epochs=3", "optim.lr_decay_epochs=[2]", "curriculum.warmup_epochs=1",
+                                    "curriculum.num_phases=1", "curriculum.final_full_epochs=1",
+                                    "curriculum.order=anti"])
+    res = Trainer(cfg, str(tmp_path / "anti"), method="isl", teacher=teacher_run.weights_path, quiet=True,
+                  log=lambda m: None).fit()
+    order = np.load(os.path.join(res.out_dir, "phase_1_order.npy"))
+    ce = np.load(os.path.join(res.out_dir, "phase_1_scores.npy"))[:, kf.SCORE_FIELDS.index("ce")]
+    assert np.all(np.diff(ce[order]) <= 0)
