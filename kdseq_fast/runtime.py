@@ -395,12 +395,18 @@ def write_synced(tmp: str, write, final: str) -> None:
         raise OSError(exc.errno, f"could not write {final}: {exc.strerror or exc}{hint}") from exc
 
 
-def _write_atomic(data: bytes, path: str) -> None:
+def atomic_write(path: str, write) -> None:
+    """``write(fh)`` to a synced temp file renamed over ``path``: a crash leaves the old file or
+    the new one, never a torn one (the rename is synced too)."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    write_synced(tmp, lambda fh: fh.write(data), path)
+    write_synced(tmp, write, path)
     os.replace(tmp, path)
     _fsync_dir(directory)
+
+
+def _write_atomic(data: bytes, path: str) -> None:
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def save_checkpoint(state: dict, directory: str) -> str:

@@ -32,7 +32,7 @@ from ._extension import check_cuda_kernels
 from .amp import autocast as amp_autocast
 from .config import MEASURE_TERMS, parse_measure
 from .ops import SCORE_FIELDS, instance_scores
-from .runtime import _fsync_dir, write_synced
+from .runtime import atomic_write
 
 __all__ = ["SCORE_FIELDS", "MEASURES", "score_dataset", "compute_logits", "TeacherLogitCache",
            "difficulty", "teacher_fingerprint"]
@@ -383,10 +383,7 @@ class TeacherLogitCache:
     @staticmethod
     def _write(path: str, array: np.ndarray, meta: dict) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        write_synced(tmp, lambda f: np.save(f, array), path)
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path) or ".")  # the rename survives a power loss too
+        atomic_write(path, lambda f: np.save(f, array))
         with open(path[:-4] + ".json", "w") as f:
             json.dump(meta, f, indent=1)
 

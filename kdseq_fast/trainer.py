@@ -317,6 +317,10 @@ class Trainer:
             # Never over a good checkpoint (nor, after the last epoch's, into student.pt): a loss
             # can stay finite for the step whose update overflowed the weights.
             self._stop_for_nonfinite_weights(f"at step {self.progress.global_step} ({reason or 'a'} checkpoint)")
+        self._write_checkpoint()
+
+    def _write_checkpoint(self) -> None:
+        """The checkpoint write itself, for a caller that has folded and checked the weights."""
         # Every rank calls this at the same points (the epoch sums gather the ranks' counts).
         sums = self.sums.state_dict(self.ctx)
         if self.ctx.is_main:
@@ -503,7 +507,7 @@ class Trainer:
         if self.cfg.train.nonfinite == "skip":
             self.log(f"[{self.label}] warning: {msg}; batch skipped (train.nonfinite=skip)")
             return
-        self.save_checkpoint("non-finite")
+        self._write_checkpoint()  # the weights were just checked
         raise NonFiniteError(
             f"{msg}; the last good state (step {self.progress.global_step}) is saved in {self.out_dir}/"
             "checkpoint.pt. Lower the LR, use train.amp=none, or resume with --resume --set "
