@@ -1,6 +1,4 @@
 """``python -m kdseq_fast`` runs the ``kdseq-fast`` command line."""
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

@@ -305,5 +305,13 @@ def main(argv=None) -> int:
     return rc
 
 
+def entry() -> None:
+    """The ``kdseq-fast`` command and ``python -m kdseq_fast``: :func:`main`, then the exit (a
+    torchrun rank ends through :func:`kdseq_fast.runtime.exit_process`, see there why)."""
+    from .runtime import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
