@@ -15,6 +15,20 @@ if os.environ.get("CI"):
 os.environ.setdefault("KDSEQ_QUIET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_global_torch_state():
+    """Each test starts from the same global RNG and leaves the determinism switches as it found
+    them: runs started in-process (setup_run) reseed and switch them, and a test that draws from
+    the global generator would otherwise get values that depend on the tests before it."""
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.manual_seed(0)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -13,13 +13,13 @@ ANY_DTYPE = FLOATS + [torch.int64, torch.int32, torch.uint8, torch.bool]
 
 
 @st.composite
-def logits(draw, name):
+def logits(draw, name, gen):
     rank = draw(st.sampled_from([2, 2, 2, 1, 3]))
     B = draw(st.integers(0, 6))
     C = draw(st.integers(0, 40))
     shape = {1: (C,), 2: (B, C), 3: (B, C, 2)}[rank]
     dtype = draw(st.sampled_from(ANY_DTYPE))
-    x = torch.randn(shape) * draw(st.sampled_from([0.1, 3.0, 100.0]))
+    x = torch.randn(shape, generator=gen) * draw(st.sampled_from([0.1, 3.0, 100.0]))
     if draw(st.booleans()) and x.numel():
         x.view(-1)[0] = draw(st.sampled_from([float("inf"), float("-inf"), float("nan")]))
     if draw(st.booleans()) and rank == 2 and C > 1:
@@ -28,7 +28,7 @@ def logits(draw, name):
 
 
 @st.composite
-def labels(draw):
+def labels(draw, gen):
     kind = draw(st.sampled_from(["ok", "ok", "none", "float", "short", "range", "2d", "list"]))
     B = draw(st.integers(0, 6))
     C = draw(st.integers(1, 40))
@@ -41,7 +41,7 @@ def labels(draw):
     if kind == "list":
         return [0] * B
     hi = C + (5 if kind == "range" else 0)
-    y = torch.randint(-1 if kind == "range" else 0, max(hi, 1), (B,))
+    y = torch.randint(-1 if kind == "range" else 0, max(hi, 1), (B,), generator=gen)
     if kind == "short":
         y = y.int()
     return y
@@ -56,14 +56,16 @@ def number():
 def case(draw, optional_teacher=False):
     """(s, t, y, number drawer) around one (B, C): each argument is valid most of the time and
     broken (any shape, dtype or kind) now and then, so most calls reach the reference check and
-    the rest try the argument checks."""
+    the rest try the argument checks. The values come from a generator seeded by the draw, so a
+    failing example replays."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
     B, C = draw(st.integers(0, 6)), draw(st.integers(2, 40))
     dtype = draw(st.sampled_from(FLOATS))
 
     def tensor(name):
         if draw(st.integers(0, 9)) == 0:
-            return draw(logits(name))
-        x = torch.randn(B, C) * draw(st.sampled_from([0.1, 3.0, 100.0]))
+            return draw(logits(name, gen))
+        x = torch.randn(B, C, generator=gen) * draw(st.sampled_from([0.1, 3.0, 100.0]))
         if draw(st.integers(0, 3)) == 0 and x.numel():
             x.view(-1)[draw(st.integers(0, x.numel() - 1))] = draw(
                 st.sampled_from([float("inf"), float("-inf"), float("nan")]))
@@ -75,9 +77,9 @@ def case(draw, optional_teacher=False):
     s = tensor("s")
     t = None if optional_teacher and draw(st.integers(0, 3)) == 0 else tensor("t")
     if draw(st.integers(0, 9)) == 0:
-        y = draw(labels())
+        y = draw(labels(gen))
     else:
-        y = torch.randint(0, C, (B,))
+        y = torch.randint(0, C, (B,), generator=gen)
         if B and draw(st.booleans()):
             y[draw(st.integers(0, B - 1))] = -100  # ignore_index
     return s, t, y
@@ -99,7 +101,8 @@ def _tolerance(*ts):
 def test_kd_loss_fuzz():
     checked = []
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+              derandomize=True)
     @given(c=case(), T=value(), kdw=value(), cew=value(),
            reduction=st.sampled_from(["mean", "mean", "sum", "none", "avg", None]))
     def one(c, T, kdw, cew, reduction):
@@ -130,15 +133,18 @@ def test_kd_loss_fuzz():
 
     one()
     # Many draws must reach the reference (when shapes were drawn apart, none did), with finite and
-    # non-finite inputs alike.
-    assert checked.count("finite") >= 40 and checked.count("non-finite") >= 10, \
+    # non-finite inputs alike. The examples are derandomized (the same on every run); the floors sit
+    # about 3 standard deviations below the counts of freely drawn runs (kd: 76 +- 17 finite,
+    # 37 +- 11 non-finite over 30 seeds), so a new hypothesis version's draws pass them too.
+    assert checked.count("finite") >= 25 and checked.count("non-finite") >= 5, \
         (checked.count("finite"), checked.count("non-finite"))
 
 
 def test_instance_scores_fuzz():
     checked = []
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+              derandomize=True)
     @given(c=case(optional_teacher=True), T=value())
     def one(c, T):
         s, t, y = c
@@ -162,5 +168,7 @@ def test_instance_scores_fuzz():
             checked.append("non-finite")
 
     one()
-    assert checked.count("teacher") >= 25 and checked.count("no teacher") >= 10 and \
-        checked.count("non-finite") >= 10, {k: checked.count(k) for k in set(checked)}
+    # Floors as in test_kd_loss_fuzz (30 free seeds: teacher 55 +- 13, no teacher 41 +- 9,
+    # non-finite 33 +- 10).
+    assert checked.count("teacher") >= 15 and checked.count("no teacher") >= 12 and \
+        checked.count("non-finite") >= 5, {k: checked.count(k) for k in set(checked)}

@@ -62,7 +62,11 @@ def _run(cmd, cwd=None, env=None, check=True, basedir=None):
         # different source copies below share their compiled objects.
         full_env["CCACHE_BASEDIR"] = str(basedir)
     full_env.pop("PYTHONPATH", None)
-    r = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+    try:
+        # A package index that stops answering must fail the test, not hang CI.
+        r = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{' '.join(map(str, cmd))} did not finish in {exc.timeout:.0f} s") from None
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n"
                              f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
