@@ -79,13 +79,26 @@ def test_single_process_context_collectives_are_identities(monkeypatch):
         ctx.run_on_main(lambda: {}["missing"])
 
 
-def test_exit_process_exits_normally_in_a_process_without_a_group():
+def test_exit_process_exits_normally_in_a_process_without_a_group(monkeypatch):
     from kdseq_fast import runtime
 
-    assert not runtime._CREATED_GROUP
+    monkeypatch.setattr(runtime, "_CREATED_GROUP", False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not torch.distributed.is_initialized()
     with pytest.raises(SystemExit) as info:
         runtime.exit_process(3)
     assert info.value.code == 3
+
+
+def test_the_command_line_ends_through_exit_process():
+    # Both ways of starting the command (the console script, python -m kdseq_fast) use cli.entry.
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        scripts = tomllib.load(fh)["project"]["scripts"]
+    assert scripts["kdseq-fast"] == "kdseq_fast.cli:entry"
+    with open(os.path.join(ROOT, "kdseq_fast", "__main__.py")) as fh:
+        assert "entry()" in fh.read()
 
 
 def test_exit_process_after_a_group_skips_the_teardown_but_flushes_and_runs_atexit(tmp_path):
