@@ -147,8 +147,8 @@ def exit_process(code: int) -> None:
     and a garbage collection, so the backend's communication threads (gloo's event loop and
     workers) are still running when the interpreter shuts down. Some exits then die of SIGABRT
     ("terminate called without an active exception"), which torchrun reports as a failed job
-    after every file was written: 13 of 215 runs of a minimal two-rank gloo DDP script (one rank
-    leaving 0.2 s before the other) did so, and 0 of 150 that ended here; a CI run of
+    after every file was written: 6 of 100 two-rank gloo jobs of a minimal DDP script did so, and
+    0 of 100 that ended here (``benchmarks/exit_aborts.py``); a CI run of
     tests/test_distributed.py failed so. Such a process ends with ``os._exit`` after running the
     ``atexit`` callbacks and flushing the standard streams. A process that never had a group
     (neither :func:`setup_run`'s nor its own, and not a torchrun rank of several) exits normally.

@@ -182,6 +182,18 @@ def test_interleaved_times_rejects_bad_repeats():
         _common.interleaved_times({"a": lambda: None}, device=torch.device("cpu"), repeats=0, warmup=0)
 
 
+def test_exit_aborts_counts_both_exits():
+    cmd = [sys.executable, os.path.join(BENCH, "exit_aborts.py"), "--runs", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "# python " in proc.stdout and "exit_aborts.py --runs 1" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| plain |")
+            or line.startswith("| exit_process |")]
+    assert len(rows) == 2, proc.stdout
+    # exit_process never aborts (the ordinary exit may: 6 jobs in 100 in benchmarks/README.md)
+    assert "| exit_process | 1 | 0 | 0 |" in rows, rows
+
+
 @pytest.mark.slow
 def test_bench_accuracy_quick_and_resumable(tmp_path):
     out = tmp_path / "acc"

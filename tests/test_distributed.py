@@ -207,8 +207,8 @@ def teacher(tmp_path_factory):
 def test_torch_still_keeps_a_ddp_process_group_alive_after_destroy_process_group(tmp_path):
     # Why runtime.exit_process ends torchrun ranks with os._exit: after DDP, the gloo group's threads
     # outlive destroy_process_group and a garbage collection, so they run into the interpreter's
-    # teardown (which aborted 13 of 215 minimal two-rank runs). When this fails, torch frees the group
-    # and the os._exit there may go.
+    # teardown (which aborted 6 of 100 minimal two-rank jobs: benchmarks/exit_aborts.py). When this
+    # fails, torch frees the group and the os._exit there may go.
     script = tmp_path / "leak.py"
     script.write_text("""
 import gc, os, torch, torch.distributed as dist
