@@ -107,12 +107,6 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
     ``out_dir`` the combined ``summary.json``, ``metrics.jsonl`` and comparison plots.
     ``steps_to_target`` uses ``train.target_acc`` or, when null, the kd run's final accuracy.
     """
-    import copy
-    import json
-
-    from . import reports
-    from .run_dir import write_json
-
     methods = list(methods)
     if not methods:
         raise ValueError(f"methods: none given; choose from {', '.join(METHODS)}")
@@ -132,58 +126,72 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
     # Inputs checked: now the directory (nothing is written into it before).
     ctx.run_on_main(lambda: _claim_compare_dir(out_dir, methods, overwrite=overwrite))
     try:
-        if cfg.train.teacher_cache_dir is None:
-            # One teacher-logit cache for the methods of the comparison, not one a method folder.
-            cfg = Config(cfg.to_dict())
-            cfg.train.teacher_cache_dir = os.path.join(out_dir, "cache")
-        teacher_entry = None
-        if teacher is None and any(m != "ce" for m in methods):
-            res = train_teacher(cfg, os.path.join(out_dir, "teacher"), resume=resume,
-                                overwrite=overwrite, quiet=quiet, log=log, data=data, ctx=ctx)
-            teacher = res.weights_path
-            teacher_entry = res.summary["teacher"]
-        results = {}
-        for m in methods:
-            # Same seed for every method: reseed so each starts from the identical initial student.
-            ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
-            results[m] = distill(cfg, os.path.join(out_dir, m), method=m,
-                                 teacher=teacher if m != "ce" else None, resume=resume,
-                                 overwrite=overwrite, quiet=quiet, log=log, data=data, ctx=ctx)
-        summary = {"teacher": teacher_entry or {}, "methods": {}}
-        for m, r in results.items():
-            if r.summary.get("teacher", {}).get("test_acc") is not None and not teacher_entry:
-                summary["teacher"] = dict(r.summary["teacher"])
-            summary["methods"][m] = dict(r.summary["methods"][m])
-        if teacher_entry is None and teacher is not None:
-            summary["teacher"].setdefault("checkpoint", os.path.abspath(os.fspath(teacher)))
-        if not ctx.is_main:
-            # The combined files and plots come from rank 0; the other ranks only trained.
-            return {**summary, "plots": []}
-        target = accuracy_target(cfg.train.target_acc)
-        if target is None and "kd" in summary["methods"]:
-            target = summary["methods"]["kd"]["test_acc"]
-        records = {m: reports.read_metrics(os.path.join(out_dir, m, "metrics.jsonl")) for m in results}
-        for m, entry in summary["methods"].items():
-            hist = [(r["steps"], r["test_acc"]) for r in records[m] if r["test_acc"] is not None]
-            entry["target_acc"] = target
-            entry["steps_to_target"] = steps_to_target(hist, target)
-        if teacher_entry is not None:
-            summary["teacher"] = teacher_entry
-        write_json(summary, os.path.join(out_dir, "summary.json"))
-        with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as fh:
-            for m in results:
-                for r in records[m]:
-                    fh.write(json.dumps(r) + "\n")
-        reports.plot_accuracy(records, os.path.join(out_dir, "accuracy_vs_steps.png"), target=target)
-        plots = [os.path.join(out_dir, "accuracy_vs_steps.png")]
-        if "isl" in results:
-            for name in ("pacing.png", "difficulty_hist.png"):
-                src = os.path.join(out_dir, "isl", name)
-                if os.path.exists(src):
-                    plots.append(src)
-        summary_out = copy.deepcopy(summary)
-        summary_out["plots"] = plots
-        return summary_out
+        return _compare_into(cfg, out_dir, methods, teacher, data, ctx, resume=resume,
+                             overwrite=overwrite, quiet=quiet, log=log)
     finally:
         if ctx.is_main:
             release_dir_lock(out_dir)  # the comparison's folder is free again
+
+
+def _compare_into(cfg: Config, out_dir: str, methods: list, teacher, data, ctx, *, resume, overwrite,
+                  quiet, log) -> dict:
+    """compare()'s work in the claimed ``out_dir``: the teacher when none is given, each method,
+    then the combined summary, metrics and plots (rank 0)."""
+    import copy
+    import json
+
+    from . import reports
+    from .run_dir import write_json
+
+    if cfg.train.teacher_cache_dir is None:
+        # One teacher-logit cache for the methods of the comparison, not one a method folder.
+        cfg = Config(cfg.to_dict())
+        cfg.train.teacher_cache_dir = os.path.join(out_dir, "cache")
+    teacher_entry = None
+    if teacher is None and any(m != "ce" for m in methods):
+        res = train_teacher(cfg, os.path.join(out_dir, "teacher"), resume=resume,
+                            overwrite=overwrite, quiet=quiet, log=log, data=data, ctx=ctx)
+        teacher = res.weights_path
+        teacher_entry = res.summary["teacher"]
+    results = {}
+    for m in methods:
+        # Same seed for every method: reseed so each starts from the identical initial student.
+        ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
+        results[m] = distill(cfg, os.path.join(out_dir, m), method=m,
+                             teacher=teacher if m != "ce" else None, resume=resume,
+                             overwrite=overwrite, quiet=quiet, log=log, data=data, ctx=ctx)
+    summary = {"teacher": teacher_entry or {}, "methods": {}}
+    for m, r in results.items():
+        if r.summary.get("teacher", {}).get("test_acc") is not None and not teacher_entry:
+            summary["teacher"] = dict(r.summary["teacher"])
+        summary["methods"][m] = dict(r.summary["methods"][m])
+    if teacher_entry is None and teacher is not None:
+        summary["teacher"].setdefault("checkpoint", os.path.abspath(os.fspath(teacher)))
+    if not ctx.is_main:
+        # The combined files and plots come from rank 0; the other ranks only trained.
+        return {**summary, "plots": []}
+    target = accuracy_target(cfg.train.target_acc)
+    if target is None and "kd" in summary["methods"]:
+        target = summary["methods"]["kd"]["test_acc"]
+    records = {m: reports.read_metrics(os.path.join(out_dir, m, "metrics.jsonl")) for m in results}
+    for m, entry in summary["methods"].items():
+        hist = [(r["steps"], r["test_acc"]) for r in records[m] if r["test_acc"] is not None]
+        entry["target_acc"] = target
+        entry["steps_to_target"] = steps_to_target(hist, target)
+    if teacher_entry is not None:
+        summary["teacher"] = teacher_entry
+    write_json(summary, os.path.join(out_dir, "summary.json"))
+    with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as fh:
+        for m in results:
+            for r in records[m]:
+                fh.write(json.dumps(r) + "\n")
+    reports.plot_accuracy(records, os.path.join(out_dir, "accuracy_vs_steps.png"), target=target)
+    plots = [os.path.join(out_dir, "accuracy_vs_steps.png")]
+    if "isl" in results:
+        for name in ("pacing.png", "difficulty_hist.png"):
+            src = os.path.join(out_dir, "isl", name)
+            if os.path.exists(src):
+                plots.append(src)
+    summary_out = copy.deepcopy(summary)
+    summary_out["plots"] = plots
+    return summary_out

@@ -129,7 +129,6 @@ def _dist_backend(backend, device: torch.device) -> str:
 
 
 _OWNED_GROUP = False  # whether setup_run created the default process group (then we destroy it)
-_CREATED_GROUP = False  # whether this process ever created one (see exit_process)
 
 
 def teardown_distributed() -> None:
@@ -150,12 +149,12 @@ def exit_process(code: int) -> None:
     after every file was written: 6 of 100 two-rank gloo jobs of a minimal DDP script did so, and
     0 of 100 that ended here (``benchmarks/exit_aborts.py``); a CI run of
     tests/test_distributed.py failed so. Such a process ends with ``os._exit`` after running the
-    ``atexit`` callbacks and flushing the standard streams. A process that never had a group
-    (neither :func:`setup_run`'s nor its own, and not a torchrun rank of several) exits normally.
+    ``atexit`` callbacks and flushing the standard streams. A process that is not a torchrun rank
+    of several (where :func:`setup_run` creates its group) and has no group of its own exits
+    normally.
     """
-    had_group = _CREATED_GROUP or (torch.distributed.is_available()
-                                   and torch.distributed.is_initialized())
-    if not had_group and os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+    own_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not own_group and os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
         sys.exit(code)
     import atexit
 
@@ -296,7 +295,7 @@ def setup_run(device: str = "auto", *, seed: int = 0, deterministic: bool = Fals
     earlier call, or one the caller created) is reused. Every rank gets the same seed: the
     student starts identical everywhere and epoch orders are pure functions of the seed.
     """
-    global _OWNED_GROUP, _CREATED_GROUP
+    global _OWNED_GROUP
     if deterministic:
         # cuBLAS reads this when its handle is created; it must be set before the first matmul.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -323,7 +322,7 @@ def setup_run(device: str = "auto", *, seed: int = 0, deterministic: bool = Fals
         timeout = datetime.timedelta(seconds=_dist_timeout(timeout_s))
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         torch.distributed.init_process_group(used_backend, timeout=timeout, **kwargs)
-        _OWNED_GROUP = _CREATED_GROUP = True
+        _OWNED_GROUP = True
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     set_deterministic(deterministic)
     seed_everything(seed)
@@ -433,10 +432,6 @@ def atomic_write(path: str, write) -> None:
     write_synced(tmp, write, path)
     os.replace(tmp, path)
     _fsync_dir(directory)
-
-
-def _write_atomic(data: bytes, path: str) -> None:
-    atomic_write(path, lambda fh: fh.write(data))
 
 
 def save_checkpoint(state: dict, directory: str) -> str:
@@ -646,5 +641,5 @@ class SegmentTimer:
 
 def atomic_write_bytes(data: bytes, path: str) -> None:
     """Small atomic file writes (metrics, summaries, npy arrays) share the checkpoint protocol."""
-    _write_atomic(data, path)
+    atomic_write(path, lambda fh: fh.write(data))
 

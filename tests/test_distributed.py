@@ -82,7 +82,6 @@ def test_single_process_context_collectives_are_identities(monkeypatch):
 def test_exit_process_exits_normally_in_a_process_without_a_group(monkeypatch):
     from kdseq_fast import runtime
 
-    monkeypatch.setattr(runtime, "_CREATED_GROUP", False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not torch.distributed.is_initialized()
     with pytest.raises(SystemExit) as info:
@@ -109,14 +108,14 @@ def test_exit_process_after_a_group_skips_the_teardown_but_flushes_and_runs_atex
     code = f"""
 import atexit, threading
 from kdseq_fast import runtime
-runtime._CREATED_GROUP = True   # what setup_run sets after init_process_group
 threading.Thread(target=threading.Event().wait).start()
 atexit.register(lambda: open({str(marker)!r}, "w").close())
 print("the result line", end="")
 runtime.exit_process(5)
 """
+    # A torchrun rank of two (setup_run would have created its group), without the launcher.
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env=_env(), cwd=ROOT)
+                          env=_env({"WORLD_SIZE": "2"}), cwd=ROOT)
     assert proc.returncode == 5, proc.stderr
     assert proc.stdout == "the result line"
     assert marker.exists()
