@@ -308,9 +308,22 @@ def main(argv=None) -> int:
 def entry() -> None:
     """The ``kdseq-fast`` command and ``python -m kdseq_fast``: :func:`main`, then the exit (a
     torchrun rank ends through :func:`kdseq_fast.runtime.exit_process`, see there why)."""
-    from .runtime import exit_process
+    import traceback
 
-    exit_process(main())
+    from .runtime import exit_process, had_process_group
+
+    try:
+        code = main()
+    except SystemExit:
+        raise  # argparse's usage errors come before any process group exists
+    except BaseException as exc:
+        if not had_process_group():
+            raise
+        # A failed rank ends the same early way: an abort in the teardown would replace the
+        # exception's exit status with SIGABRT in torchrun's report of the first failure.
+        traceback.print_exc()
+        exit_process(130 if isinstance(exc, KeyboardInterrupt) else 1)
+    exit_process(code)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ __all__ = [
     "capture_rng_state", "restore_rng_state", "CheckpointError", "save_checkpoint",
     "load_checkpoint", "load_latest_checkpoint", "checkpoint_paths", "GracefulStop",
     "test_kill_hook", "SegmentTimer", "atomic_write_bytes", "teardown_distributed",
-    "dist_env", "test_dump_hook", "DEFAULT_DIST_TIMEOUT_S", "exit_process",
+    "dist_env", "test_dump_hook", "DEFAULT_DIST_TIMEOUT_S", "exit_process", "had_process_group",
 ]
 
 _MAGIC = b"KDSEQCKPT1"
@@ -139,6 +139,14 @@ def teardown_distributed() -> None:
     _OWNED_GROUP = False
 
 
+def had_process_group() -> bool:
+    """Whether this process is a torchrun rank of several (:func:`setup_run` creates its group
+    there) or created a process group itself: the processes :func:`exit_process` ends early."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return True
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
+
+
 def exit_process(code: int) -> None:
     """End the process with ``code``; after a process group, without the interpreter's teardown.
 
@@ -153,8 +161,7 @@ def exit_process(code: int) -> None:
     of several (where :func:`setup_run` creates its group) and has no group of its own exits
     normally.
     """
-    own_group = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not own_group and os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+    if not had_process_group():
         sys.exit(code)
     import atexit
 

@@ -121,6 +121,41 @@ runtime.exit_process(5)
     assert marker.exists()
 
 
+def test_a_rank_that_fails_ends_early_with_its_traceback_and_status_1(tmp_path):
+    # The command line's entry after an unhandled exception in a torchrun rank: the traceback is
+    # printed, atexit runs, the exit status is 1 (not a SIGABRT from the teardown), and the
+    # never-ending non-daemon thread does not hold the exit.
+    marker = tmp_path / "atexit-ran"
+    code = f"""
+import atexit, threading
+from kdseq_fast import cli
+threading.Thread(target=threading.Event().wait).start()
+atexit.register(lambda: open({str(marker)!r}, "w").close())
+def failing_main():
+    raise RuntimeError("a collective failed")
+cli.main = failing_main
+cli.entry()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=_env({"WORLD_SIZE": "2"}), cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" in proc.stderr and "RuntimeError: a collective failed" in proc.stderr
+    assert marker.exists()
+
+
+def test_outside_torchrun_an_unhandled_exception_propagates_from_entry(monkeypatch):
+    from kdseq_fast import cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def failing_main():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "main", failing_main)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.entry()
+
+
 @pytest.mark.parametrize("n,bs,world", [(1437, 64, 2), (1409, 64, 2), (130, 64, 3), (129, 64, 4),
                                         (8, 64, 8), (100, 3, 4),
                                         # no batch up to the one asked for works: one above it does
