@@ -148,8 +148,9 @@ RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.prev.
              "teacher_best.pt", "accuracy_vs_steps.png", "pacing.png", "difficulty_hist.png")
 RUN_FOLDERS = ("tb",)  # TensorBoard events: a run that starts over must not append to the old curves
 
-# Directories this process holds the lock of: path -> [file descriptor, holders] (re-entrant, so
-# one process may open a run twice; another process is refused).
+# Directories this process holds the lock of: path -> [file descriptor, holders, whether this
+# process created the .lock file] (re-entrant, so one process may open a run twice; another
+# process is refused).
 _LOCKS: dict = {}
 
 
@@ -189,7 +190,9 @@ def acquire_dir_lock(path: str) -> None:
         _LOCKS[path][1] += 1
         return
     os.makedirs(path, exist_ok=True)
-    fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    lock_file = os.path.join(path, ".lock")
+    created = not os.path.exists(lock_file)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -206,16 +209,27 @@ def acquire_dir_lock(path: str) -> None:
                           + ": wait for it to finish, or stop it, before starting or resuming a run there")
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
-    _LOCKS[path] = [fd, 1]
+    _LOCKS[path] = [fd, 1, created]
 
 
-def release_dir_lock(path: str) -> None:
-    entry = _LOCKS.get(os.path.abspath(path))
+def release_dir_lock(path: str, *, refused: bool = False) -> None:
+    """Gives up one hold of ``path``'s lock. ``refused``: the directory was not used (it holds
+    someone else's results), so a ``.lock`` file this process created goes too, instead of being
+    left behind in a folder the run never wrote to."""
+    path = os.path.abspath(path)
+    entry = _LOCKS.get(path)
     if entry is None:
         return
     entry[1] -= 1
     if entry[1] == 0:
-        del _LOCKS[os.path.abspath(path)]
+        del _LOCKS[path]
+        if refused and entry[2]:
+            # Unlinked while still held: a process that opened the old file meanwhile is refused
+            # by the flock; one that comes later creates a fresh file. This one writes nothing.
+            try:
+                os.remove(os.path.join(path, ".lock"))
+            except OSError:
+                pass
         os.close(entry[0])  # closing the descriptor releases the flock
 
 
@@ -230,11 +244,12 @@ class RunDirectory:
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
-    def unlock(self) -> None:
-        """Lets another process use the directory (the run is over; check() took the lock)."""
+    def unlock(self, *, refused: bool = False) -> None:
+        """Lets another process use the directory (the run is over, or ``refused``: check() took
+        the lock and turned the directory down)."""
         if self._locked:
             self._locked = False
-            release_dir_lock(self.path)
+            release_dir_lock(self.path, refused=refused)
 
     def __del__(self):
         self.unlock()
@@ -248,7 +263,7 @@ class RunDirectory:
         try:
             self._check_identity(cfg, role, method, resume=resume, overwrite=overwrite)
         except BaseException:
-            self.unlock()
+            self.unlock(refused=True)
             raise
 
     def _check_identity(self, cfg: Config, role: str, method: str, *, resume: bool, overwrite: bool) -> None:

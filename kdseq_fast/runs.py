@@ -95,7 +95,7 @@ def _claim_compare_dir(out_dir: str, methods: Sequence[str], *, overwrite: bool)
         os.makedirs(out_dir, exist_ok=True)
         write_json({"role": "compare", "methods": list(methods)}, os.path.join(out_dir, "run.json"))
     except BaseException:
-        release_dir_lock(out_dir)
+        release_dir_lock(out_dir, refused=True)
         raise
 
 

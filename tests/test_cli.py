@@ -304,6 +304,9 @@ def test_an_out_holding_other_results_is_refused_not_overwritten(tmp_path, capsy
     rc = cli.main(["compare", "--methods", "ce", "--out", str(loose), "--quiet"] + _sets(TINY))
     assert rc == 2 and "holds results that are not a comparison's (summary.json" in capsys.readouterr().err
     assert (loose / "summary.json").read_text() == before
+    # A refused folder is left as it was found: no .lock of ours in it; a run's own .lock stays.
+    assert sorted(os.listdir(loose)) == ["summary.json"]
+    assert (single / ".lock").exists()
     # --overwrite is the way to reuse it.
     _main(["compare", "--methods", "ce", "--out", str(single), "--quiet", "--overwrite"] + _sets(TINY), capsys)
     assert not (single / "student.pt").exists() and (single / "ce" / "student.pt").exists()
