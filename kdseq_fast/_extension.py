@@ -27,10 +27,26 @@ def _missing_extension_message(exc: ImportError) -> str:
             "'Install').")
 
 
+class ExtensionNotLoaded(ImportError):
+    """kdseq_fast._C did not load (not built, or built against another torch or Python); the
+    message says which and how to rebuild."""
+
+
+# Why kdseq_fast._C did not load, or None. The module itself always imports, so that `kdseq-fast
+# info` can report a broken build; the ops call require_extension() when they are imported.
+EXTENSION_ERROR: ExtensionNotLoaded | None = None
 try:
     from . import _C  # noqa: F401  (importing registers the operators with the dispatcher)
-except ImportError as exc:  # pragma: no cover - only hit on a broken install
-    raise ImportError(_missing_extension_message(exc)) from exc
+except ImportError as _exc:
+    EXTENSION_ERROR = ExtensionNotLoaded(_missing_extension_message(_exc))
+    EXTENSION_ERROR.__cause__ = _exc
+
+
+def require_extension() -> None:
+    """Raise :class:`ExtensionNotLoaded` (an ImportError saying what is wrong and how to rebuild)
+    when the compiled extension did not load."""
+    if EXTENSION_ERROR is not None:  # a fresh exception each time: tracebacks do not pile up
+        raise ExtensionNotLoaded(str(EXTENSION_ERROR)) from EXTENSION_ERROR.__cause__
 
 
 # setup.py's want_cuda() codes for why a build left the CUDA kernels out.
@@ -46,6 +62,7 @@ CUDA_OFF_REASONS = {
 def build_info() -> dict:
     """How the extension was built: version, CUDA kernels (and, when they were left out, why),
     their archs, OpenMP, CPU ISA, torch."""
+    require_extension()
     info = json.loads(torch.ops.kdseq.build_info())
     archs = info.pop("cuda_archs")
     off = [c for c in info.pop("cuda_off", "").split(",") if c]

@@ -252,11 +252,18 @@ def _rank() -> int:
 
 
 def main(argv=None) -> int:
-    from ._extension import CudaKernelsUnavailable
+    from ._extension import EXTENSION_ERROR, CudaKernelsUnavailable
+
+    args = build_parser().parse_args(argv)
+    if args.command == "info":  # the one command that runs, and reports it, when _C did not load
+        return _cmd_info(args, print)
+    if EXTENSION_ERROR is not None:
+        print(f"error: {EXTENSION_ERROR}", file=sys.stderr, flush=True)
+        return 2
+
     from .runtime import CheckpointError, teardown_distributed
     from .trainer import NonFiniteError, Preempted
 
-    args = build_parser().parse_args(argv)
     # The process group is created later, inside setup_run; the flags travel as the variables
     # it reads, so every subcommand honours them.
     if getattr(args, "dist_backend", None) is not None:
@@ -275,8 +282,7 @@ def main(argv=None) -> int:
 
     handlers = {"train-teacher": _cmd_train_teacher, "distill": _cmd_distill,
                 "compare": _run_compare, "score": _cmd_score,
-                "demo": lambda a, lg: _run_compare(a, lg, default_config="digits_quick"),
-                "info": _cmd_info}
+                "demo": lambda a, lg: _run_compare(a, lg, default_config="digits_quick")}
     rc = 1
     try:
         rc = handlers[args.command](args, log)

@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from ._extension import CudaKernelsUnavailable, build_info, check_cuda_kernels
+from ._extension import EXTENSION_ERROR, CudaKernelsUnavailable, build_info, check_cuda_kernels
+from ._version import __version__
 
 
 def collect() -> dict:
@@ -28,6 +29,8 @@ def collect() -> dict:
                 problem = None
             except CudaKernelsUnavailable as exc:
                 problem = str(exc)
+            except ImportError:  # the extension did not load: no kernel runs anywhere
+                problem = "the compiled extension did not load (above)"
             gpus.append({"device": f"cuda:{index}", "name": props.name,
                          "capability": f"{props.major}.{props.minor}",
                          "memory_gib": round(props.total_memory / 2**30, 1),
@@ -40,7 +43,8 @@ def collect() -> dict:
 
         dali = getattr(nvidia.dali, "__version__", "unknown version")
     return {
-        "kdseq_fast": build_info(),
+        "kdseq_fast": (build_info() if EXTENSION_ERROR is None else
+                       {"version": __version__, "torch": torch.__version__, "load_error": str(EXTENSION_ERROR)}),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch_cuda": torch.version.cuda,
@@ -57,16 +61,21 @@ def format_report(info: dict) -> str:
         f"  torch {b['torch']} (CUDA {info['torch_cuda'] or 'none: a CPU-only build'}), "
         f"Python {info['python']}, {info['platform']}",
     ]
-    if b["cuda_compiled"]:
-        cuda = (f"yes, TORCH_CUDA_ARCH_LIST={';'.join(b['cuda_archs'])} "
-                f"(code {' '.join(b['cuda_targets']) or 'not recorded'})")
+    if "load_error" in b:
+        lines.append(f"  EXTENSION NOT LOADED: {b['load_error']}")
     else:
-        why = "; ".join(b.get("cuda_off_reasons") or []) or "not recorded by this build"
-        cuda = f"no, left out at build time: {why}"
+        if b["cuda_compiled"]:
+            cuda = (f"yes, TORCH_CUDA_ARCH_LIST={';'.join(b['cuda_archs'])} "
+                    f"(code {' '.join(b['cuda_targets']) or 'not recorded'})")
+        else:
+            why = "; ".join(b.get("cuda_off_reasons") or []) or "not recorded by this build"
+            cuda = f"no, left out at build time: {why}"
+        lines += [
+            f"  CUDA kernels: {cuda}",
+            f"  CPU kernels: ISA {b.get('cpu_isa', '?')}, OpenMP {'yes' if b['openmp'] else 'no'}, "
+            f"compiler {b.get('compiler', '?')}",
+        ]
     lines += [
-        f"  CUDA kernels: {cuda}",
-        f"  CPU kernels: ISA {b.get('cpu_isa', '?')}, OpenMP {'yes' if b['openmp'] else 'no'}, "
-        f"compiler {b.get('compiler', '?')}",
         f"  DALI loader: {info['dali'] if info['dali'] else 'not available (' + str(info['dali_error']) + ')'}",
     ]
     if not info["gpus"]:

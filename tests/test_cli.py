@@ -281,6 +281,39 @@ def test_info_report_of_a_cpu_only_build():
     assert "CUDA kernels: no, left out at build time: KDSEQ_CUDA=0 was set" in text
 
 
+def test_a_build_whose_extension_does_not_load_still_reports_itself():
+    # A None in sys.modules makes `from . import _C` fail as a missing or mismatched build does.
+    code = """
+import json, sys
+sys.modules["kdseq_fast._C"] = None
+import kdseq_fast
+from kdseq_fast import cli
+print("INFO_RC", cli.main(["info"]))
+print("RUN_RC", cli.main(["distill", "--method", "ce", "--out", sys.argv[1], "--quiet"]))
+try:
+    kdseq_fast.kd_loss
+except ImportError as exc:
+    print("OP_ERROR", type(exc).__name__, "could not be loaded" in str(exc))
+try:
+    import kdseq_fast.scoring
+except ImportError as exc:
+    print("SCORING_ERROR", type(exc).__name__)
+"""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run")
+        proc = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True,
+                              timeout=120)
+        assert not os.path.exists(out)  # refused before anything was written
+    assert proc.returncode == 0, proc.stderr
+    assert "INFO_RC 0" in proc.stdout and "EXTENSION NOT LOADED: kdseq_fast's compiled extension" in proc.stdout
+    assert "pip install --no-build-isolation" in proc.stdout and "DALI loader:" in proc.stdout
+    assert "RUN_RC 2" in proc.stdout and "error: kdseq_fast's compiled extension" in proc.stderr
+    assert "OP_ERROR ImportError True" in proc.stdout
+    assert "SCORING_ERROR ExtensionNotLoaded" in proc.stdout
+
+
 def test_an_out_holding_other_results_is_refused_not_overwritten(tmp_path, capsys, teacher_ckpt):
     # A new user's slips: distill into a compare/demo folder, compare into a single run's folder,
     # a run into a folder of results without run.json. Each deleted or overwrote results.

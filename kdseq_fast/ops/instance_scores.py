@@ -13,9 +13,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _extension  # noqa: F401  (registers torch.ops.kdseq)
+from .._extension import require_extension
 from ._checks import (check_labels, check_logits, check_same_shape, check_temperature,
                       check_validate)
+
+require_extension()  # importing the compiled module registers torch.ops.kdseq
 
 SCORE_FIELDS = ("ce", "kd", "p_true", "margin", "entropy", "correct")
 

@@ -17,9 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import _extension  # noqa: F401  (registers torch.ops.kdseq)
+from .._extension import require_extension
 from ._checks import (check_ignore_index, check_labels, check_logits, check_reduction,
                       check_same_shape, check_temperature, check_validate, check_weight)
+
+require_extension()  # importing the compiled module registers torch.ops.kdseq
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
