@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from .atomic_files import atomic_write
 
 __all__ = ["load_model_weights", "extract_state_dict", "fitting_architectures", "atomic_save"]
 
@@ -172,32 +173,8 @@ def load_model_weights(model: nn.Module, path_or_state: Any, *, strict: bool = T
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` that never leaves a truncated file at ``path``.
-
-    Writes to a temporary file in the same directory (same filesystem, so the rename is atomic),
-    fsyncs it, renames it over ``path`` and fsyncs the directory so the rename survives a crash.
-    """
+    """``torch.save`` that never leaves a truncated file at ``path`` (creating its directory):
+    :func:`kdseq_fast.atomic_files.atomic_write`'s temp file, fsync and rename."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms (Windows)
-        return
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda fh: torch.save(obj, fh))

@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from .atomic_files import atomic_write_bytes
+
 __all__ = [
     "DEFAULTS", "Config", "load_config", "find_config", "save_config", "config_hash", "apply_overrides",
     "validate_config", "phase_epochs", "parse_measure", "MEASURE_TERMS",
@@ -633,14 +635,8 @@ def save_config(cfg: Config | Mapping, path: str | os.PathLike) -> None:
     text = cfg.to_yaml() if isinstance(cfg, Config) else \
         yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=False)
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(text.encode("utf-8"), path)
 
 
 def config_hash(cfg: Config | Mapping, exclude: Iterable[str] = ()) -> str:

@@ -22,7 +22,8 @@ import torch
 import yaml
 
 from .config import Config, config_hash, save_config, validate_config
-from .runtime import CheckpointError, atomic_write_bytes, load_latest_checkpoint
+from .atomic_files import atomic_write_bytes
+from .runtime import CheckpointError, load_latest_checkpoint
 
 __all__ = ["RunDirectory", "RunDirError", "RUN_FILES", "run_files_in", "read_identity", "acquire_dir_lock", "release_dir_lock", "RESUME_IGNORED_KEYS", "ignored_keys", "TrainResult", "config_diff", "same_run_config",
            "write_json", "is_complete", "completed_state", "completed_result", "check_resumable"]

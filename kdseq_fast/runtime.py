@@ -20,7 +20,6 @@ file, fsynced and renamed, so a SIGKILL at any moment leaves at least one comple
 from __future__ import annotations
 
 import datetime
-import errno
 import glob
 import hashlib
 import io
@@ -36,11 +35,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .atomic_files import fsync_dir, write_synced
+
 __all__ = [
     "RunContext", "setup_run", "resolve_device", "seed_everything", "set_deterministic",
     "capture_rng_state", "restore_rng_state", "CheckpointError", "save_checkpoint",
     "load_checkpoint", "load_latest_checkpoint", "checkpoint_paths", "GracefulStop",
-    "test_kill_hook", "SegmentTimer", "atomic_write_bytes", "teardown_distributed",
+    "test_kill_hook", "SegmentTimer", "teardown_distributed",
     "dist_env", "test_dump_hook", "DEFAULT_DIST_TIMEOUT_S", "exit_process", "had_process_group",
 ]
 
@@ -399,48 +400,6 @@ def checkpoint_paths(directory: str) -> tuple[str, str]:
     return (os.path.join(directory, CHECKPOINT_NAME), os.path.join(directory, PREV_CHECKPOINT_NAME))
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform/filesystem; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_synced(tmp: str, write, final: str) -> None:
-    """``write(fh)`` into ``tmp``, flushed and fsynced, for a rename to ``final``. On failure (a full
-    disk, a quota) the partial ``tmp`` is removed and the error names ``final``: the files written
-    before it are intact."""
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        hint = (" (no space left on the device: the files written before this one are intact; free "
-                "space, then continue with --resume)" if exc.errno == errno.ENOSPC else "")
-        raise OSError(exc.errno, f"could not write {final}: {exc.strerror or exc}{hint}") from exc
-
-
-def atomic_write(path: str, write) -> None:
-    """``write(fh)`` to a synced temp file renamed over ``path``: a crash leaves the old file or
-    the new one, never a torn one (the rename is synced too)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    write_synced(tmp, write, path)
-    os.replace(tmp, path)
-    _fsync_dir(directory)
-
-
 def save_checkpoint(state: dict, directory: str) -> str:
     """Atomically write ``state`` as ``directory/checkpoint.pt``, keeping the previous one.
 
@@ -471,7 +430,7 @@ def save_checkpoint(state: dict, directory: str) -> str:
     if os.path.exists(latest):
         os.replace(latest, prev)
     os.replace(tmp, latest)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return latest
 
 
@@ -644,9 +603,3 @@ class SegmentTimer:
     def reset(self) -> dict:
         out, self.totals = self.totals, {}
         return out
-
-
-def atomic_write_bytes(data: bytes, path: str) -> None:
-    """Small atomic file writes (metrics, summaries, npy arrays) share the checkpoint protocol."""
-    atomic_write(path, lambda fh: fh.write(data))
-

@@ -32,7 +32,7 @@ from ._extension import check_cuda_kernels
 from .amp import autocast as amp_autocast
 from .config import MEASURE_TERMS, parse_measure
 from .ops import SCORE_FIELDS, instance_scores
-from .runtime import atomic_write
+from .atomic_files import atomic_write
 
 __all__ = ["SCORE_FIELDS", "MEASURES", "score_dataset", "compute_logits", "TeacherLogitCache",
            "difficulty", "teacher_fingerprint"]

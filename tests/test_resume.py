@@ -385,6 +385,48 @@ def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path, monkeyp
     assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 1
 
 
+@pytest.mark.parametrize("writer", ["atomic_write_bytes", "atomic_save", "save_config"])
+def test_every_kept_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch, writer):
+    # The weights (atomic_save), config.yaml and the metrics/summaries/arrays share one protocol:
+    # a full disk names the file and leaves the old one and no temporary file.
+    import errno
+
+    from kdseq_fast.atomic_files import atomic_write_bytes
+    from kdseq_fast.checkpoint_io import atomic_save
+    from kdseq_fast.config import load_config, save_config
+
+    path = tmp_path / "kept"
+    write = {"atomic_write_bytes": lambda v: atomic_write_bytes(str(v).encode(), str(path)),
+             "atomic_save": lambda v: atomic_save({"v": v}, path),
+             "save_config": lambda v: save_config(load_config(overrides=[f"seed={v}"]), path)}[writer]
+    write(1)
+    before = path.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=r"could not write .*kept: No space left on device \(no space left"):
+        write(2)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["kept"] and path.read_bytes() == before
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    from kdseq_fast.atomic_files import atomic_write
+
+    path = tmp_path / "summary.json"
+    path.write_bytes(b"old")
+
+    def interrupted(fh):
+        fh.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(path), interrupted)
+    assert os.listdir(tmp_path) == ["summary.json"] and path.read_bytes() == b"old"
+
+
 def test_cuda_rng_states_are_captured_and_restored(monkeypatch):
     # Checked without a GPU: the CUDA generators' states travel with the checkpoint and come back.
     from kdseq_fast import runtime
