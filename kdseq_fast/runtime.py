@@ -291,6 +291,22 @@ class RunContext:
             torch.distributed.barrier()
 
 
+def late_cublas_config_warning() -> str | None:
+    """Why a deterministic run set up now may fail at its first matrix multiply, or None.
+
+    PyTorch decides once per process, at its first cuBLAS call, whether CUBLAS_WORKSPACE_CONFIG
+    makes cuBLAS deterministic; setting the variable afterwards changes nothing, and with
+    deterministic algorithms on every later matmul raises. A process that already used CUDA
+    (a non-deterministic run, a notebook) may have made that call."""
+    if "CUBLAS_WORKSPACE_CONFIG" in os.environ or not torch.cuda.is_available() \
+            or not torch.cuda.is_initialized():
+        return None
+    return ("deterministic=true in a process that has already used CUDA without CUBLAS_WORKSPACE_CONFIG: "
+            "PyTorch reads that variable at the process's first matrix multiply, so if one ran before, this "
+            "run's first matmul raises. Set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before "
+            "starting Python (or run deterministic jobs in a fresh process).")
+
+
 def setup_run(device: str = "auto", *, seed: int = 0, deterministic: bool = False,
               backend: str | None = None, timeout_s: float | None = None) -> RunContext:
     """Resolve the device, join the process group under torchrun, seed every generator and apply
@@ -305,6 +321,9 @@ def setup_run(device: str = "auto", *, seed: int = 0, deterministic: bool = Fals
     """
     global _OWNED_GROUP
     if deterministic:
+        late = late_cublas_config_warning()
+        if late:
+            warnings.warn(late, stacklevel=2)
         # cuBLAS reads this when its handle is created; it must be set before the first matmul.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     env = dist_env()

@@ -13,6 +13,9 @@ if os.environ.get("CI"):
 
 # Keep test runs reproducible and quiet on small machines.
 os.environ.setdefault("KDSEQ_QUIET", "1")
+# Deterministic runs on a GPU need this before the process's first matmul (PyTorch reads it
+# once): the `cuda` tests train non-deterministic runs before deterministic ones in one process.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @pytest.fixture(autouse=True)

@@ -79,6 +79,26 @@ def test_single_process_context_collectives_are_identities(monkeypatch):
         ctx.run_on_main(lambda: {}["missing"])
 
 
+def test_a_deterministic_run_after_cuda_work_is_warned_about_cublas(monkeypatch):
+    # PyTorch reads CUBLAS_WORKSPACE_CONFIG once, at the first matmul: a process that used CUDA
+    # before setup_run(deterministic=True) set it may raise at this run's first matmul.
+    from kdseq_fast import runtime
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in runtime.late_cublas_config_warning()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert runtime.late_cublas_config_warning() is None  # CUDA unused so far: setting it now works
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    assert runtime.late_cublas_config_warning() is None
+    monkeypatch.undo()
+    monkeypatch.setattr(runtime, "late_cublas_config_warning", lambda: "too late for cuBLAS")
+    with pytest.warns(UserWarning, match="too late for cuBLAS"):
+        runtime.setup_run("cpu", deterministic=True)
+
+
 def test_exit_process_exits_normally_in_a_process_without_a_group(monkeypatch):
     from kdseq_fast import runtime
 
