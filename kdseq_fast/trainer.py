@@ -53,7 +53,7 @@ from .run_inputs import (DataBundle, build_data, load_teacher, make_loader, open
 from .runtime import (GracefulStop, RunContext, SegmentTimer, capture_rng_state, load_latest_checkpoint,
                       restore_rng_state, save_checkpoint, setup_run, test_dump_hook, test_kill_hook)
 from .schedule import EpochPlan
-from .step import BufferGuard, DeviceStep
+from .step import BufferGuard, DeviceStep, match_state_layouts
 from .train_settings import resolve_train_settings
 
 __all__ = [
@@ -339,6 +339,7 @@ class Trainer:
                         checkpoint_format=CHECKPOINT_FORMAT, teacher_fingerprint=self.teacher_fingerprint)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        match_state_layouts(self.optimizer)  # saved by a run with another channels-last choice
         self.scheduler.load_state_dict(state["scheduler"])
         self.step.load_state_dict(state["step"])
         # Last, after everything that consumed random numbers while building this trainer.

@@ -120,6 +120,26 @@ def test_resume_may_change_where_and_how_often_and_stays_bit_identical(tmp_path,
     _assert_identical(reference, out)
 
 
+def test_a_checkpoint_with_channels_last_momentum_resumes_bit_identical(tmp_path, teacher, reference):
+    # A GPU run keeps its conv weights, and so its momentum buffers, channels-last; resumed as a
+    # deterministic CPU run (NCHW) the buffers take the parameters' layout again: the CPU's fused
+    # SGD computes wrong updates from mismatched layouts (and CUDA's refuses them).
+    out = tmp_path / "run"
+    killed = _run(_args(out, teacher), {"KDSEQ_TEST_KILL_AT_STEP": "15"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    state = load_checkpoint(str(out / "checkpoint.pt"))
+    buffers = [s["momentum_buffer"] for s in state["optimizer"]["state"].values() if "momentum_buffer" in s]
+    convs = [b for b in buffers if b.dim() == 4]
+    assert convs
+    for s in state["optimizer"]["state"].values():
+        if s.get("momentum_buffer") is not None and s["momentum_buffer"].dim() == 4:
+            s["momentum_buffer"] = s["momentum_buffer"].contiguous(memory_format=torch.channels_last)
+    save_checkpoint(state, str(out))
+    resumed = _run(_args(out, teacher) + ["--resume"])
+    assert "resuming from checkpoint.pt" in resumed.stdout
+    _assert_identical(reference, out)
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, teacher, reference):
     out = tmp_path / "run"
     killed = _run(_args(out, teacher), {"KDSEQ_TEST_KILL_AT_STEP": "27"}, check=False)
