@@ -165,7 +165,7 @@ def shared_teacher_logits(ctx: RunContext, cache, teacher: torch.nn.Module, load
 
     def usable() -> bool:  # runs on rank 0 only; the matrix it finds is what rank 0 broadcasts
         nonlocal stored
-        stored = cache.load(teacher, num_items=num_items, key=key)
+        stored = cache.load(teacher, num_items=num_items, key=key, device=device, amp=amp)
         return stored is not None
 
     if ctx.run_on_main(usable):

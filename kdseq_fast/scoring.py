@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ._extension import check_cuda_kernels
 from .amp import autocast as amp_autocast
+from .amp import resolve_amp
 from .config import MEASURE_TERMS, parse_measure
 from .ops import SCORE_FIELDS, instance_scores
 from .atomic_files import atomic_write
@@ -302,8 +303,9 @@ class TeacherLogitCache:
 
     With ``cache_dir`` the matrix is stored as ``teacher_logits_<key>.npy`` (+ ``.json`` metadata),
     keyed by a hash of the teacher weights, the dataset key (given by the caller; the trainer's
-    holds the split's name, size and a digest of its contents) and the storage dtype; a later run with the same teacher and data memory-maps it instead of
-    recomputing. ``dtype="float16"`` halves the storage for large N x C. Without ``cache_dir`` the
+    holds the split's name, size and a digest of its contents), the storage dtype and the
+    precision of the pass (bf16/fp16 autocast logits are not an fp32 run's); a later run with the
+    same teacher, data and precision memory-maps it instead of recomputing. ``dtype="float16"`` halves the storage for large N x C. Without ``cache_dir`` the
     logits are kept in memory for the lifetime of this object.
     """
 
@@ -315,10 +317,12 @@ class TeacherLogitCache:
         self._memory: dict[str, torch.Tensor] = {}
         self.last_hit: Optional[bool] = None  # whether the last get() reused stored logits
 
-    def key_for(self, teacher: torch.nn.Module, key: str, num_items: int) -> str:
+    def key_for(self, teacher: torch.nn.Module, key: str, num_items: int, precision: str = "none") -> str:
+        """``precision``: the resolved autocast of the pass (:func:`kdseq_fast.amp.resolve_amp`)."""
         h = hashlib.sha256()
         h.update(teacher_fingerprint(teacher).encode())
-        h.update(f"|{key}|{num_items}|{self.dtype}".encode())
+        # fp32 passes keep the key they had before the precision was part of it.
+        h.update(f"|{key}|{num_items}|{self.dtype}{'' if precision == 'none' else '|' + precision}".encode())
         return h.hexdigest()[:24]
 
     def path_for(self, cache_key: str) -> Optional[str]:
@@ -333,7 +337,7 @@ class TeacherLogitCache:
         ranks agree whether all of them can reuse stored logits, else all of them recompute
         together (each its shard), so a file seen by only some ranks cannot deadlock the job."""
         num_items = _infer_num_items(loader, num_items)
-        cache_key = self.key_for(teacher, key, num_items)
+        cache_key = self.key_for(teacher, key, num_items, resolve_amp(amp, _model_device(teacher, device)))
         path = self.path_for(cache_key)
         found = self._stored(cache_key, num_items)
         if _dist_active():
@@ -361,10 +365,13 @@ class TeacherLogitCache:
         self._memory[cache_key] = logits
         return logits
 
-    def load(self, teacher: torch.nn.Module, *, num_items: int, key: str = "") -> Optional[torch.Tensor]:
-        """The logits kept for this teacher and dataset key (in memory or a readable stored file of
-        the right size and dtype), or None. Local: no collective, never computes."""
-        return self._stored(self.key_for(teacher, key, num_items), num_items)
+    def load(self, teacher: torch.nn.Module, *, num_items: int, key: str = "", device=None,
+             amp=None) -> Optional[torch.Tensor]:
+        """The logits kept for this teacher, dataset key and precision (``amp`` on ``device``, as
+        :meth:`get` takes them), in memory or a readable stored file of the right size and dtype,
+        or None. Local: no collective, never computes."""
+        precision = resolve_amp(amp, _model_device(teacher, device))
+        return self._stored(self.key_for(teacher, key, num_items, precision), num_items)
 
     def _stored(self, cache_key: str, num_items: int) -> Optional[torch.Tensor]:
         if cache_key in self._memory:

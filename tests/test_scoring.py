@@ -142,6 +142,25 @@ def test_teacher_cache_ranks_agree_when_only_one_sees_the_file(tmp_path):
         torch.testing.assert_close(res["logits"], stored)
 
 
+def test_teacher_cache_keeps_passes_of_other_precisions_apart(tmp_path):
+    # A bf16-autocast pass's logits are not what an fp32 run would compute: a run with amp none
+    # that shares the cache directory must not train on them (and the other way round).
+    x, y, teacher = small_problem(n=25)
+    loader = loader_for(x, y, batch_size=10)
+    bf16 = TeacherLogitCache(tmp_path).get(teacher, loader, num_items=25, key="k", amp="bf16", progress=False)
+    cache = TeacherLogitCache(tmp_path)
+    fp32 = cache.get(teacher, loader, num_items=25, key="k", amp="none", progress=False)
+    assert cache.last_hit is False and not torch.equal(fp32, bf16)
+    torch.testing.assert_close(fp32, TeacherLogitCache().get(teacher, loader, num_items=25, key="k",
+                                                             progress=False))
+    again = TeacherLogitCache(tmp_path)
+    assert torch.equal(again.get(teacher, loader, num_items=25, key="k", amp="bf16", progress=False), bf16)
+    assert again.last_hit is True
+    assert torch.equal(TeacherLogitCache(tmp_path).load(teacher, num_items=25, key="k", amp="bf16"), bf16)
+    assert torch.equal(TeacherLogitCache(tmp_path).load(teacher, num_items=25, key="k"), fp32)
+    assert TeacherLogitCache(tmp_path).load(teacher, num_items=25, key="k", amp="fp16") is None
+
+
 def test_teacher_cache_memory_disk_and_key(tmp_path):
     x, y, teacher = small_problem(n=25)
     loader = loader_for(x, y, batch_size=10)

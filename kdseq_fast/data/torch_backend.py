@@ -82,7 +82,7 @@ class TorchBackend:
             x = aug.pad_crop_flip(x, oy, ox, flip, p.padding)
         elif p.augment == "rrc":
             zeros = torch.zeros(e - s, dtype=torch.int64, device=self.device)
-            x = aug.pad_crop_flip(x, zeros, zeros, p.flips[s:e].to(self.device), 0)
+            x = aug.pad_crop_flip(x, zeros, zeros, p.flips[s:e].to(self.device, non_blocking=True), 0)
         return {"images": aug.normalize_nhwc(x, self.mean, self.std), "labels": y, "indices": idx}
 
     def iterate(self, p):
