@@ -92,7 +92,7 @@ def _cmd_info(args, log) -> int:
     return 0
 
 
-def _load_cfg(args, default_config: str | None = None):
+def _load_cfg(args, default_config: str | None = None, methods=None):
     from .config import load_config
 
     overrides = list(args.overrides)
@@ -109,13 +109,13 @@ def _load_cfg(args, default_config: str | None = None):
             print(f"note: no --config; using the built-in defaults ({d['data']['name']}, {d['teacher']['arch']} -> "
                   f"{d['student']['arch']}, {d['optim']['epochs']} epochs) with the --set overrides; recipes are in "
                   "configs/ (e.g. --config digits_quick)", file=sys.stderr, flush=True)
-    return load_config(find_config(path) if path else None, overrides)
+    return load_config(find_config(path) if path else None, overrides, methods=methods)
 
 
 def _cmd_train_teacher(args, log) -> int:
     from .runs import train_teacher
 
-    cfg = _load_cfg(args)
+    cfg = _load_cfg(args, methods=())  # a teacher trains plainly: the curriculum is never read
     res = train_teacher(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                         quiet=args.quiet, log=log)
     t = res.summary["teacher"]
@@ -127,7 +127,7 @@ def _cmd_train_teacher(args, log) -> int:
 def _cmd_distill(args, log) -> int:
     from .runs import distill
 
-    cfg = _load_cfg(args)
+    cfg = _load_cfg(args, methods=(args.method,) if args.method else None)
     res = distill(cfg, args.out, method=args.method, teacher=args.teacher, resume=args.resume,
                   overwrite=args.overwrite, quiet=args.quiet, log=log)
     (m, e), = res.summary["methods"].items()
@@ -142,8 +142,8 @@ def _run_compare(args, log, default_config=None) -> int:
     from . import reports
     from .runs import compare
 
-    cfg = _load_cfg(args, default_config)
     methods = [m.strip() for m in getattr(args, "methods", "ce,kd,isl").split(",") if m.strip()]
+    cfg = _load_cfg(args, default_config, methods=methods)
     summary = compare(cfg, args.out, methods=methods, teacher=getattr(args, "teacher", None),
                       resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, log=log)
     log("")
@@ -171,7 +171,7 @@ def _cmd_score(args, log) -> int:
         if run_config is not None:
             args.config = run_config
             log(f"score: using {run_config} (the config of the run that wrote --checkpoint)")
-    cfg = _load_cfg(args)
+    cfg = _load_cfg(args, methods=())  # scoring reads no curriculum (the run may be a short kd one)
     ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
     if ctx.is_main:
         os.makedirs(args.out, exist_ok=True)  # an unusable --out fails now, not after the pass

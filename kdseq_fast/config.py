@@ -496,10 +496,13 @@ def _walk(defaults: dict, data: dict, path: str = ""):
             yield dotted, default, data, key
 
 
-def validate_config(data: Mapping) -> dict:
+def validate_config(data: Mapping, *, methods: Iterable[str] | None = None) -> dict:
     """Check types, ranges and cross-field rules; returns a normalized plain dict.
 
-    Raises ``ValueError`` naming the offending field.
+    ``methods``: the methods the config will train (default: its own ``method``). The curriculum's
+    epoch accounting is checked only when ``isl`` is among them: ce and kd never read the
+    curriculum, so a short baseline run needs no curriculum overrides. Raises ``ValueError``
+    naming the offending field.
     """
     d = data.to_dict() if isinstance(data, Config) else copy.deepcopy(dict(data))
     # Unknown keys would have been caught while merging; re-check for dicts built by hand.
@@ -511,7 +514,8 @@ def validate_config(data: Mapping) -> dict:
 
     # Epoch accounting: warm-up + phases + final block must tile the budget exactly, so every
     # phase has the same whole number of epochs and the LR schedule lines up with the phases.
-    phase_epochs(full)
+    if "isl" in (tuple(methods) if methods is not None else (full["method"],)):
+        phase_epochs(full)
     epochs = full["optim"]["epochs"]
     bad = [e for e in full["optim"]["lr_decay_epochs"] if e > epochs]
     if bad:
@@ -604,9 +608,11 @@ def find_config(name: str) -> str:
 
 
 def load_config(path: str | os.PathLike | None = None,
-                overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
+                overrides: Iterable[str] | Mapping[str, Any] = (), *,
+                methods: Iterable[str] | None = None) -> Config:
     """Defaults <- YAML file (optional: a path, or a packaged recipe's name such as
-    ``"digits_quick"``, see :func:`find_config`) <- ``"a.b=value"`` overrides, then validation."""
+    ``"digits_quick"``, see :func:`find_config`) <- ``"a.b=value"`` overrides, then validation
+    (``methods``: see :func:`validate_config`)."""
     data = copy.deepcopy(DEFAULTS)
     if path is not None:
         # A file, or a recipe name / configs/NAME.yaml found in the package (as --config does).
@@ -627,7 +633,7 @@ def load_config(path: str | os.PathLike | None = None,
             except ValueError as exc:
                 raise ValueError(f"{path}: {exc}") from None
     apply_overrides(data, overrides)
-    return Config(validate_config(data))
+    return Config(validate_config(data, methods=methods))
 
 
 def save_config(cfg: Config | Mapping, path: str | os.PathLike) -> None:

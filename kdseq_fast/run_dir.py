@@ -104,16 +104,16 @@ def resume_hash(cfg: Config, method: str | None = None) -> str:
 FIELDS_ADDED = {("curriculum", "mix_frac"): 0.0}
 
 
-def _filled(stored: dict):
+def _filled(stored: dict, method: str | None = None):
     """A stored config with the fields added since it was written at the values that reproduce
-    what it ran (``FIELDS_ADDED``, else today's defaults), or None when it no longer validates (a
-    renamed or removed field)."""
+    what it ran (``FIELDS_ADDED``, else today's defaults), or None when it no longer validates for
+    ``method`` (a renamed or removed field)."""
     try:
         stored = copy.deepcopy(dict(stored))
         for (section, key), value in FIELDS_ADDED.items():
             if isinstance(stored.get(section), dict) and key not in stored[section]:
                 stored[section][key] = value
-        return validate_config(stored)
+        return validate_config(stored, methods=None if method is None else (method,))
     except (ValueError, TypeError, KeyError):
         return None
 
@@ -122,7 +122,7 @@ def same_run_config(stored: dict, cfg: Config, method: str | None = None) -> boo
     """Whether a run's stored config (config.yaml, a checkpoint's) is ``cfg`` for resuming a run
     of ``method``. Fields added to the package since it was written take their defaults, so a newer
     version resumes an older run that way; a renamed or removed field makes it another run."""
-    filled = _filled(stored)
+    filled = _filled(stored, method)
     return filled is not None and resume_hash(Config(filled), method) == resume_hash(cfg, method)
 
 
@@ -294,7 +294,7 @@ class RunDirectory:
                 what = f", not role {role}, method {method}"
             else:
                 stored = read_stored_config(self.path)
-                diff = [] if stored is None else config_diff(_filled(stored) or stored, cfg.to_dict(),
+                diff = [] if stored is None else config_diff(_filled(stored, method) or stored, cfg.to_dict(),
                                                              method=method)
                 what = ("; config differs: " + "; ".join(diff)) if diff else \
                     f" (config hash {str(other.get('resume_hash'))[:12]} vs {resume_hash(cfg, method)[:12]} now)"

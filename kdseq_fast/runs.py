@@ -8,7 +8,7 @@ from typing import Sequence
 
 from ._extension import check_cuda_kernels
 from .callbacks import ConsoleLogger, TensorBoardLogger
-from .config import Config
+from .config import Config, phase_epochs
 from .reports import accuracy_target, steps_to_target
 from .run_dir import TrainResult, completed_result, completed_state, is_complete, release_dir_lock
 from .run_inputs import DataBundle, build_data, open_teacher
@@ -115,6 +115,8 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
             raise ValueError(f"methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
         if methods.count(m) > 1:
             raise ValueError(f"methods: {m!r} is given twice")
+    if "isl" in methods:
+        phase_epochs(cfg)  # before the teacher and the baselines train, not after them
     ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
     if any(m != "ce" for m in methods):
         check_cuda_kernels(ctx.device)  # before the teacher trains, not after

@@ -41,7 +41,7 @@ import torch
 
 from ._extension import check_cuda_kernels
 from .callbacks import Callback, ConsoleLogger, TensorBoardLogger
-from .config import Config, config_hash
+from .config import Config, config_hash, phase_epochs
 from .curriculum import InstanceSequence
 from .epoch_sums import EpochSums
 from .nonfinite import RejectedSteps
@@ -170,6 +170,8 @@ class Trainer:
             self.milestones = sorted(max(1, math.floor(m * scale + 0.5)) for m in cfg.optim.lr_decay_epochs)
             self.arch = cfg.teacher.arch
         else:
+            if self.method == "isl":
+                phase_epochs(cfg)  # a config loaded for ce/kd alone may not tile the curriculum
             self.total_epochs = cfg.optim.epochs
             self.base_lr = cfg.optim.lr
             self.milestones = list(cfg.optim.lr_decay_epochs)

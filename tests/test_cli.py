@@ -281,6 +281,27 @@ def test_info_report_of_a_cpu_only_build():
     assert "CUDA kernels: no, left out at build time: KDSEQ_CUDA=0 was set" in text
 
 
+def test_a_short_baseline_needs_no_curriculum_overrides(tmp_path, capsys, teacher_ckpt):
+    # ce and kd never read the curriculum: a 2-epoch kd run on TINY (whose curriculum tiles 3
+    # epochs) trains, resumes and is scored; an isl run of it, alone or in a comparison, is
+    # refused before anything is written or trained.
+    short = _sets([s for s in TINY if not s.startswith("optim.")]
+                  + ["optim.epochs=2", "optim.batch_size=32", "optim.lr_decay_epochs=[1]"])
+    out = tmp_path / "kd"
+    _main(["distill", "--method", "kd", "--teacher", str(teacher_ckpt), "--out", str(out), "--quiet",
+           "--device", "cpu"] + short, capsys)
+    assert "already complete" in _main(["distill", "--method", "kd", "--teacher", str(teacher_ckpt), "--out",
+                                        str(out), "--quiet", "--device", "cpu", "--resume"] + short, capsys)
+    _main(["score", "--checkpoint", str(out / "student.pt"), "--out", str(tmp_path / "scores"), "--quiet",
+           "--device", "cpu"], capsys)
+    for argv in (["distill", "--method", "isl"], ["compare", "--methods", "ce,isl"]):
+        target = tmp_path / argv[0]
+        rc = cli.main(argv + ["--teacher", str(teacher_ckpt), "--out", str(target), "--quiet",
+                              "--device", "cpu"] + short)
+        assert rc == 2 and "epoch accounting" in capsys.readouterr().err
+        assert not target.exists()
+
+
 def test_a_build_whose_extension_does_not_load_still_reports_itself():
     # A None in sys.modules makes `from . import _C` fail as a missing or mismatched build does.
     code = """

@@ -130,6 +130,14 @@ def test_epoch_accounting():
         load_config(overrides=["optim.epochs=90", "optim.lr_decay_epochs=[]"])  # 90-30-60 = 0
     cfg0 = load_config(overrides=["curriculum.num_phases=0", "curriculum.warmup_epochs=180"])
     assert phase_epochs(cfg0) == 0
+    # Only isl reads the curriculum: configs for ce/kd alone need not tile it.
+    short = ["optim.epochs=2", "optim.lr_decay_epochs=[]"]
+    assert load_config(overrides=short, methods=("ce", "kd")).optim.epochs == 2
+    assert load_config(overrides=short + ["method=kd"]).optim.epochs == 2
+    with pytest.raises(ValueError, match="epoch accounting"):
+        load_config(overrides=short)  # the config's own method, isl by default
+    with pytest.raises(ValueError, match="epoch accounting"):
+        load_config(overrides=short + ["method=kd"], methods=("kd", "isl"))
 
 
 def test_override_syntax_errors():

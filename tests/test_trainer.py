@@ -550,3 +550,16 @@ def test_curriculum_order_setting_reaches_the_sequence(tmp_path, teacher_run):
     order = np.load(os.path.join(res.out_dir, "phase_1_order.npy"))
     ce = np.load(os.path.join(res.out_dir, "phase_1_scores.npy"))[:, kf.SCORE_FIELDS.index("ce")]
     assert np.all(np.diff(ce[order]) <= 0)
+
+
+def test_a_config_loaded_for_the_baselines_is_refused_for_isl_before_any_work(tmp_path):
+    # load_config(methods=("ce", "kd")) skips the curriculum's epoch accounting; the library's
+    # isl entry points check it themselves before the directory is touched or a teacher trains.
+    from kdseq_fast.runs import compare
+
+    cfg = load_config(None, BASE + ["optim.epochs=3", "optim.lr_decay_epochs=[]"], methods=("ce", "kd"))
+    with pytest.raises(ValueError, match="epoch accounting"):
+        Trainer(cfg, str(tmp_path / "isl"), method="isl", quiet=True, log=lambda m: None)
+    with pytest.raises(ValueError, match="epoch accounting"):
+        compare(cfg, str(tmp_path / "cmp"), methods=["ce", "isl"], quiet=True, log=lambda m: None)
+    assert not (tmp_path / "isl").exists() and not (tmp_path / "cmp").exists()
