@@ -327,9 +327,10 @@ def parse_shape(text: str) -> tuple:
     return b, c
 
 
-def target(description: str, measured: Optional[float], threshold: float, *, higher_is_better: bool = True,
-           unit: str = "") -> dict:
-    """One PASS/MISS line from a measured value; ``measured`` None means the case was not run."""
+def target(description: str, measured: Optional[float], threshold: Optional[float], *,
+           higher_is_better: bool = True, unit: str = "") -> dict:
+    """One PASS/MISS line from a measured value; ``measured`` None means the case was not run
+    (``threshold`` None: a case standing for several targets, all of them NOT RUN)."""
     if measured is None or (isinstance(measured, float) and math.isnan(measured)):
         status = "NOT RUN"
     elif higher_is_better:
@@ -343,6 +344,9 @@ def target(description: str, measured: Optional[float], threshold: float, *, hig
 def format_targets(targets: List[dict]) -> List[str]:
     lines = []
     for t in targets:
+        if t["threshold"] is None:
+            lines.append(f"{t['status']:7s} {t['target']}")
+            continue
         m = "-" if t["measured"] is None else f"{t['measured']:.3g}{t['unit']}"
         op = ">=" if t["higher_is_better"] else "<="
         lines.append(f"{t['status']:7s} {t['target']}: measured {m} (target {op} {t['threshold']:g}{t['unit']})")

@@ -294,8 +294,6 @@ def main(argv=None) -> int:
                 target("kd with the teacher online: images/s (steady state)",
                        kd["steady_images_per_s"] or kd["images_per_s"], 55000.0),
                 target("GPU busy fraction in steady state (kd)", kd["gpu_busy"], 0.90),
-                target("projected 240-epoch recipe wall time (min)", projected_s / 60, 10.0,
-                       higher_is_better=False, unit=" min"),
             ]
     if "kd" in results and "isl" in results:
         isl = results["isl"]
@@ -312,12 +310,15 @@ def main(argv=None) -> int:
               f"projected for the 240-epoch recipe: {recipe_ratio:.3f} ({projected_isl_s / 60:.1f} min for isl)")
         print(f"one scoring pass: {per_scoring:.2f} s at 50,000 images = {per_scoring / epoch_cost:.1%} of a "
               f"kd epoch; teacher-logit cache (once per run): {isl['teacher_cache_s']:.2f} s")
-        if cuda:
-            targets.append(target("isl / kd wall time (240-epoch recipe, projected)", recipe_ratio, 1.05,
-                                  higher_is_better=False))
-    elif cuda:
-        targets.append(target("isl / kd wall time (240-epoch recipe, projected)", None, 1.05,
-                              higher_is_better=False))
+    if cuda:
+        # Judged as measured here: the same epochs for both methods. The 240-epoch projection
+        # above spreads isl's one-time passes over many more epochs and is printed, not judged.
+        targets.append(target(f"isl / kd wall time for the same {epochs} epochs (measured; start-up and "
+                              "compile excluded)", ratio, 1.05, higher_is_better=False))
+        # The recipe (configs/cifar100_resnet32x4_resnet8x4.yaml) trains isl: its projection, not kd's.
+        targets.append(target(f"projected 240-epoch recipe wall time (isl at batch {bs})",
+                              None if projected_isl_s is None else projected_isl_s / 60, 10.0,
+                              higher_is_better=False, unit=" min"))
     for line in format_targets(targets):
         print(line)
     if not cuda:

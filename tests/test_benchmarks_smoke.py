@@ -325,3 +325,28 @@ def test_kernel_resources_reports_every_kernel(tmp_path):
             for k in ("true", "false")} <= kernels, kernels
     assert all(r["registers"] > 0 for r in payload["kernels"])
     assert "| `instance_scores_kernel<float, 256, true>` |" in proc.stdout
+
+
+def test_kd_loss_cuda_verdicts_judge_every_required_case():
+    # The CUDA verdicts from rows, without a GPU: a case that was not measured, or where kdseq
+    # failed (only its peers have rows), reads NOT RUN instead of vanishing, so a partial run
+    # cannot read as "every shape"; the measured case gets its own PASS/MISS lines.
+    import torch
+
+    import bench_kd_loss as b
+
+    def row(dtype, B, Cn, cand, median_s, fraction=0.9):
+        return {"dtype": dtype, "B": B, "C": Cn, "candidate": cand, "median_s": median_s,
+                "roofline_fraction": fraction, "graph_roofline_fraction": None, "graph_s": None,
+                "gpu_s": None, "host_syncs": 0}
+
+    rows = [row("fp32", 4096, 32000, "kdseq", 1e-3), row("fp32", 4096, 32000, "compile", 1.2e-3),
+            row("fp32", 4096, 32000, "liger", 4e-3), row("bf16", 4096, 131072, "compile", 1e-3)]
+    lines = _common.format_targets(b.evaluate_targets(rows, torch.device("cuda"), b.REQUIRED_CUDA_CASES))
+    assert "PASS    fp32 (4096, 32000): fwd+bwd fraction of the measured memcpy (HBM) bandwidth: measured 0.9 " \
+           "(target >= 0.85)" in lines
+    assert "MISS    fp32 (4096, 32000): kdseq speed-up vs torch.compile: measured 1.2x (target >= 1.5x)" in lines
+    not_run = {line.split(":")[0][8:] for line in lines if line.startswith("NOT RUN")}
+    assert not_run == {f"{d} ({B}, {Cn})" for d, B, Cn in b.REQUIRED_CUDA_CASES} - {"fp32 (4096, 32000)"}
+    assert "bf16 (4096, 131072)" in not_run and "fp32 (8192, 4096)" in not_run and "fp32 (256, 100)" in not_run
+    assert "fp32 (64, 100)" not in not_run  # no target is judged there
