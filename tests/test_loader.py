@@ -343,6 +343,47 @@ def test_file_dataset_backends_agree(files, augment):
         assert ((plain - outs["torch"]).abs() * torch.tensor(STD).view(1, 3, 1, 1)).mean() > 5.0
 
 
+@pytest.mark.parametrize("augment", [None, "cifar"])
+def test_non_square_files_are_resized_and_center_cropped_alike(tmp_path, augment):
+    # torchvision rounds the longer side down when it resizes the shorter one, DALI's
+    # resize_shorter rounds it to nearest: where those differ (61 -> 32.5 at 45 x 61) the center
+    # crop moved by a fraction of a pixel, 15-22 levels apart on detailed images. Both backends
+    # now take torchvision's geometry (augment.center_view); what is left is the resamplers.
+    if not HAVE_DALI:
+        pytest.skip("no DALI")
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for k, (h, w) in enumerate([(45, 61), (48, 59), (61, 45), (33, 70)]):
+        p = tmp_path / f"{k}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    labels = np.arange(4, dtype=np.int64)
+    outs = {}
+    for backend in ("torch", "dali"):
+        L = CurriculumLoader(paths, labels, 4, backend=backend, augment=augment, image_size=24,
+                             mean=MEAN, std=STD, seed=1)
+        L.set_order(np.arange(4))
+        outs[backend] = torch.cat(run_pass(L)[0])
+    levels = ((outs["torch"] - outs["dali"]).abs() * torch.tensor(STD).view(1, 3, 1, 1)).mean(dim=(1, 2, 3))
+    assert (levels < 2.0).all(), levels
+
+
+def test_center_view_is_torchvisions_resize_and_center_crop():
+    from PIL import Image
+    import torchvision.transforms.v2.functional as TF
+
+    for h in range(20, 90, 7):
+        for w in range(20, 90, 5):
+            nh, nw, top, left = aug.center_view(h, w, 24)
+            img = Image.fromarray(np.arange(h * w * 3, dtype=np.uint32).reshape(h, w, 3).astype(np.uint8))
+            resized = TF.resize(img, 24)
+            assert resized.size == (nw, nh), (h, w)
+            expected = np.asarray(TF.center_crop(resized, [24, 24]))
+            assert np.array_equal(np.asarray(resized)[top:top + 24, left:left + 24], expected), (h, w)
+
+
 def test_file_dataset_errors(files):
     paths, labels = files
     with pytest.raises(ValueError, match="image_size"):
@@ -365,11 +406,28 @@ def test_a_file_that_does_not_decode_is_a_clear_error(files, tmp_path, backend, 
     L = CurriculumLoader(paths[:3] + [str(broken)], labels[:4], 2, backend=backend, augment=augment,
                          image_size=24, mean=MEAN, std=STD)
     L.set_order(np.arange(4))
-    # The torch backend names the file, and so does DALI's rrc (it reads the image sizes on the
-    # host); DALI's decoder does not, so its error points at the torch backend.
-    names_file = backend == "torch" or augment == "rrc"
-    match = re.escape(str(broken)) if names_file else "could not decode an image.*loader_backend=torch"
-    with pytest.raises(ValueError, match=match):
+    # The torch backend names the file, and so does DALI: with an image_size it reads every
+    # image's size on the host first (for the rrc box, or torchvision's resize and crop geometry).
+    with pytest.raises(ValueError, match=re.escape(str(broken))):
+        run_pass(L)
+
+
+def test_dali_without_image_size_points_at_the_torch_backend_for_an_undecodable_file(tmp_path):
+    # No image_size: nothing is read on the host, and DALI's decoder does not name the file.
+    if not HAVE_DALI:
+        pytest.skip("no DALI")
+    from PIL import Image
+
+    paths = []
+    for k in range(3):
+        p = tmp_path / f"{k}.png"
+        Image.fromarray(np.full((16, 16, 3), 40 * k, np.uint8)).save(p)
+        paths.append(str(p))
+    (tmp_path / "broken.png").write_text("not an image")
+    L = CurriculumLoader(paths + [str(tmp_path / "broken.png")], np.arange(4), 2, backend="dali",
+                         augment=None, mean=MEAN, std=STD)
+    L.set_order(np.arange(4))
+    with pytest.raises(ValueError, match="could not decode an image.*loader_backend=torch"):
         run_pass(L)
 
 

@@ -48,6 +48,19 @@ def image_hw(source, path: str) -> tuple:
     return h, w
 
 
+def center_view(height: int, width: int, size: int) -> tuple:
+    """``(new_h, new_w, top, left)``: torchvision's ``resize(size)`` (the shorter side to ``size``,
+    the longer one scaled and rounded down) then ``center_crop(size)`` (the offset rounded to
+    nearest) for an image of ``height`` x ``width``. The DALI backend resizes and crops with these
+    numbers: its own ``resize_shorter`` rounds the longer side to nearest, so its crop would be a
+    fraction of a pixel off the torch backend's wherever the two roundings differ."""
+    if height <= width:
+        new_h, new_w = size, int(size * width / height)
+    else:
+        new_h, new_w = int(size * height / width), size
+    return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """CPU ``torch.Generator`` seeded from (seed, epoch)."""
     g = torch.Generator()

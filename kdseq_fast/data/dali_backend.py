@@ -77,6 +77,11 @@ class DaliBackend:
             outs.append(self.L._images[idx])
         outs.append(self.L._labels[idx])
         outs.append(idx)
+        if paths is not None and p.augment != "rrc" and self.L.image_size is not None:
+            # torchvision's resize and center-crop geometry, from the file headers.
+            views = np.array([aug.center_view(*aug.image_hw(io.BytesIO(enc.tobytes()), path), self.L.image_size)
+                              for enc, path in zip(outs[0], paths)])
+            outs += [views[:, :2].astype(np.float32), views[:, 2:].astype(np.int32)]
         if p.augment == "cifar":
             oy, ox, flip = (t[s:e].numpy() for t in p.crop_params)
             start = (np.stack([oy, ox], axis=1) - p.padding).astype(np.int32)
@@ -95,12 +100,13 @@ class DaliBackend:
         files = L._is_files
         if files and self._io_pool is None:
             self._io_pool = ThreadPoolExecutor(max_workers=L.num_threads, thread_name_prefix="kdseq-io")
-        n_out = 3 + {"cifar": 2, "rrc": 3, None: 0}[L.augment]
+        size = L.image_size
+        centered = files and L.augment != "rrc" and size is not None  # resize + center crop
+        n_out = 3 + 2 * centered + {"cifar": 2, "rrc": 3, None: 0}[L.augment]
         layouts = ["" if files else "HWC"] + [""] * (n_out - 1)
         mean = L.mean.tolist()
         std = L.std.tolist()
         gpu = self.gpu
-        size = L.image_size
         augment = L.augment
 
         @pipeline_def
@@ -108,6 +114,7 @@ class DaliBackend:
             outs = fn.external_source(source=self._callback, num_outputs=n_out, batch=True,
                                       batch_info=True, layout=layouts)
             images, labels, indices = outs[:3]
+            rest = list(outs[3:])
             mirror = 0
             if files:
                 # adjust_orientation=False: pixels as stored, as PIL and torchvision (the torch
@@ -116,16 +123,18 @@ class DaliBackend:
                 images = fn.decoders.image(images, device="mixed" if gpu else "cpu",
                                            output_type=types.RGB, adjust_orientation=False)
                 if augment == "rrc":
-                    roi_start, roi_end, mirror = outs[3:]
+                    roi_start, roi_end, mirror = rest
                     images = fn.resize(images, roi_start=roi_start, roi_end=roi_end,
                                        roi_relative=False, size=[size, size], antialias=True)
-                elif size is not None:
-                    images = fn.resize(images, resize_shorter=size, antialias=True)
-                    images = fn.crop(images, crop=[size, size])
+                elif centered:
+                    resized_hw, crop_start = rest[:2]
+                    del rest[:2]
+                    images = fn.resize(images, size=resized_hw, antialias=True)
+                    images = fn.slice(images, start=crop_start, shape=[size, size], axis_names="HW")
             elif gpu:
                 images = images.gpu()
             if augment == "cifar":
-                start, mirror = outs[3:]
+                start, mirror = rest
                 images = self._pad_crop(images, start)
             images = fn.crop_mirror_normalize(images, mirror=mirror, mean=mean, std=std,
                                               dtype=types.FLOAT, output_layout="CHW")
