@@ -78,6 +78,8 @@ at::Tensor check_kd_args(const at::Tensor& student, const at::Tensor& teacher, c
   TORCH_CHECK(has_labels || ce_weight == 0.0, "kdseq: labels are required when ce_weight > 0");
   if (!has_labels) return at::Tensor();
   TORCH_CHECK(labels->dim() == 1 && labels->size(0) == student.size(0), "kdseq: labels must have shape (B,)");
+  TORCH_CHECK(at::isIntegralType(labels->scalar_type(), /*includeBool=*/false),
+              "kdseq: labels must be an integer tensor, got ", labels->scalar_type());
   TORCH_CHECK(labels->device() == student.device(), "kdseq: labels is on ", labels->device(),
               " but student_logits is on ", student.device());
   return labels->to(at::kLong).contiguous();
@@ -130,6 +132,8 @@ at::Tensor check_score_args(const at::Tensor& student, const at::Tensor& labels,
                             const std::optional<at::Tensor>& teacher, double temperature) {
   check_logits(student, "student_logits");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == student.size(0), "kdseq: labels must have shape (B,)");
+  TORCH_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
+              "kdseq: labels must be an integer tensor, got ", labels.scalar_type());
   TORCH_CHECK(labels.device() == student.device(), "kdseq: labels is on ", labels.device(),
               " but student_logits is on ", student.device());
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "kdseq: temperature must be finite and > 0");

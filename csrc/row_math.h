@@ -58,6 +58,14 @@ KDSEQ_HD float neg_inf<float>() { return bits_to_float(0xff800000u); }
 template <>
 KDSEQ_HD double neg_inf<double>() { return bits_to_double(0xfff0000000000000ull); }
 
+// An element met while its row's running maximum is still -inf: the maximum skips NaN, so that
+// element is a masked class (-inf) or a NaN, which must stay NaN (NaN in, NaN row out) rather than
+// count as masked when the first chunk of a row holds only NaN and -inf.
+template <typename T>
+KDSEQ_HD T masked_or_nan(T x) {
+  return (x != x) ? x : neg_inf<T>();
+}
+
 template <typename T>
 KDSEQ_HD T quiet_nan();
 template <>
@@ -227,9 +235,9 @@ KDSEQ_HD KDTerms<acc_t> kd_terms_finite(acc_t s, acc_t t, acc_t ms, acc_t mt, ac
 
 template <bool WITH_CE, typename acc_t>
 KDSEQ_HD KDTerms<acc_t> kd_terms(acc_t s, acc_t t, acc_t ms, acc_t mt, acc_t invT) {
-  // A maximum of -inf means every value so far was -inf (masked): the element is -inf too.
-  const acc_t ds = (ms == neg_inf<acc_t>()) ? neg_inf<acc_t>() : s - ms;
-  const acc_t xt = (mt == neg_inf<acc_t>()) ? neg_inf<acc_t>() : (t - mt) * invT;
+  // A maximum of -inf means every value so far was -inf (masked) or NaN: so is the element.
+  const acc_t ds = (ms == neg_inf<acc_t>()) ? masked_or_nan(s) : s - ms;
+  const acc_t xt = (mt == neg_inf<acc_t>()) ? masked_or_nan(t) : (t - mt) * invT;
   return kd_terms_scaled<WITH_CE>(ds * invT, xt, ds);
 }
 
@@ -457,8 +465,8 @@ KDSEQ_HD ScoreTerms<acc_t> score_terms_shifted(acc_t xs, acc_t a, acc_t invT, bo
 template <int kLog2T = -1, typename acc_t>
 KDSEQ_HD ScoreTerms<acc_t> score_terms(acc_t s, acc_t t, acc_t ms, acc_t mt, acc_t invT,
                                        bool with_teacher) {
-  const acc_t xs = (ms == neg_inf<acc_t>()) ? neg_inf<acc_t>() : s - ms;
-  const acc_t a = (!with_teacher || mt == neg_inf<acc_t>()) ? neg_inf<acc_t>() : (t - mt) * invT;
+  const acc_t xs = (ms == neg_inf<acc_t>()) ? masked_or_nan(s) : s - ms;
+  const acc_t a = !with_teacher ? neg_inf<acc_t>() : (mt == neg_inf<acc_t>()) ? masked_or_nan(t) : (t - mt) * invT;
   return score_terms_shifted<kLog2T>(xs, a, invT, with_teacher);
 }
 

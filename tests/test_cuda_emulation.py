@@ -47,6 +47,20 @@ def emulation_build_dir() -> str:
     return path
 
 
+def headers_digest(here: str) -> str:
+    """A digest of the kernel sources the emulation includes. torch's load() rebuilds when its
+    source file or flags change, not when a header does; this digest, passed as a flag, makes an
+    edit of csrc/ rebuild the emulation instead of testing the kernels as they were."""
+    import glob
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "*")) + glob.glob(os.path.join(here, "*.h"))):
+        with open(path, "rb") as fh:
+            h.update(os.path.basename(path).encode() + b"\0" + fh.read())
+    return h.hexdigest()[:16]
+
+
 @pytest.fixture(scope="module")
 def emu():
     from torch.utils.cpp_extension import load
@@ -54,7 +68,8 @@ def emu():
     here = os.path.join(ROOT, "tests", "cuda_emulation")
     load(name="kdseq_emu", sources=[os.path.join(here, "kdseq_emu.cpp")],
          extra_include_paths=[os.path.join(ROOT, "csrc"), here],
-         extra_cflags=["-O1", "-std=c++20", "-DKDSEQ_CUDA_EMULATION", "-pthread", "-Wno-unknown-pragmas"],
+         extra_cflags=["-O1", "-std=c++20", "-DKDSEQ_CUDA_EMULATION", "-pthread", "-Wno-unknown-pragmas",
+                       f"-DKDSEQ_EMU_SOURCES={headers_digest(here)}"],
          extra_ldflags=["-pthread"], build_directory=emulation_build_dir(), is_python_module=False,
          verbose=False)
     return torch.ops.kdseq_emu
@@ -239,8 +254,14 @@ def test_masks_extremes_and_nan(emu, plan):
     for where in ("student", "teacher"):
         a, b = make_logits(4, 300), make_logits(4, 300, seed=1)
         (a if where == "student" else b)[2, 77] = math.nan
-        rows, _, _ = emu_loss(emu, a, b, plan=plan, reduction="none")
-        assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all(), where
+        # A lane's, a warp's and a segment's first elements all NaN (then -inf): the running
+        # maximum skips NaN, and these once counted as masked classes.
+        (a if where == "student" else b)[1, :160] = math.nan
+        (a if where == "student" else b)[1, 160:163] = -math.inf
+        rows, grad, _ = emu_loss(emu, a, b, torch.tensor([0, 299, 5, 7]), plan=plan, ce_weight=0.1,
+                                 kd_weight=0.9, reduction="none")
+        assert torch.isnan(rows[[1, 2]]).all() and torch.isfinite(rows[[0, 3]]).all(), where
+        assert torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 3]]).all(), where
 
 
 @pytest.mark.parametrize("plan", ["", "mode=cta,e=8", "mode=cluster,cluster=2,e=8", "mode=split,segments=2",
@@ -345,7 +366,11 @@ def test_instance_scores_rows_with_nan_match_the_cpu(emu):
         s[3, : C // 2] = math.nan            # NaN chunks before the real maximum
         y = torch.tensor([0, 1, 3, C - 1, 2])
         t = make_logits(5, C, seed=C + 1)
+        t[4, :C // 2] = math.nan             # the teacher's NaN chunks before its maximum
         for teacher in (None, t):
             got = emu.instance_scores(s, y, teacher, 4.0)
             cpu = kf.instance_scores(s, y, teacher, temperature=4.0)
             torch.testing.assert_close(got, cpu, rtol=2e-5, atol=2e-5, equal_nan=True, msg=f"C={C}")
+            # Both against the float64 reference: NaN where it is NaN (not only where the CPU is).
+            ref = kf.instance_scores_reference(s, y, teacher, temperature=4.0).float()
+            assert torch.equal(torch.isnan(got), torch.isnan(ref)), (C, teacher is None)

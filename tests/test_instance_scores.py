@@ -80,6 +80,15 @@ def test_ties_first_maximum_wins():
     assert out[:, 5].tolist() == [1.0, 0.0, 0.0]
 
 
+def test_correct_is_the_first_maximum_among_non_nan_entries_in_the_reference_too():
+    # All NaN: no maximum, not correct whatever the label; NaN then -inf: the first -inf is it.
+    nan, inf = float("nan"), float("inf")
+    s = torch.tensor([[nan, nan, nan], [nan, -inf, -inf], [nan, -inf, -inf]])
+    y = torch.tensor([0, 1, 2])
+    for out in (kf.instance_scores(s, y), kf.instance_scores_reference(s, y)):
+        assert out[:, kf.SCORE_FIELDS.index("correct")].tolist() == [0.0, 1.0, 0.0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_non_finite_rows_follow_the_documented_rules_worked_by_hand(dtype):
     # README: on a row holding NaN or +inf, ce, p_true, entropy and kd are NaN; the maxima behind

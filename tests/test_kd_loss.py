@@ -207,6 +207,36 @@ def test_nan_logits_give_nan_loss():
             assert torch.isfinite(rows[[0, 1, 3]]).all(), (where, C)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_block_of_nan_before_any_finite_logit_still_gives_nan(threads):
+    # The running maximum skips NaN: a chunk of NaN (or NaN and -inf) met while it was still -inf
+    # counted as masked classes, so the row came out finite (teacher) or +inf (student), with a
+    # finite gradient the non-finite guard never saw. Chunks of 256 columns; on the split path
+    # (one row, C >= 16384, 2 threads) a segment that starts with such a chunk.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for C, cols in ((600, slice(0, 256)), (600, slice(0, 300)), (32768, slice(16384, 16640)),
+                        (32768, slice(0, 256))):
+            for where in ("student", "teacher"):
+                s, t = make_logits(2, C), make_logits(2, C, seed=1)
+                (s if where == "student" else t)[0, cols] = math.nan
+                (s if where == "student" else t)[0, cols.stop:cols.stop + 3] = -math.inf
+                s.requires_grad_(True)
+                y = torch.tensor([C - 1, 3])
+                rows = kf.kd_loss(s, t, y, kd_weight=0.9, ce_weight=0.1, reduction="none")
+                (grad,) = torch.autograd.grad(rows.sum(), s)
+                assert torch.isnan(rows[0]) and torch.isfinite(rows[1]), (C, cols, where)
+                assert torch.isnan(grad[0]).all() and torch.isfinite(grad[1]).all(), (C, cols, where)
+                scores = kf.instance_scores(s.detach(), y, t)
+                nan_cols = ["ce", "p_true", "entropy", "kd"] if where == "student" else ["kd"]
+                for name in nan_cols:
+                    assert torch.isnan(scores[0, kf.SCORE_FIELDS.index(name)]), (C, cols, where, name)
+                assert torch.isfinite(scores[1]).all()
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_cpu_gradient_buffer_is_reused_only_when_unreferenced():
     # >= 1 MiB gradients reuse the previous step's storage once nothing references it; anything
     # still holding it (the tensor, a view, a leaf's .grad) must never see it overwritten.

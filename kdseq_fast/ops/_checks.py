@@ -94,10 +94,18 @@ def check_ignore_index(ignore_index) -> int:
     return value
 
 
+def _as_float(value, name: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # a Python int beyond float's range (e.g. 10**400)
+        raise ValueError(f"{name} must be finite, got an integer of {len(str(abs(int(value))))} digits, "
+                         "beyond float's range") from None
+
+
 def check_temperature(temperature) -> float:
     if not _is_number(temperature):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    t = float(temperature)
+    t = _as_float(temperature, "temperature")
     if not _finite(t) or t <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     # The kernels work in fp32: T^2 and 1/T must stay representable.
@@ -116,7 +124,7 @@ def check_validate(validate) -> bool:
 def check_weight(value, name: str) -> float:
     if not _is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
+    v = _as_float(value, name)
     if not _finite(v) or v < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
     if v > FP32_MAX:

@@ -70,7 +70,9 @@ def instance_scores_reference(student_logits: torch.Tensor, labels: torch.Tensor
     margin = s_y - others.max(1).values
     p = logp.exp()
     entropy = -torch.where(p == 0, torch.zeros_like(p), p * logp).sum(1)
-    correct = (no_nan.argmax(1) == y).to(dtype)
+    # The first maximum among the non-NaN entries; a row of NaN only has none (not correct).
+    is_max = (no_nan == no_nan.max(1, keepdim=True).values) & ~torch.isnan(s)
+    correct = (is_max.any(1) & (is_max.to(torch.uint8).argmax(1) == y)).to(dtype)
     if teacher_logits is not None:
         T = float(temperature)
         log_pt = F.log_softmax(teacher_logits.detach().to(dtype) / T, 1)
