@@ -78,7 +78,12 @@ def __getattr__(name: str):
 
 
 class Preempted(Exception):
-    """Raised after a SIGTERM/SIGINT was honoured: the step finished and a checkpoint was saved."""
+    """Raised after a SIGTERM/SIGINT was honoured: the step finished and a checkpoint was saved.
+    ``result``: the finished run's results when the signal came while they were being written."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result
 
 
 class NonFiniteError(RuntimeError):
@@ -554,7 +559,14 @@ class Trainer:
             self._end_epoch(e)
             if self._stop_agreed(stop, at_read=True):
                 self._preempt(stop)
-        return self._finish()
+        result = self._finish()
+        if self._stop_agreed(stop, at_read=True):
+            # The signal came while the results were written: they are complete, but what the
+            # caller would start next (compare's next method) must not start.
+            raise Preempted(f"[{self.label}] received {stop.name} while writing the results: the run is "
+                            f"complete in {self.out_dir}; run the same command with --resume to go on",
+                            result=result)
+        return result
 
     def _prepare_teacher(self) -> None:
         """The teacher's test accuracy (once per run) and, where the run uses them, its cached

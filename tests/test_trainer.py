@@ -563,3 +563,39 @@ def test_a_config_loaded_for_the_baselines_is_refused_for_isl_before_any_work(tm
     with pytest.raises(ValueError, match="epoch accounting"):
         compare(cfg, str(tmp_path / "cmp"), methods=["ce", "isl"], quiet=True, log=lambda m: None)
     assert not (tmp_path / "isl").exists() and not (tmp_path / "cmp").exists()
+
+
+def test_a_signal_while_the_results_are_written_stops_compare_before_the_next_method(tmp_path, monkeypatch):
+    # SIGTERM landing in _finish (student.pt, summary, plots) was honoured by no one: compare
+    # went on to train the next method, which a preemption's SIGKILL would then cut short.
+    import signal
+
+    from kdseq_fast import trainer as trainer_mod
+    from kdseq_fast.models import get_model
+    from kdseq_fast.runs import compare
+
+    cfg = load_config(None, ["data.name=synthetic", "data.synthetic_train=64", "data.synthetic_test=32",
+                             "data.image_size=16", "data.loader_backend=torch", "data.num_threads=1",
+                             "data.augment=none", "teacher.arch=resnet8", "student.arch=resnet8",
+                             "optim.epochs=1", "optim.batch_size=32", "optim.lr_decay_epochs=[]",
+                             "train.tensorboard=false", "device=cpu"], methods=("ce", "kd"))
+    torch.manual_seed(1)
+    teacher = tmp_path / "teacher.pt"
+    torch.save(get_model("resnet8", 10, image_size=16).state_dict(), teacher)
+    finish = trainer_mod.Trainer._finish
+
+    def signalled_finish(self):
+        if self.method == "ce":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return finish(self)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_finish", signalled_finish)
+    out = tmp_path / "cmp"
+    with pytest.raises(trainer_mod.Preempted, match="while writing the results") as info:
+        compare(cfg, str(out), methods=["ce", "kd"], teacher=str(teacher), quiet=True, log=lambda m: None)
+    assert info.value.result.summary["methods"]["ce"]["steps"] == 2
+    assert (out / "ce" / "student.pt").exists() and not (out / "kd" / "student.pt").exists()
+    monkeypatch.undo()
+    summary = compare(cfg, str(out), methods=["ce", "kd"], teacher=str(teacher), resume=True, quiet=True,
+                      log=lambda m: None)
+    assert set(summary["methods"]) == {"ce", "kd"} and (out / "kd" / "student.pt").exists()
