@@ -43,7 +43,27 @@ class DataBundle:
 
 def build_data(cfg: Config) -> DataBundle:
     """Training and test splits named by ``cfg.data`` (missing files -> FileNotFoundError
-    naming the files and the download switch, raised by the datasets module)."""
+    naming the files and the download switch, raised by the datasets module).
+
+    Under torch.distributed with ``data.download`` every rank calls this, and the downloaders
+    write the archive under its final name: ranks fetching into one folder at once would corrupt
+    it. So the ranks take turns: global rank 0 first, then the first rank of every other node
+    (its own folder, or nothing left to fetch on a shared one), then the rest, which find the
+    files in place."""
+    group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not (group and cfg.data.download and torch.distributed.get_world_size() > 1):
+        return _build_data(cfg)
+    rank = torch.distributed.get_rank()
+    first_of_node = int(os.environ.get("LOCAL_RANK", rank)) == 0
+    bundle = None
+    for turn in (rank == 0, rank != 0 and first_of_node):
+        if turn:
+            bundle = _build_data(cfg)
+        torch.distributed.barrier()
+    return bundle if bundle is not None else _build_data(cfg)
+
+
+def _build_data(cfg: Config) -> DataBundle:
     from .datasets import dataset_from_config
 
     train = dataset_from_config(cfg, "train")

@@ -99,6 +99,22 @@ def _claim_compare_dir(out_dir: str, methods: Sequence[str], *, overwrite: bool)
         raise
 
 
+def _teacher_on_every_rank(cfg: Config, path: str, data: DataBundle, ctx):
+    """The teacher that compare trained, as a module on every rank: only rank 0 wrote teacher.pt,
+    on its own disk (README: the output directory need only exist on node 0), so rank 0 reads it
+    and sends the weights to the others."""
+    from .models import get_model
+    from .run_inputs import load_teacher
+
+    model = (load_teacher(cfg, path, data.num_classes, in_channels=data.in_channels) if ctx.is_main
+             else get_model(cfg.teacher.arch, data.num_classes, image_size=cfg.data.image_size,
+                            in_channels=data.in_channels))
+    state = ctx.broadcast_object({k: v.cpu() for k, v in model.state_dict().items()} if ctx.is_main else None)
+    if not ctx.is_main:
+        model.load_state_dict(state)
+    return model.eval()
+
+
 def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teacher=None,
             resume=False, overwrite=False, quiet=False, log=print) -> dict:
     """Train the teacher if needed, then each method on the same config, seed and budget.
@@ -155,6 +171,8 @@ def _compare_into(cfg: Config, out_dir: str, methods: list, teacher, data, ctx, 
                             overwrite=overwrite, quiet=quiet, log=log, data=data, ctx=ctx)
         teacher = res.weights_path
         teacher_entry = res.summary["teacher"]
+        if ctx.distributed and ctx.any_true(not os.path.isfile(teacher)):
+            teacher = _teacher_on_every_rank(cfg, teacher, data, ctx)  # a node without rank 0's disk
     results = {}
     for m in methods:
         # Same seed for every method: reseed so each starts from the identical initial student.

@@ -289,6 +289,85 @@ os._exit(0)  # not through the teardown that may abort: this test counts threads
     assert min(counts) > 0, "torch now ends the group's threads: exit_process's os._exit may go"
 
 
+def test_ranks_take_turns_to_download_a_dataset(tmp_path):
+    # torchvision writes a download under its final name: two ranks fetching into one folder at
+    # once corrupt it. build_data lets rank 0 go first, then the others (finding the files).
+    script = tmp_path / "turns.py"
+    script.write_text(f"""
+import os, time
+from kdseq_fast import datasets, run_inputs
+from kdseq_fast.config import load_config
+from kdseq_fast.runtime import exit_process, setup_run, teardown_distributed
+real = datasets.dataset_from_config
+def logged(cfg, split):
+    start = time.time()
+    time.sleep(0.3)
+    out = real(cfg, split)
+    with open({str(tmp_path)!r} + "/calls." + os.environ["RANK"], "a") as fh:
+        fh.write(f"{{start}} {{time.time()}} {{cfg.data.download}}\\n")
+    return out
+datasets.dataset_from_config = logged
+ctx = setup_run("cpu")
+for download in ("false", "true"):
+    cfg = load_config(None, ["data.name=digits", f"data.download={{download}}"])
+    bundle = run_inputs.build_data(cfg)
+    assert len(bundle.train) == 1437
+teardown_distributed()
+exit_process(0)
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, env=_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True,
+                          timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = {r: [line.split() for line in (tmp_path / f"calls.{r}").read_text().splitlines()] for r in (0, 1)}
+    assert [c[2] for c in calls[0]] == [c[2] for c in calls[1]] == ["False", "False", "True", "True"]
+    # Without download the ranks load at once (their calls overlap); with it, in turn.
+    assert float(calls[1][0][0]) < float(calls[0][1][1]) and float(calls[0][0][0]) < float(calls[1][1][1])
+    assert float(calls[1][2][0]) >= float(calls[0][3][1])
+
+
+def test_compare_trains_its_teacher_for_ranks_that_do_not_share_rank_0s_disk(tmp_path):
+    # Only rank 0 writes teacher.pt; README: the output directory need only exist on node 0.
+    # Rank 1 here cannot see that file (as on another node): it gets the weights from rank 0.
+    script = tmp_path / "nodes.py"
+    script.write_text(f"""
+import os, torch
+from kdseq_fast import run_inputs, runs
+from kdseq_fast.config import load_config
+from kdseq_fast.runtime import exit_process, setup_run, teardown_distributed
+if os.environ["RANK"] == "1":
+    real_isfile = os.path.isfile
+    os.path.isfile = lambda p: False if str(p).endswith("teacher.pt") else real_isfile(p)
+    def unreadable(*args, **kwargs):
+        raise FileNotFoundError("teacher.pt is on another node's disk")
+    run_inputs.load_teacher = unreadable
+cfg = load_config(None, ["data.name=synthetic", "data.synthetic_train=64", "data.synthetic_test=32",
+                         "data.image_size=16", "data.loader_backend=torch", "data.num_threads=1",
+                         "data.augment=none", "teacher.arch=resnet8", "teacher.epochs=1", "student.arch=resnet8",
+                         "optim.epochs=1", "optim.batch_size=32", "optim.lr_decay_epochs=[]",
+                         "train.tensorboard=false", "device=cpu"], methods=("ce", "kd"))
+summary = runs.compare(cfg, {str(tmp_path / "cmp")!r}, methods=["kd"], quiet=True, log=lambda m: None)
+print("rank", os.environ["RANK"], "kd steps", summary["methods"]["kd"]["steps"], flush=True)
+teardown_distributed()
+exit_process(0)
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, env=_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rank 0 kd steps 2" in proc.stdout and "rank 1 kd steps 2" in proc.stdout, proc.stdout
+    assert (tmp_path / "cmp" / "kd" / "student.pt").exists()
+
+
+def test_an_explicit_gpu_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match="every rank would use that one GPU"):
+        setup_run("cuda:0")
+    assert not torch.distributed.is_initialized()
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, teacher):
     base = tmp_path_factory.mktemp("ddp")
