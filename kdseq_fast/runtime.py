@@ -43,6 +43,7 @@ __all__ = [
     "load_checkpoint", "load_latest_checkpoint", "checkpoint_paths", "GracefulStop",
     "test_kill_hook", "SegmentTimer", "teardown_distributed",
     "dist_env", "test_dump_hook", "DEFAULT_DIST_TIMEOUT_S", "exit_process", "had_process_group",
+    "staged_collective",
 ]
 
 _MAGIC = b"KDSEQCKPT1"
@@ -254,15 +255,15 @@ class RunContext:
         return box[0]
 
     def broadcast_tensor(self, tensor: torch.Tensor | None, src: int = 0) -> torch.Tensor:
-        """Rank ``src``'s CPU tensor on every rank (others pass None; shape/dtype travel too)."""
+        """Rank ``src``'s CPU tensor on every rank (others pass None; shape/dtype travel too),
+        through the GPU in pieces under NCCL (a teacher-logit table may not fit there whole)."""
         if self.world_size == 1:
             return tensor
         meta = self.broadcast_object(None if tensor is None else (tuple(tensor.shape), tensor.dtype), src)
         shape, dtype = meta
-        dev = self._comm_device()
-        buf = tensor.contiguous().to(dev) if self.rank == src else torch.empty(shape, dtype=dtype, device=dev)
-        torch.distributed.broadcast(buf, src=src)
-        return buf.cpu()
+        buf = tensor.contiguous() if self.rank == src else torch.empty(shape, dtype=dtype)
+        staged_collective(lambda x: torch.distributed.broadcast(x, src=src), buf, self._comm_device())
+        return buf
 
     def run_on_main(self, fn):
         """Run ``fn()`` on rank 0 only and give every rank its result, or raise its exception on
@@ -305,6 +306,32 @@ def late_cublas_config_warning() -> str | None:
             "PyTorch reads that variable at the process's first matrix multiply, so if one ran before, this "
             "run's first matmul raises. Set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before "
             "starting Python (or run deterministic jobs in a fresh process).")
+
+
+# The most a host tensor puts on the GPU at once for a collective (see staged_collective).
+STAGING_BYTES = 64 * 2**20
+
+
+def staged_collective(collective, t: torch.Tensor, device: torch.device) -> None:
+    """``collective(x)`` changing the contiguous host tensor ``t`` in place, run on ``device``:
+    directly when that is the CPU, else on copies of at most ``STAGING_BYTES`` at a time, so a
+    large table (a teacher's logits on the whole training set) never needs its size free on the
+    GPU. Every rank splits the same way (same shape and dtype), so the pieces pair up."""
+    if torch.device(device).type == "cpu":
+        collective(t)
+        return
+    if not t.is_contiguous():  # not a table this was made for: one copy, as before
+        moved = t.to(device)
+        collective(moved)
+        t.copy_(moved)
+        return
+    flat = t.view(-1)
+    step = max(1, STAGING_BYTES // t.element_size())
+    for start in range(0, flat.numel(), step):
+        part = flat[start:start + step]
+        moved = part.to(device)
+        collective(moved)
+        part.copy_(moved)
 
 
 def setup_run(device: str = "auto", *, seed: int = 0, deterministic: bool = False,

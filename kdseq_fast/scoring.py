@@ -34,6 +34,7 @@ from .amp import resolve_amp
 from .config import MEASURE_TERMS, parse_measure
 from .ops import SCORE_FIELDS, instance_scores
 from .atomic_files import atomic_write
+from .runtime import staged_collective
 
 __all__ = ["SCORE_FIELDS", "MEASURES", "score_dataset", "compute_logits", "TeacherLogitCache",
            "difficulty", "teacher_fingerprint"]
@@ -100,9 +101,9 @@ def _sum_across_ranks(*tensors: torch.Tensor) -> None:
     backend = torch.distributed.get_backend()
     for t in tensors:
         if backend == "nccl" and t.device.type != "cuda":
-            moved = t.cuda()
-            torch.distributed.all_reduce(moved)
-            t.copy_(moved.cpu())
+            # In pieces: a host table was kept there because it may not fit on the GPU whole.
+            staged_collective(torch.distributed.all_reduce, t,
+                              torch.device("cuda", torch.cuda.current_device()))
         elif backend != "nccl" and t.device.type == "cuda":
             moved = t.cpu()
             torch.distributed.all_reduce(moved)

@@ -359,6 +359,30 @@ exit_process(0)
     assert (tmp_path / "cmp" / "kd" / "student.pt").exists()
 
 
+def test_a_large_host_table_goes_through_the_gpu_in_pieces(monkeypatch):
+    # NCCL needs GPU tensors; a teacher-logit table kept on the host because it does not fit
+    # on the GPU must not be moved there whole for its all-reduce or broadcast.
+    from kdseq_fast import runtime
+
+    monkeypatch.setattr(runtime, "STAGING_BYTES", 4 * 1000)
+    seen = []
+
+    class FakeGpu:  # records the pieces the collective gets; "moving" is a copy on the CPU
+        type = "cuda"
+
+    def collective(x):
+        seen.append(x.numel())
+        x.mul_(2)
+
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, dev, *a, **k: self.clone() if dev is FakeGpu else real_to(self, dev, *a, **k))
+    monkeypatch.setattr(runtime.torch, "device", lambda d: d if d is FakeGpu else torch.device(d))
+    table = torch.arange(2500 * 3, dtype=torch.float32).view(2500, 3)
+    runtime.staged_collective(collective, table, FakeGpu)
+    assert seen == [1000] * 7 + [500]
+    assert torch.equal(table, torch.arange(2500 * 3, dtype=torch.float32).view(2500, 3) * 2)
+
+
 def test_an_explicit_gpu_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
