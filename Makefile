@@ -48,7 +48,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_train.py
 
 # On a GPU machine, with its own torch (no venv): build for that GPU, cuda tests, compute-sanitizer,
-# both CUDA benchmarks. See .ci/check-gpu.
+# the CUDA benchmarks. See .ci/check-gpu.
 check-gpu:
 	.ci/check-gpu
 

@@ -390,9 +390,11 @@ def test_file_dataset_errors(files):
         CurriculumLoader(paths, labels, 4, backend="torch", augment="rrc")
     with pytest.raises(ValueError, match="rrc"):
         CurriculumLoader(np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4, np.int64), 2, augment="rrc")
-    L = CurriculumLoader(paths, labels, 4, backend="torch", augment=None)
-    with pytest.raises(ValueError, match="image_size"):
-        list(L)  # decoded sizes differ and no image_size to unify them
+    for backend in ("torch", "dali") if HAVE_DALI else ("torch",):
+        L = CurriculumLoader(paths, labels, 4, backend=backend, augment=None)
+        L.set_order(np.arange(len(paths)))
+        with pytest.raises(ValueError, match="different sizes.*pass image_size"):
+            list(L)  # decoded sizes differ and no image_size to unify them
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])

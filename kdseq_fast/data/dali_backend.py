@@ -189,7 +189,7 @@ class DaliBackend:
             except StopIteration:
                 break
             except RuntimeError as exc:
-                explained = _decode_error(exc)
+                explained = _pipeline_error(exc)
                 if explained is None:
                     raise
                 raise explained from exc
@@ -211,10 +211,15 @@ class DaliBackend:
             self._io_pool = None
 
 
-def _decode_error(exc: RuntimeError) -> ValueError | None:
-    """A clear error for DALI's failure to decode an image, which names neither the file nor what
-    to do (the torch backend names the file); None for other errors."""
+def _pipeline_error(exc: RuntimeError) -> ValueError | None:
+    """A clear error for the DALI failures a user can fix, which DALI words as its internals: an
+    image that does not decode (DALI names neither the file nor what to do; the torch backend
+    names the file), and files of different sizes without ``image_size`` (a batch DALI cannot
+    stack); None for other errors."""
     text = str(exc)
+    if "IsDenseTensor" in text or "representable as a tensor" in text:
+        return ValueError("images decode to different sizes; pass image_size to resize file datasets to a "
+                          "common size")
     if "decod" not in text.lower() and "nvimagecodec" not in text.lower():
         return None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
