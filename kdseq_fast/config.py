@@ -576,7 +576,11 @@ def parse_measure(measure: str) -> list[tuple[float, str]]:
             raise ValueError(f"bad measure term {part!r} in {measure!r}; terms are "
                              f"{', '.join(MEASURE_TERMS)}, optionally weighted like '0.5*kd', "
                              "joined by '+'")
-        out.append((float(m.group("coef")) if m.group("coef") else 1.0, m.group("name")))
+        coef = float(m.group("coef")) if m.group("coef") else 1.0
+        if not math.isfinite(coef):
+            raise ValueError(f"measure {measure!r}: weight {m.group('coef')} of {m.group('name')} is not a "
+                             "finite number")
+        out.append((coef, m.group("name")))
     if all(coef == 0 for coef, _ in out):
         raise ValueError(f"measure {measure!r} weights every term by 0: every instance would be "
                          "equally difficult")
@@ -607,6 +611,24 @@ def find_config(name: str) -> str:
                             f"{', '.join(os.path.dirname(c) for c in candidates)})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: YAML keeps the last copy, so a
+    second ``optim:`` block would silently drop the first one's settings (the same kind of slip
+    as an unknown key, which is an error too)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor": its keys may be overridden here, as YAML intends
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike | None = None,
                 overrides: Iterable[str] | Mapping[str, Any] = (), *,
                 methods: Iterable[str] | None = None) -> Config:
@@ -619,7 +641,7 @@ def load_config(path: str | os.PathLike | None = None,
         path = find_config(os.fspath(path))
         with open(path, encoding="utf-8") as fh:
             try:
-                loaded = yaml.safe_load(fh)
+                loaded = yaml.load(fh, Loader=_UniqueKeyLoader)
             except yaml.YAMLError as exc:
                 raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
             except UnicodeDecodeError as exc:

@@ -309,7 +309,11 @@ def _load_svhn(root: str, split: str, download: bool) -> DatasetSplit:
         torchvision.datasets.SVHN(root=root, split=split, download=True)
     if not os.path.isfile(path):
         raise _missing("svhn", [path])
-    import scipy.io
+    try:
+        import scipy.io
+    except ImportError:
+        raise ImportError("SVHN's .mat files are read with scipy, which is not installed: "
+                          "pip install scipy") from None
     mat = scipy.io.loadmat(path)
     images = np.ascontiguousarray(np.asarray(mat["X"], dtype=np.uint8).transpose(3, 0, 1, 2))
     labels = np.asarray(mat["y"], dtype=np.int64).reshape(-1)
@@ -568,7 +572,11 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
 
 @functools.lru_cache(maxsize=1)
 def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("the digits dataset (the demo's) comes with scikit-learn, which is not installed: "
+                          "pip install 'kdseq-fast[demo]' (or scikit-learn)") from None
 
     bunch = load_digits()
     images, target = bunch.images.astype(np.float32), bunch.target.astype(np.int64)

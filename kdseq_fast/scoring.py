@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from typing import Callable, Iterable, Optional, Union
 
@@ -405,8 +406,13 @@ def difficulty(scores: torch.Tensor, measure: str = "ce") -> torch.Tensor:
     total = torch.zeros(scores.shape[0], dtype=torch.float64)
     for coef, name in parse_measure(measure):
         total += coef * MEASURES[name](scores.double())
-    bad = ~torch.isfinite(total)
+    # Checked as returned (float32): a large weight can overflow there although float64 held it.
+    out = total.float()
+    bad = ~torch.isfinite(out)
     if bad.any():
+        first = int(bad.nonzero()[0])
+        why = ("the measure's weights make it exceed float32's range" if math.isfinite(float(total[first]))
+               else "check the snapshot and teacher logits")
         raise ValueError(f"difficulty {measure!r} is not finite for {int(bad.sum())} instances "
-                         f"(first: index {int(bad.nonzero()[0])}); check the snapshot and teacher logits")
-    return total.float()
+                         f"(first: index {first}); {why}")
+    return out

@@ -140,6 +140,33 @@ def test_epoch_accounting():
         load_config(overrides=short + ["method=kd"], methods=("kd", "isl"))
 
 
+def test_a_key_given_twice_in_a_file_is_an_error(tmp_path):
+    # YAML keeps the last copy: the first optim block's lr would silently fall back to default.
+    path = tmp_path / "twice.yaml"
+    path.write_text("optim:\n  lr: 0.2\nseed: 1\noptim:\n  momentum: 0.8\n")
+    with pytest.raises(ValueError, match="'optim' is given twice"):
+        load_config(path)
+    path.write_text("optim: {lr: 0.2, lr: 0.3}\n")
+    with pytest.raises(ValueError, match="'lr' is given twice"):
+        load_config(path)
+    path.write_text("base: &b {lr: 0.2}\noptim:\n  <<: *b\n  momentum: 0.8\n")
+    with pytest.raises(ValueError, match="unknown"):  # merge keys still work (base is unknown)
+        load_config(path)
+
+
+def test_measure_weights_must_be_finite_and_fit_float32_difficulties():
+    import torch
+
+    from kdseq_fast.scoring import difficulty
+
+    with pytest.raises(ValueError, match="not a finite number"):
+        load_config(overrides=["curriculum.measure=1e999*ce"])
+    scores = torch.ones(4, 6)
+    with pytest.raises(ValueError, match="float32's range"):
+        difficulty(scores, "1e40*ce")
+    assert torch.equal(difficulty(scores, "1e30*ce"), torch.full((4,), 1e30, dtype=torch.float32))
+
+
 def test_override_syntax_errors():
     with pytest.raises(ValueError, match="key=value"):
         load_config(overrides=["optim.lr"])

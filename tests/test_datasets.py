@@ -389,3 +389,24 @@ def test_cinic10_trains_with_the_cifar_protocol_and_imagefolder_with_rrc(tmp_pat
                              "data.loader_backend=torch", "data.image_size=32"])
     split = dataset_from_config(cfg, "train")
     assert make_loader(cfg, split, ctx, augment=True, seed=0).augment == "rrc"
+
+
+def test_a_missing_optional_reader_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    from kdseq_fast import datasets
+
+    scipy = pytest.importorskip("scipy.io")
+    scipy.savemat(tmp_path / "train_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8),
+                                                 "y": np.array([[1], [10]], np.uint8)})
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
+    with pytest.raises(ImportError, match="pip install scipy"):
+        get_dataset("svhn", tmp_path, "train")
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    datasets._digits_raw.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"kdseq-fast\[demo\]"):
+            get_dataset("digits", tmp_path, "train")
+    finally:
+        monkeypatch.undo()
+        datasets._digits_raw.cache_clear()
