@@ -199,11 +199,14 @@ def analyse(variants: list[Variant], seeds: list[int], runs: dict) -> dict:
                 target = kd[s]["test_acc"]
                 per_seed[s] = {"target": target, "steps": steps_to(rs[s]["history"], target),
                                "kd_steps": steps_to(kd[s]["history"], target)}
-            reached = [p["steps"] for p in per_seed.values() if p["steps"] is not None]
+            reached = [p for p in per_seed.values() if p["steps"] is not None]
+            # kd's steps over the same seeds as the variant's mean (the seeds where it reached the
+            # target), else over all: means over different seeds are not comparable.
+            same = reached or list(per_seed.values())
             entry["steps_to_kd_final"] = {
                 "per_seed": per_seed, "reached": len(reached), "of": len(per_seed),
-                "mean_steps": float(np.mean(reached)) if reached else None,
-                "kd_mean_steps": float(np.mean([p["kd_steps"] for p in per_seed.values()])),
+                "mean_steps": float(np.mean([p["steps"] for p in reached])) if reached else None,
+                "kd_mean_steps": float(np.mean([p["kd_steps"] for p in same])),
             }
         out[v.name] = entry
     return out
@@ -246,7 +249,7 @@ def markdown(stats: dict, teacher: dict, header: dict) -> str:
              f"seeds: {header['seeds']}; teacher {teacher.get('arch')} test acc "
              f"{_pct(teacher.get('test_acc'))}%", "",
              "| variant | seeds | test acc % (mean ± std) | Δ vs kd, pts (95% CI) | "
-             "steps to kd's final acc (reached) | kd's own steps | wall s |",
+             "steps to kd's final acc (reached) | kd's own steps, same seeds | wall s |",
              "|---|---|---|---|---|---|---|"]
     for name, e in stats.items():
         a = e["test_acc"]
@@ -267,7 +270,10 @@ def markdown(stats: dict, teacher: dict, header: dict) -> str:
             kd_steps = f"{st['kd_mean_steps']:.0f}"
         wall = e["wall_s"]["mean"]
         wall = "-" if wall is None else f"{wall:.0f}"
-        lines.append(f"| {name} | {len(e['seeds'])} | {acc} | {diff} | {steps} | {kd_steps} | {wall} |")
+        seeds = str(len(e["seeds"]))
+        if d is not None and d["n"] != len(e["seeds"]):
+            seeds += f" ({d['n']} with kd)"  # Δ covers only the seeds kd ran too
+        lines.append(f"| {name} | {seeds} | {acc} | {diff} | {steps} | {kd_steps} | {wall} |")
     lines.append("")
     for text, ok, detail in claims(stats):
         verdict = "n/a" if ok is None else ("PASS" if ok else "MISS")
@@ -290,10 +296,12 @@ def plot(stats: dict, runs: dict, seeds, path: str) -> None:
         steps = np.array([h[i][0] for i in range(n) for h in hists[:1]])
         accs = np.array([[h[i][1] for i in range(n)] for h in hists]) * 100
         mean = accs.mean(0)
-        ax.plot(steps, mean, label=f"{name} ({len(hists)} seeds)")
+        (line,) = ax.plot(steps, mean, label=f"{name} ({len(hists)} seeds)")
         std = accs.std(0, ddof=1) if len(hists) > 1 else np.zeros_like(mean)
         if len(hists) > 1:
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+            # The line's colour: fill_between draws from its own cycle, which a one-seed
+            # variant (a line, no band) would put out of step with the lines.
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2, color=line.get_color())
         upper = max(upper, float((mean + std).max()))
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("test accuracy (%)")

@@ -282,6 +282,47 @@ def test_bench_accuracy_statistics():
         ba.parse_variant("nothing")
 
 
+def test_bench_accuracy_compares_steps_and_colours_on_the_same_seeds(tmp_path):
+    # "kd's own steps" is averaged over the seeds where the variant reached kd's final accuracy
+    # (it was over all seeds: a variant 2 epochs behind kd on its one seed read as a tie), and each
+    # band has its line's colour (a one-seed variant put the band colours out of step).
+    import bench_accuracy as ba
+
+    def run(acc, steps):
+        return {"test_acc": acc, "wall_s": 1.0, "history": [(s, a) for s, a in steps]}
+
+    runs = {("kd", 0): run(0.90, [(100, 0.8), (200, 0.9)]), ("kd", 1): run(0.92, [(100, 0.92), (200, 0.92)]),
+            ("isl", 0): run(0.91, [(100, 0.85), (200, 0.91)]), ("isl", 1): run(0.90, [(100, 0.85), (200, 0.90)]),
+            ("ce", 0): run(0.80, [(100, 0.7), (200, 0.8)])}
+    variants = [ba.Variant("ce", "ce", []), ba.Variant("kd", "kd", []), ba.Variant("isl", "isl", [])]
+    stats = ba.analyse(variants, [0, 1], runs)
+    st = stats["isl"]["steps_to_kd_final"]
+    assert (st["reached"], st["of"], st["mean_steps"], st["kd_mean_steps"]) == (1, 2, 200.0, 200.0)
+    assert "| isl | 2 | " in ba.markdown(stats, {"arch": "t", "test_acc": 0.95},
+                                        {"config": "c", "command": "x", "date": "d", "machine": "m", "seeds": [0, 1]})
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    real_subplots = plt.subplots
+
+    def keep(*a, **k):
+        made.append(real_subplots(*a, **k))
+        return made[-1]
+
+    plt_close = plt.close
+    try:
+        plt.subplots, plt.close = keep, lambda *a, **k: None
+        ba.plot(stats, runs, [0, 1], str(tmp_path / "acc.png"))
+    finally:
+        plt.subplots, plt.close = real_subplots, plt_close
+    ax = made[0][1]
+    lines = {line.get_label().split(" (")[0]: line.get_color() for line in ax.get_lines()}
+    bands = [matplotlib.colors.to_hex(c.get_facecolor()[0], keep_alpha=False) for c in ax.collections]
+    assert bands == [matplotlib.colors.to_hex(lines["kd"]), matplotlib.colors.to_hex(lines["isl"])]
+
+
 PTXAS_LOG = """\
 ptxas info    : Compiling entry function '_ZN5kdseq10kd_kernels20kd_grad_scale_kernelIfLb0EEEvPviPKT_bll' for 'sm_90'
 ptxas info    : Function properties for _ZN5kdseq10kd_kernels20kd_grad_scale_kernelIfLb0EEEvPviPKT_bll
