@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any, Callable, Iterable
 
 import yaml
@@ -514,6 +514,8 @@ def validate_config(data: Mapping, *, methods: Iterable[str] | None = None) -> d
 
     # Epoch accounting: warm-up + phases + final block must tile the budget exactly, so every
     # phase has the same whole number of epochs and the LR schedule lines up with the phases.
+    if isinstance(methods, str):
+        methods = (methods,)
     if "isl" in (tuple(methods) if methods is not None else (full["method"],)):
         phase_epochs(full)
     epochs = full["optim"]["epochs"]
@@ -622,6 +624,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # "<<: *anchor": its keys may be overridden here, as YAML intends
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # a complex key: SafeLoader's own error names it and the file
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)

@@ -100,19 +100,20 @@ def _claim_compare_dir(out_dir: str, methods: Sequence[str], *, overwrite: bool)
 
 
 def _teacher_on_every_rank(cfg: Config, path: str, data: DataBundle, ctx):
-    """The teacher that compare trained, as a module on every rank: only rank 0 wrote teacher.pt,
-    on its own disk (README: the output directory need only exist on node 0), so rank 0 reads it
-    and sends the weights to the others."""
+    """The teacher that compare trained, for every rank: only rank 0 wrote teacher.pt, on its own
+    disk (README: the output directory need only exist on node 0), so rank 0 reads it and sends
+    the weights; the other ranks get a module, rank 0 keeps the path."""
     from .models import get_model
     from .run_inputs import load_teacher
 
-    model = (load_teacher(cfg, path, data.num_classes, in_channels=data.in_channels) if ctx.is_main
-             else get_model(cfg.teacher.arch, data.num_classes, image_size=cfg.data.image_size,
-                            in_channels=data.in_channels))
-    state = ctx.broadcast_object({k: v.cpu() for k, v in model.state_dict().items()} if ctx.is_main else None)
-    if not ctx.is_main:
-        model.load_state_dict(state)
-    return model.eval()
+    if ctx.is_main:
+        model = load_teacher(cfg, path, data.num_classes, in_channels=data.in_channels)
+        ctx.broadcast_object({k: v.cpu() for k, v in model.state_dict().items()})
+        return path  # rank 0 records the file in its run's summary and run.json, as before
+    model = get_model(cfg.teacher.arch, data.num_classes, image_size=cfg.data.image_size,
+                      in_channels=data.in_channels)
+    model.load_state_dict(ctx.broadcast_object(None))
+    return model.eval().requires_grad_(False)
 
 
 def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teacher=None,

@@ -355,9 +355,11 @@ def setup_run(device: str = "auto", *, seed: int = 0, deterministic: bool = Fals
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     env = dist_env()
     initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if env is not None and not initialized and str(device).startswith("cuda:"):
+    if env is not None and not initialized and str(device).startswith("cuda:") \
+            and str(device) != f"cuda:{env[2]}" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         # Every rank would take that one GPU (nccl then fails at its first collective with
-        # "Duplicate GPU detected"); torchrun's ranks each take cuda:LOCAL_RANK.
+        # "Duplicate GPU detected"); torchrun's ranks each take cuda:LOCAL_RANK. (cuda:LOCAL_RANK
+        # itself, or cuda:0 where each rank sees one GPU, is what the rank would take anyway.)
         raise ValueError(f"device={device!r} under torchrun ({env[1]} processes): every rank would use that "
                          "one GPU; pass device 'cuda' (or 'auto') and each rank takes cuda:LOCAL_RANK (choose "
                          "the GPUs with CUDA_VISIBLE_DEVICES)")

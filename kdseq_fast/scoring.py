@@ -323,8 +323,9 @@ class TeacherLogitCache:
         """``precision``: the resolved autocast of the pass (:func:`kdseq_fast.amp.resolve_amp`)."""
         h = hashlib.sha256()
         h.update(teacher_fingerprint(teacher).encode())
-        # fp32 passes keep the key they had before the precision was part of it.
-        h.update(f"|{key}|{num_items}|{self.dtype}{'' if precision == 'none' else '|' + precision}".encode())
+        # Every precision in the key, fp32's too: files stored before it was (written by bf16
+        # passes, as a GPU's amp auto does) must not be found by an fp32 run.
+        h.update(f"|{key}|{num_items}|{self.dtype}|{precision}".encode())
         return h.hexdigest()[:24]
 
     def path_for(self, cache_key: str) -> Optional[str]:

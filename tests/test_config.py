@@ -138,6 +138,8 @@ def test_epoch_accounting():
         load_config(overrides=short)  # the config's own method, isl by default
     with pytest.raises(ValueError, match="epoch accounting"):
         load_config(overrides=short + ["method=kd"], methods=("kd", "isl"))
+    with pytest.raises(ValueError, match="epoch accounting"):
+        load_config(overrides=short + ["method=kd"], methods="isl")  # one name, not its letters
 
 
 def test_a_key_given_twice_in_a_file_is_an_error(tmp_path):
@@ -148,6 +150,9 @@ def test_a_key_given_twice_in_a_file_is_an_error(tmp_path):
         load_config(path)
     path.write_text("optim: {lr: 0.2, lr: 0.3}\n")
     with pytest.raises(ValueError, match="'lr' is given twice"):
+        load_config(path)
+    path.write_text("? [1, 2]\n: 3\n")
+    with pytest.raises(ValueError, match="twice.yaml is not valid YAML"):  # a complex key: YAML's own error
         load_config(path)
     path.write_text("base: &b {lr: 0.2}\noptim:\n  <<: *b\n  momentum: 0.8\n")
     with pytest.raises(ValueError, match="unknown"):  # merge keys still work (base is unknown)

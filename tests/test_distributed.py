@@ -384,12 +384,27 @@ def test_a_large_host_table_goes_through_the_gpu_in_pieces(monkeypatch):
 
 
 def test_an_explicit_gpu_under_torchrun_is_refused(monkeypatch):
+    from kdseq_fast import runtime
+
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match="every rank would use that one GPU"):
         setup_run("cuda:0")
     assert not torch.distributed.is_initialized()
+    # cuda:LOCAL_RANK, or cuda:0 where each rank sees one GPU, is the rank's own GPU: accepted
+    # (the run then stops at the first CUDA call, there being none here).
+    sentinel = RuntimeError("past the check")
+
+    def stop(device):
+        raise sentinel
+    monkeypatch.setattr(runtime, "resolve_device", stop)
+    for device, count in (("cuda:1", 2), ("cuda:0", 1)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda c=count: c)
+        with pytest.raises(RuntimeError, match="past the check"):
+            setup_run(device)
 
 
 @pytest.fixture(scope="module")
