@@ -27,6 +27,9 @@ class Callback:
     def on_step_end(self, trainer: "Trainer", step: int, loss: torch.Tensor) -> None: ...
     def on_epoch_end(self, trainer: "Trainer", record: dict) -> None: ...
     def on_train_end(self, trainer: "Trainer", summary: dict) -> None: ...
+    # Instead of on_train_end when fit stops early (preemption, a non-finite stop, an error):
+    # release what on_train_start opened.
+    def on_train_stopped(self, trainer: "Trainer", error: BaseException) -> None: ...
 
 
 class ConsoleLogger(Callback):
@@ -70,5 +73,12 @@ class TensorBoardLogger(Callback):
         self.writer.flush()
 
     def on_train_end(self, trainer, summary):
+        self._close()
+
+    def on_train_stopped(self, trainer, error):
+        self._close()  # each epoch was flushed already; this ends the writer's thread and file
+
+    def _close(self):
         if self.writer is not None:
             self.writer.close()
+            self.writer = None

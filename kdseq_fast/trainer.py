@@ -541,6 +541,13 @@ class Trainer:
         try:
             with GracefulStop() as stop:
                 return self._fit(stop)
+        except BaseException as exc:
+            if not isinstance(exc, Preempted) or exc.result is None:  # else on_train_end ran
+                try:
+                    self._emit("on_train_stopped", exc)
+                except Exception as cleanup:  # the stop's own error is the one to report
+                    self.log(f"[{self.label}] note: a callback failed while stopping: {cleanup!r}")
+            raise
         finally:
             self.run_dir.unlock()  # the directory is free for another process (e.g. a --resume)
 

@@ -599,3 +599,29 @@ def test_a_signal_while_the_results_are_written_stops_compare_before_the_next_me
     summary = compare(cfg, str(out), methods=["ce", "kd"], teacher=str(teacher), resume=True, quiet=True,
                       log=lambda m: None)
     assert set(summary["methods"]) == {"ce", "kd"} and (out / "kd" / "student.pt").exists()
+
+
+def test_callbacks_hear_when_fit_stops_early_and_tensorboard_closes(tmp_path):
+    # on_train_end never runs after a preemption, a non-finite stop or an error: the callbacks
+    # get on_train_stopped instead, and TensorBoard's writer (its thread and file) is closed.
+    pytest.importorskip("torch.utils.tensorboard")
+    from kdseq_fast.callbacks import Callback, TensorBoardLogger
+
+    class Failing(Callback):
+        stopped = None
+
+        def on_epoch_end(self, trainer, record):
+            raise RuntimeError("a callback bug")
+
+        def on_train_stopped(self, trainer, error):
+            Failing.stopped = error
+
+    cfg = load_config(None, ["data.name=synthetic", "data.synthetic_train=64", "data.synthetic_test=32",
+                             "data.image_size=16", "data.loader_backend=torch", "data.num_threads=1",
+                             "student.arch=resnet8", "optim.epochs=1", "optim.batch_size=32",
+                             "optim.lr_decay_epochs=[]", "train.tensorboard=false", "device=cpu"], methods=("ce",))
+    tb = TensorBoardLogger(str(tmp_path / "tb"))
+    t = Trainer(cfg, str(tmp_path / "run"), method="ce", quiet=True, log=lambda m: None, callbacks=[tb, Failing()])
+    with pytest.raises(RuntimeError, match="a callback bug"):
+        t.fit()
+    assert isinstance(Failing.stopped, RuntimeError) and tb.writer is None
