@@ -854,6 +854,12 @@ decltype(auto) with_flags(bool with_ce, bool vector, F&& f) {
 template <typename acc_t, typename Launcher, typename Alloc>
 Plan run_kd_loss(Plan p, KDArgs<acc_t> a, bool with_ce, bool vector, const DeviceCaps& caps, Launcher& launch,
                  Alloc& alloc) {
+  // gridDim.x holds at most 2^31 - 1 CTAs, and the split and two-pass kernels take one (row,
+  // segment) tile a CTA with no grid-stride loop: say so rather than fail the launch (it takes
+  // 2^31 rows, over 100 GiB of fp64 logits, to get there).
+  if (p.grid > 2147483647)
+    throw std::length_error("kdseq: kd_loss on CUDA takes at most 2^31 - 1 row tiles in one call (this one needs " +
+                            std::to_string(p.grid) + "); split the batch");
   a.single_cta = p.mode == Mode::kSingleCta;
   a.ws = p.prologue ? alloc.alloc_ws() : nullptr;
   if (p.prologue) launch(LaunchDims{1, kBlockThreads, 1}, kd_prologue_kernel<acc_t>, a);
