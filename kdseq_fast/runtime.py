@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .atomic_files import fsync_dir, write_synced
+from .atomic_files import fsync_dir, temp_path, write_synced
 
 __all__ = [
     "RunContext", "setup_run", "resolve_device", "seed_everything", "set_deterministic",
@@ -317,18 +317,16 @@ def staged_collective(collective, t: torch.Tensor, device: torch.device) -> None
     directly when that is the CPU, else on copies of at most ``STAGING_BYTES`` at a time, so a
     large table (a teacher's logits on the whole training set) never needs its size free on the
     GPU. Every rank splits the same way (same shape and dtype), so the pieces pair up."""
-    if torch.device(device).type == "cpu":
+    if device.type == "cpu":
         collective(t)
         return
-    if not t.is_contiguous():  # not a table this was made for: one copy, as before
-        moved = t.to(device)
-        collective(moved)
-        t.copy_(moved)
-        return
-    flat = t.view(-1)
-    step = max(1, STAGING_BYTES // t.element_size())
-    for start in range(0, flat.numel(), step):
-        part = flat[start:start + step]
+    if t.is_contiguous():
+        flat = t.view(-1)
+        step = max(1, STAGING_BYTES // t.element_size())
+        pieces = [flat[start:start + step] for start in range(0, flat.numel(), step)]
+    else:
+        pieces = [t]  # not a table this was made for: one copy, as before
+    for part in pieces:
         moved = part.to(device)
         collective(moved)
         part.copy_(moved)
@@ -467,7 +465,7 @@ def save_checkpoint(state: dict, directory: str) -> str:
     header = _MAGIC + b" " + hashlib.sha256(payload).hexdigest().encode("ascii") + b"\n"
     latest, prev = checkpoint_paths(directory)
     directory = os.path.dirname(os.path.abspath(latest))
-    tmp = os.path.join(directory, f".{CHECKPOINT_NAME}.tmp.{os.getpid()}")
+    tmp = temp_path(latest)
     # A process killed mid-write left its partial file (one writer per directory: its lock).
     for stale in glob.glob(os.path.join(glob.escape(directory), f".{CHECKPOINT_NAME}.tmp.*")):
         if stale != tmp:

@@ -319,8 +319,9 @@ class TeacherLogitCache:
         self._memory: dict[str, torch.Tensor] = {}
         self.last_hit: Optional[bool] = None  # whether the last get() reused stored logits
 
-    def key_for(self, teacher: torch.nn.Module, key: str, num_items: int, precision: str = "none") -> str:
-        """``precision``: the resolved autocast of the pass (:func:`kdseq_fast.amp.resolve_amp`)."""
+    def key_for(self, teacher: torch.nn.Module, key: str, num_items: int, *, device=None, amp=None) -> str:
+        """``device``/``amp`` as :meth:`get` takes them: the precision of the pass is in the key."""
+        precision = resolve_amp(amp, _model_device(teacher, device))
         h = hashlib.sha256()
         h.update(teacher_fingerprint(teacher).encode())
         # Every precision in the key, fp32's too: files stored before it was (written by bf16
@@ -340,7 +341,7 @@ class TeacherLogitCache:
         ranks agree whether all of them can reuse stored logits, else all of them recompute
         together (each its shard), so a file seen by only some ranks cannot deadlock the job."""
         num_items = _infer_num_items(loader, num_items)
-        cache_key = self.key_for(teacher, key, num_items, resolve_amp(amp, _model_device(teacher, device)))
+        cache_key = self.key_for(teacher, key, num_items, device=device, amp=amp)
         path = self.path_for(cache_key)
         found = self._stored(cache_key, num_items)
         if _dist_active():
@@ -373,8 +374,7 @@ class TeacherLogitCache:
         """The logits kept for this teacher, dataset key and precision (``amp`` on ``device``, as
         :meth:`get` takes them), in memory or a readable stored file of the right size and dtype,
         or None. Local: no collective, never computes."""
-        precision = resolve_amp(amp, _model_device(teacher, device))
-        return self._stored(self.key_for(teacher, key, num_items, precision), num_items)
+        return self._stored(self.key_for(teacher, key, num_items, device=device, amp=amp), num_items)
 
     def _stored(self, cache_key: str, num_items: int) -> Optional[torch.Tensor]:
         if cache_key in self._memory:

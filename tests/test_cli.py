@@ -302,7 +302,7 @@ def test_a_short_baseline_needs_no_curriculum_overrides(tmp_path, capsys, teache
         assert not target.exists()
 
 
-def test_a_build_whose_extension_does_not_load_still_reports_itself():
+def test_a_build_whose_extension_does_not_load_still_reports_itself(tmp_path):
     # A None in sys.modules makes `from . import _C` fail as a missing or mismatched build does.
     code = """
 import json, sys
@@ -320,13 +320,9 @@ try:
 except ImportError as exc:
     print("SCORING_ERROR", type(exc).__name__)
 """
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "run")
-        proc = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True,
-                              timeout=120)
-        assert not os.path.exists(out)  # refused before anything was written
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
+    assert not out.exists()  # refused before anything was written
     assert proc.returncode == 0, proc.stderr
     assert "INFO_RC 0" in proc.stdout and "EXTENSION NOT LOADED: kdseq_fast's compiled extension" in proc.stdout
     assert "pip install --no-build-isolation" in proc.stdout and "DALI loader:" in proc.stdout

@@ -232,13 +232,21 @@ def _env(extra=None):
     return env
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 def _torchrun(args, env_extra=None, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "kdseq_fast", *args]
+    """The command line on two ranks: (process, seconds)."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=_env(env_extra), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    proc = subprocess.run([*TORCHRUN, "-m", "kdseq_fast", *args], env=_env(env_extra), capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
     return proc, time.perf_counter() - t0
+
+
+def _torchrun_script(script, timeout):
+    """A test's own script on two ranks (one thread each)."""
+    return subprocess.run([*TORCHRUN, str(script)], env=_env({"OMP_NUM_THREADS": "1"}), capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
 
 
 def _distill_args(out, teacher, extra=()):
@@ -279,10 +287,7 @@ os._exit(0)  # not through the teardown that may abort: this test counts threads
 """)
     if not os.path.isdir("/proc/self/task"):
         pytest.skip("needs /proc to list the threads")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script)]
-    proc = subprocess.run(cmd, env=_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    proc = _torchrun_script(script, timeout=120)
     assert proc.returncode == 0, proc.stderr
     counts = [int(line.rsplit(" ", 1)[1]) for line in proc.stdout.splitlines() if "gloo threads" in line]
     assert len(counts) == 2, proc.stdout + proc.stderr
@@ -315,9 +320,7 @@ for download in ("false", "true"):
 teardown_distributed()
 exit_process(0)
 """)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    proc = subprocess.run(cmd, env=_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True,
-                          timeout=180, cwd=ROOT)
+    proc = _torchrun_script(script, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calls = {r: [line.split() for line in (tmp_path / f"calls.{r}").read_text().splitlines()] for r in (0, 1)}
     assert [c[2] for c in calls[0]] == [c[2] for c in calls[1]] == ["False", "False", "True", "True"]
@@ -351,9 +354,7 @@ print("rank", os.environ["RANK"], "kd steps", summary["methods"]["kd"]["steps"],
 teardown_distributed()
 exit_process(0)
 """)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    proc = subprocess.run(cmd, env=_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    proc = _torchrun_script(script, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rank 0 kd steps 2" in proc.stdout and "rank 1 kd steps 2" in proc.stdout, proc.stdout
     assert (tmp_path / "cmp" / "kd" / "student.pt").exists()
@@ -376,7 +377,6 @@ def test_a_large_host_table_goes_through_the_gpu_in_pieces(monkeypatch):
 
     real_to = torch.Tensor.to
     monkeypatch.setattr(torch.Tensor, "to", lambda self, dev, *a, **k: self.clone() if dev is FakeGpu else real_to(self, dev, *a, **k))
-    monkeypatch.setattr(runtime.torch, "device", lambda d: d if d is FakeGpu else torch.device(d))
     table = torch.arange(2500 * 3, dtype=torch.float32).view(2500, 3)
     runtime.staged_collective(collective, table, FakeGpu)
     assert seen == [1000] * 7 + [500]

@@ -343,6 +343,17 @@ def test_file_dataset_backends_agree(files, augment):
         assert ((plain - outs["torch"]).abs() * torch.tensor(STD).view(1, 3, 1, 1)).mean() > 5.0
 
 
+def torch_vs_dali_levels(paths, **loader_kw) -> torch.Tensor:
+    """|torch - DALI| in pixel levels, per image and pixel, for one pass over ``paths`` in order."""
+    labels = np.arange(len(paths), dtype=np.int64)
+    outs = {}
+    for backend in ("torch", "dali"):
+        L = CurriculumLoader(paths, labels, len(paths), backend=backend, mean=MEAN, std=STD, **loader_kw)
+        L.set_order(np.arange(len(paths)))
+        outs[backend] = torch.cat(run_pass(L)[0])
+    return (outs["torch"] - outs["dali"]).abs() * torch.tensor(STD).view(1, 3, 1, 1)
+
+
 @pytest.mark.parametrize("augment", [None, "cifar"])
 def test_non_square_files_are_resized_and_center_cropped_alike(tmp_path, augment):
     # torchvision rounds the longer side down when it resizes the shorter one, DALI's
@@ -359,14 +370,7 @@ def test_non_square_files_are_resized_and_center_cropped_alike(tmp_path, augment
         p = tmp_path / f"{k}.png"
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
         paths.append(str(p))
-    labels = np.arange(4, dtype=np.int64)
-    outs = {}
-    for backend in ("torch", "dali"):
-        L = CurriculumLoader(paths, labels, 4, backend=backend, augment=augment, image_size=24,
-                             mean=MEAN, std=STD, seed=1)
-        L.set_order(np.arange(4))
-        outs[backend] = torch.cat(run_pass(L)[0])
-    levels = ((outs["torch"] - outs["dali"]).abs() * torch.tensor(STD).view(1, 3, 1, 1)).mean(dim=(1, 2, 3))
+    levels = torch_vs_dali_levels(paths, augment=augment, image_size=24, seed=1).mean(dim=(1, 2, 3))
     assert (levels < 2.0).all(), levels
 
 
@@ -494,14 +498,7 @@ def test_exif_rotated_jpegs_read_alike_on_both_backends(tmp_path, augment):
         p = tmp_path / f"{k}.jpg"
         Image.fromarray(img).save(p, quality=95, exif=exif)
         paths.append(str(p))
-    labels = np.arange(4, dtype=np.int64)
-    outs = {}
-    for backend in ("torch", "dali"):
-        L = CurriculumLoader(paths, labels, 4, backend=backend, augment=augment, image_size=32,
-                             mean=MEAN, std=STD, seed=3)
-        L.set_order(np.arange(4))
-        outs[backend] = torch.cat(run_pass(L)[0])
-    diff = (outs["torch"] - outs["dali"]).abs() * torch.tensor(STD).view(1, 3, 1, 1)
+    diff = torch_vs_dali_levels(paths, augment=augment, image_size=32, seed=3)
     assert diff.mean() < 3.0, diff.mean()  # resampling and JPEG decoders only
 
 

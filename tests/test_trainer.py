@@ -21,6 +21,15 @@ BASE = [
 ]
 
 
+# Two steps of resnet8 on 64 synthetic 16 px images: for tests of how a run starts and stops.
+ONE_EPOCH_SYNTHETIC = [
+    "data.name=synthetic", "data.synthetic_train=64", "data.synthetic_test=32", "data.image_size=16",
+    "data.loader_backend=torch", "data.num_threads=1", "data.augment=none", "teacher.arch=resnet8",
+    "student.arch=resnet8", "optim.epochs=1", "optim.batch_size=32", "optim.lr_decay_epochs=[]",
+    "train.tensorboard=false", "device=cpu",
+]
+
+
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
     cfg = load_config(None, BASE)
@@ -574,11 +583,7 @@ def test_a_signal_while_the_results_are_written_stops_compare_before_the_next_me
     from kdseq_fast.models import get_model
     from kdseq_fast.runs import compare
 
-    cfg = load_config(None, ["data.name=synthetic", "data.synthetic_train=64", "data.synthetic_test=32",
-                             "data.image_size=16", "data.loader_backend=torch", "data.num_threads=1",
-                             "data.augment=none", "teacher.arch=resnet8", "student.arch=resnet8",
-                             "optim.epochs=1", "optim.batch_size=32", "optim.lr_decay_epochs=[]",
-                             "train.tensorboard=false", "device=cpu"], methods=("ce", "kd"))
+    cfg = load_config(None, ONE_EPOCH_SYNTHETIC, methods=("ce", "kd"))
     torch.manual_seed(1)
     teacher = tmp_path / "teacher.pt"
     torch.save(get_model("resnet8", 10, image_size=16).state_dict(), teacher)
@@ -616,10 +621,7 @@ def test_callbacks_hear_when_fit_stops_early_and_tensorboard_closes(tmp_path):
         def on_train_stopped(self, trainer, error):
             Failing.stopped = error
 
-    cfg = load_config(None, ["data.name=synthetic", "data.synthetic_train=64", "data.synthetic_test=32",
-                             "data.image_size=16", "data.loader_backend=torch", "data.num_threads=1",
-                             "student.arch=resnet8", "optim.epochs=1", "optim.batch_size=32",
-                             "optim.lr_decay_epochs=[]", "train.tensorboard=false", "device=cpu"], methods=("ce",))
+    cfg = load_config(None, ONE_EPOCH_SYNTHETIC, methods=("ce",))
     tb = TensorBoardLogger(str(tmp_path / "tb"))
     t = Trainer(cfg, str(tmp_path / "run"), method="ce", quiet=True, log=lambda m: None, callbacks=[tb, Failing()])
     with pytest.raises(RuntimeError, match="a callback bug"):

@@ -77,19 +77,20 @@ class DaliBackend:
             outs.append(self.L._images[idx])
         outs.append(self.L._labels[idx])
         outs.append(idx)
-        if paths is not None and p.augment != "rrc" and self.L.image_size is not None:
-            # torchvision's resize and center-crop geometry, from the file headers.
-            views = np.array([aug.center_view(*aug.image_hw(io.BytesIO(enc.tobytes()), path), self.L.image_size)
-                              for enc, path in zip(outs[0], paths)])
+        # Image sizes from the file headers, for torchvision's geometry: the rrc boxes, or the
+        # resize and center crop.
+        sizes = ([aug.image_hw(io.BytesIO(enc.tobytes()), path) for enc, path in zip(outs[0], paths)]
+                 if paths is not None and self.L.image_size is not None else None)
+        if sizes is not None and p.augment != "rrc":
+            views = np.array([aug.center_view(h, w, self.L.image_size) for h, w in sizes])
             outs += [views[:, :2].astype(np.float32), views[:, 2:].astype(np.int32)]
         if p.augment == "cifar":
             oy, ox, flip = (t[s:e].numpy() for t in p.crop_params)
             start = (np.stack([oy, ox], axis=1) - p.padding).astype(np.int32)
             outs += [start, flip.astype(np.int32)]
         elif p.augment == "rrc":
-            boxes = np.array([aug.rrc_params(*aug.image_hw(io.BytesIO(enc.tobytes()), path), p.seed,
-                                             p.epoch, pos)
-                              for enc, path, pos in zip(outs[0], paths, range(s, e))], dtype=np.float32)
+            boxes = np.array([aug.rrc_params(h, w, p.seed, p.epoch, pos) for (h, w), pos in zip(sizes, range(s, e))],
+                             dtype=np.float32)
             outs += [boxes[:, :2].copy(), (boxes[:, :2] + boxes[:, 2:]).copy(),
                      p.flips[s:e].numpy().astype(np.int32)]
         return tuple(outs)
