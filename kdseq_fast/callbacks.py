@@ -61,7 +61,13 @@ class TensorBoardLogger(Callback):
         except ImportError as exc:  # optional dependency: say so once, keep training
             trainer.log(f"note: tensorboard logging disabled ({exc})")
             return
-        self.writer = SummaryWriter(self.log_dir)
+        # A run killed after an epoch's scalars but before its checkpoint writes that epoch's points
+        # again after --resume. purge_step makes TensorBoard drop the killed process's points from
+        # the first step the resumed run can write again: the checkpoint's step when it was taken
+        # inside an epoch (that epoch's end is still to come, possibly at the same step), the step
+        # after it when it was taken at an epoch's end (that epoch's points are kept).
+        p = trainer.progress
+        self.writer = SummaryWriter(self.log_dir, purge_step=p.global_step + (p.batch_in_epoch == 0))
 
     def on_epoch_end(self, trainer, record):
         if self.writer is None:

@@ -594,8 +594,9 @@ def _env_matches(name: str, value: int) -> bool:
 def test_kill_hook(event: str, value: int) -> None:
     """Test-only crash injection: SIGKILL this process when ``KDSEQ_TEST_KILL_AT_<EVENT>`` matches.
 
-    Events: ``STEP`` (after optimizer step N and any checkpoint it triggers) and ``SCORING``
-    (after phase K was scored, before its boundary checkpoint). ``KDSEQ_TEST_SIGTERM_AT_<EVENT>``
+    Events: ``STEP`` (after optimizer step N and any checkpoint it triggers), ``SCORING``
+    (after phase K was scored, before its boundary checkpoint) and ``EPOCH_END`` (after epoch E's
+    metrics and callbacks, before its checkpoint). ``KDSEQ_TEST_SIGTERM_AT_<EVENT>``
     sends SIGTERM instead, to test preemption at an exact point; ``KDSEQ_TEST_RAISE_AT_<EVENT>``
     raises a RuntimeError (an ordinary failure). ``KDSEQ_TEST_HOOK_RANK=r`` limits all three to
     torchrun rank r. Unset in normal use.

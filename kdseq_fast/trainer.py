@@ -715,6 +715,7 @@ class Trainer:
         self.run_dir.append_metrics(record)
         self.progress.metrics_lines += 1
         self._emit("on_epoch_end", record)
+        test_kill_hook("epoch_end", e + 1)
         self.progress.epoch, self.progress.batch_in_epoch = e + 1, 0
         self.sums.reset()
         steps = self.progress.global_step - self._epoch_mark[0] if self._epoch_mark else 0

@@ -140,6 +140,26 @@ def test_a_checkpoint_with_channels_last_momentum_resumes_bit_identical(tmp_path
     _assert_identical(reference, out)
 
 
+@pytest.mark.parametrize("every", [4, 1000])  # resumed inside epoch 2 (step 12) / at epoch 1's end
+def test_tensorboard_shows_each_epoch_once_after_a_kill_between_scalars_and_checkpoint(tmp_path, teacher,
+                                                                                       every):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    extra = ["train.tensorboard=true", f"train.checkpoint_every_steps={every}"]
+    killed = _run(_args(out, teacher, extra), {"KDSEQ_TEST_KILL_AT_EPOCH_END": "2"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    _run(_args(out, teacher, extra) + ["--resume"])
+    with open(out / "metrics.jsonl") as fh:
+        records = [json.loads(line) for line in fh]
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    points = events.Scalars("isl/train_loss")
+    assert [p.step for p in points] == [r["steps"] for r in records] == [6, 12, 18, 24, 30, 36]
+    assert [p.value for p in points] == pytest.approx([r["train_loss"] for r in records], rel=1e-6)
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, teacher, reference):
     out = tmp_path / "run"
     killed = _run(_args(out, teacher), {"KDSEQ_TEST_KILL_AT_STEP": "27"}, check=False)
