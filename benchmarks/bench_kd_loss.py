@@ -316,10 +316,10 @@ REQUIRED_CUDA_CASES = [(d, B, Cn) for d in ("fp32", "bf16") for B, Cn in CUDA_SH
 def build_parser() -> argparse.ArgumentParser:
     """The command line (also parsed by tests/test_check_gpu.py, which checks the prepared GPU
     call's arguments without a GPU)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_common_args(ap)
     ap.add_argument("--shapes", nargs="+", type=C.parse_shape, default=None,
-                    help="B x C cases, e.g. 512x32000 (default: the issue's 7 shapes, 2 with --quick)")
+                    help="B x C cases, e.g. 512x32000 (default: the issue's 7 shapes, 11 on CUDA, 2 with --quick)")
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--plans", nargs="+", default=[], metavar="SPEC",

@@ -60,7 +60,7 @@ def layouts(C_: int, with_ce: bool) -> list:
 def build_parser() -> argparse.ArgumentParser:
     """The command line (also parsed by tests/test_check_gpu.py, which checks the prepared GPU
     call's arguments without a GPU)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", choices=("cuda",))
     ap.add_argument("--shapes", nargs="+", type=C.parse_shape, default=SHAPES)
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(C.DTYPES))

@@ -254,7 +254,7 @@ def evaluate_targets(rows, pass_result, device):
 def build_parser() -> argparse.ArgumentParser:
     """The command line (also parsed by tests/test_check_gpu.py, which checks the prepared GPU
     call's arguments without a GPU)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_common_args(ap)
     ap.add_argument("--shapes", nargs="+", type=C.parse_shape, default=None,
                     help="B x C kernel cases (default: the issue's 3 shapes, 2 smaller ones with --quick)")

@@ -142,7 +142,7 @@ class BusyWindow:
 def build_parser() -> argparse.ArgumentParser:
     """The command line (also parsed by tests/test_check_gpu.py, which checks the prepared GPU
     call's arguments without a GPU)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-train", type=int, default=None,
                     help="training images (default 1024 on CPU, 50000 on GPU)")

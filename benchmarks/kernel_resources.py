@@ -6,9 +6,9 @@ code only, ``nvcc -cubin``) with the optimization flags of the extension's build
 ``-O3 --expt-relaxed-constexpr -DKDSEQ_WITH_CUDA``, plus torch's ``COMMON_NVCC_FLAGS``) and
 ``-Xptxas -v``, and prints a row per kernel instantiation: registers per thread, stack frame, spill
 stores and loads (bytes per thread), static shared memory. Instantiations that the planner never
-dispatches (e.g. CE rows at 32 elements a thread) are compiled too and listed like the others.
+dispatches (e.g. 8-lane rows at 32 elements a thread, which only a forced plan reaches) are compiled too and listed like the others.
 
-A spill is not a verdict: the register-rows kernels at 32 elements a thread spill 56-220 bytes of
+A spill is not a verdict: the register-rows kernels at 32 elements a thread spill 44-220 bytes (sm_90) of
 row bookkeeping and were still the fastest register layouts on an H200 (benchmarks/README.md).
 The table tells a kernel change that adds spills or registers before any GPU run does.
 
