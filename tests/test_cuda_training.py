@@ -14,6 +14,7 @@ import torch
 
 from kdseq_fast import cli
 from kdseq_fast.config import load_config
+from kdseq_fast.runtime import load_checkpoint
 from kdseq_fast.trainer import Trainer, train_teacher
 
 pytestmark = pytest.mark.cuda
@@ -75,8 +76,11 @@ def test_resume_on_cuda_is_bit_identical(tmp_path, teacher):
     assert run(tmp_path / "ref").returncode == 0
     killed = run(tmp_path / "k", {"KDSEQ_TEST_KILL_AT_STEP": "12"})
     assert killed.returncode != 0
+    # A deterministic restart from scratch would give the same weights: check that it resumed.
+    assert load_checkpoint(str(tmp_path / "k" / "checkpoint.pt"))["progress"]["global_step"] == 10
     done = run(tmp_path / "k", resume=True)
     assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stdout, done.stdout
     a = torch.load(tmp_path / "ref" / "student.pt", weights_only=True)
     b = torch.load(tmp_path / "k" / "student.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)

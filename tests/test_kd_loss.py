@@ -207,12 +207,13 @@ def test_nan_logits_give_nan_loss():
             assert torch.isfinite(rows[[0, 1, 3]]).all(), (where, C)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 4])
 def test_a_block_of_nan_before_any_finite_logit_still_gives_nan(threads):
     # The running maximum skips NaN: a chunk of NaN (or NaN and -inf) met while it was still -inf
     # counted as masked classes, so the row came out finite (teacher) or +inf (student), with a
-    # finite gradient the non-finite guard never saw. Chunks of 256 columns; on the split path
-    # (one row, C >= 16384, 2 threads) a segment that starts with such a chunk.
+    # finite gradient the non-finite guard never saw. Chunks of 256 columns; with 4 threads the
+    # 2 rows of C = 32768 take the split path (fewer rows than threads, C >= 16384), whose second
+    # segment starts at column 16384 with such a chunk.
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
