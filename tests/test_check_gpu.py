@@ -207,8 +207,9 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 # bench_scoring ignores SIGTERM (as a trainer that checkpoints first may) and outlives its limit.
 case "$*" in
   *get_device_capability*) echo 9.0; exit 0 ;;
-  *bench_kd_loss.py*) echo "a row it measured"; exit 3 ;;
-  *bench_scoring.py*) trap '' TERM; sleep 60; exit 0 ;;
+  *bench_kd_loss.py*) echo "a row it measured"; echo "PASS    fp32 (4096, 32000) >= 85% of memcpy: 0.9"
+                      echo "  NOT RUN bf16 (16, 131072): no kdseq row"; echo "a PASS in a sentence"; exit 3 ;;
+  *bench_scoring.py*) echo "MISS    share of the scoring pass < 1%: 3.9%"; trap '' TERM; sleep 60; exit 0 ;;
 esac
 exec {python} "$@"
 """
@@ -231,9 +232,15 @@ def test_a_real_run_reports_each_step_and_packs_what_it_finished(tmp_path):
     # Killed 10 s after the SIGTERM it ignored (exit 137): still a timeout, not a failure.
     assert "bench-scoring TIMED OUT after 2 s" in text, text
     assert "did not pass" in text and "bench-kd-loss bench-scoring" in text
+    # Every verdict printed along the way, gathered at the end (where the tool's output tail is).
+    digest = ("== check-gpu: targets (1 PASS, 1 MISS, 1 NOT RUN)\n"
+              "bench-kd-loss: PASS    fp32 (4096, 32000) >= 85% of memcpy: 0.9\n"
+              "bench-kd-loss: NOT RUN bf16 (16, 131072): no kdseq row\n"
+              "bench-scoring: MISS    share of the scoring pass < 1%: 3.9%\n")
+    assert digest in text, text
     with tarfile.open(archive) as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
-    assert {"info.txt", "bench-kd-loss.log", "bench-scoring.log"} <= names, names
+    assert {"info.txt", "bench-kd-loss.log", "bench-scoring.log", "targets.txt"} <= names, names
     with tarfile.open(archive) as tar:
         log = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("bench-kd-loss.log"))).read()
     assert b"a row it measured" in log
