@@ -22,13 +22,19 @@ from .config import find_config  # re-exported: what --config accepts
 __all__ = ["main", "build_parser", "find_config"]
 
 
+def _nonempty_path(text: str) -> str:
+    if not text.strip():  # "" would train into the current directory
+        raise argparse.ArgumentTypeError("must be a non-empty path")
+    return text
+
+
 def _common(p: argparse.ArgumentParser, *, out_required: bool = True, run_flags: bool = True) -> None:
     p.add_argument("--config", help="YAML recipe (path or packaged name such as digits_quick)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=0.1 (repeatable)")
     p.add_argument("--seed", type=int, help="shorthand for --set seed=N")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (shorthand for --set device=...)")
-    p.add_argument("--out", required=out_required, help="output directory")
+    p.add_argument("--out", required=out_required, type=_nonempty_path, help="output directory")
     if run_flags:  # commands that train into --out
         start = p.add_mutually_exclusive_group()
         start.add_argument("--resume", action="store_true",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import math
 import os
 import pickle
 import tarfile
@@ -107,6 +108,13 @@ class DatasetSplit:
     root: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, (int, np.integer)) \
+                or self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}")
+        kind = np.asarray(self.labels).dtype.kind
+        if kind not in "iu" and not (kind in "fO" and len(self.labels) == 0):
+            # A cast would truncate 1.7 to class 1 without a word.
+            raise ValueError(f"labels must be integers (class indices), got {np.asarray(self.labels).dtype}")
         self.labels = np.ascontiguousarray(self.labels, dtype=np.int64)
         if self.labels.ndim != 1:
             raise ValueError(f"labels must be 1-D, got shape {self.labels.shape}")
@@ -181,6 +189,11 @@ def get_dataset(name: str, root: str | os.PathLike = "./data", split: str = "tra
     if extra:
         raise TypeError(f"get_dataset({name!r}) got unexpected keyword argument(s) {extra}; "
                         f"accepted: {sorted(allowed) or 'none'}")
+    size = kwargs.get("image_size", 1)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"image_size must be a positive integer (pixels), got {size!r}")
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a path (str or os.PathLike), got {type(root).__name__}")
     root = os.path.expanduser(os.fspath(root))  # a config value: no shell expanded its ~
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, root, split, download)
@@ -193,7 +206,7 @@ def get_dataset(name: str, root: str | os.PathLike = "./data", split: str = "tra
     if name == "fashion_mnist":
         return _load_fashion_mnist(root, split, download, kwargs.get("image_size", 28))
     if name == "digits":
-        return _load_digits(split, int(kwargs.get("image_size", 32)))
+        return _load_digits(split, kwargs.get("image_size", 32))
     return _load_synthetic(split, **kwargs)
 
 
@@ -468,10 +481,14 @@ def _load_imagefolder(root: str, split: str, image_size: int = 224,
             if train_classes != classes:
                 raise ValueError(f"class folders of {directory} differ from {train_dir}")
     dmean, dstd = NORMALIZATION["imagefolder"]
-    mean = tuple(float(v) for v in mean) if mean is not None else dmean
-    std = tuple(float(v) for v in std) if std is not None else dstd
-    if len(mean) != len(std) or any(s <= 0 for s in std):
-        raise ValueError(f"mean/std must have equal length and positive std, got {mean}, {std}")
+    try:
+        mean = tuple(float(v) for v in mean) if mean is not None else dmean
+        std = tuple(float(v) for v in std) if std is not None else dstd
+    except (TypeError, ValueError):
+        raise ValueError(f"mean and std must be sequences of numbers (one per channel), got {mean!r}, {std!r}") from None
+    if len(mean) != len(std) or not all(math.isfinite(m) for m in mean) or \
+            not all(math.isfinite(s) and s > 0 for s in std):
+        raise ValueError(f"mean/std must have equal length, finite values and positive std, got {mean}, {std}")
     return DatasetSplit(paths, labels, len(classes), classes, mean, std, int(image_size),
                         "imagefolder", split, root)
 
@@ -479,12 +496,13 @@ def _load_imagefolder(root: str, split: str, image_size: int = 224,
 # --------------------------------------------------------------------------------------------
 # Fashion-MNIST: the original IDX files (Zalando), 60,000 train / 10,000 test 28x28 grey images
 # --------------------------------------------------------------------------------------------
-def read_idx(path: str) -> np.ndarray:
+def read_idx(path: str | os.PathLike) -> np.ndarray:
     """An IDX file (gzipped or not) as a numpy array: the format of MNIST and Fashion-MNIST.
 
     Header: two zero bytes, a type code (0x08 = uint8), the number of dimensions, then one
     big-endian uint32 per dimension. A wrong magic, another element type or a length that does
     not match the header raises ``ValueError`` naming the file."""
+    path = os.fspath(path)
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as fh:

@@ -79,6 +79,8 @@ def ordered_batch_size(num_items: int, batch_size: int, world: int) -> int:
     item on ``world`` ranks: the sharded loader drops a last global batch with fewer rows than
     ranks (so every rank steps together), which would lose items here, so shrink the batch until
     the remainder is zero or at least ``world``."""
+    if batch_size < 1 or world < 1:
+        raise ValueError(f"batch_size and world must be >= 1, got {batch_size} and {world}")
     if world <= 1:
         return batch_size
     if num_items < world:
@@ -101,6 +103,8 @@ def rank_loss_weight(local_rows: int, global_rows: int, world: int) -> float:
     """Factor on a rank's mean loss so that DDP's *average* of the ranks' gradients equals the
     gradient of the mean loss over the whole global batch: ``local_rows * world / global_rows``
     (exactly 1.0 when the batch splits evenly)."""
+    if global_rows < 1:
+        raise ValueError(f"global_rows must be >= 1, got {global_rows}")
     if world <= 1 or local_rows * world == global_rows:
         return 1.0
     return local_rows * world / global_rows
@@ -152,6 +156,13 @@ def load_teacher(cfg: Config, path: str, num_classes: int, device=None,
     return model.to(device) if device is not None else model
 
 
+def check_teacher_argument(teacher) -> None:
+    """None, a module or a non-empty checkpoint path ("" would name the working directory)."""
+    if teacher is not None and not isinstance(teacher, torch.nn.Module) and \
+            (not isinstance(teacher, (str, os.PathLike)) or not os.fspath(teacher)):
+        raise ValueError(f"the teacher must be a torch.nn.Module or a checkpoint path, got {teacher!r}")
+
+
 def open_teacher(cfg: Config, teacher, method: str, num_classes: int,
                  in_channels: int = 3) -> tuple[torch.nn.Module, str | None]:
     """The teacher of a kd/isl run and its checkpoint path (None for a module): ``teacher`` (a
@@ -160,6 +171,7 @@ def open_teacher(cfg: Config, teacher, method: str, num_classes: int,
     if teacher is None:
         raise ValueError(f"method {method!r} needs a teacher: pass --teacher PATH or set "
                          "teacher.checkpoint (train one with `kdseq-fast train-teacher`)")
+    check_teacher_argument(teacher)
     if isinstance(teacher, torch.nn.Module):
         return teacher.eval(), None
     path = os.path.abspath(os.path.expanduser(os.fspath(teacher)))  # teacher.checkpoint may hold ~

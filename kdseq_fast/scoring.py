@@ -69,8 +69,8 @@ def _unpack(batch):
 
 def _infer_num_items(loader, num_items: Optional[int]) -> int:
     if num_items is not None:
-        if int(num_items) <= 0:
-            raise ValueError(f"num_items must be > 0, got {num_items}")
+        if isinstance(num_items, bool) or not isinstance(num_items, (int, np.integer)) or num_items <= 0:
+            raise ValueError(f"num_items must be a positive integer, got {num_items!r}")
         return int(num_items)
     if hasattr(loader, "num_items"):
         return int(loader.num_items)
@@ -181,12 +181,11 @@ def _traverse(model, loader, *, num_items, device, amp, progress, desc, on_chunk
             bar = tqdm(loader, total=total, desc=desc, disable=not progress, leave=False, unit="batch")
             for batch in bar:
                 images, labels, indices = _unpack(batch)
-                indices = torch.as_tensor(indices)
-                if indices.dtype != torch.int64:
-                    indices = indices.long()
-                indices = indices.to(device, non_blocking=True)
+                images, labels, indices = (torch.as_tensor(x) for x in (images, labels, indices))
+                _check_batch(images, labels, indices)
+                indices = indices.to(device, torch.int64, non_blocking=True)
                 images = images.to(device, non_blocking=True)
-                labels = torch.as_tensor(labels).to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
                 chunks.add(model(images), labels, indices)
             chunks.flush()
     finally:
@@ -194,6 +193,18 @@ def _traverse(model, loader, *, num_items, device, amp, progress, desc, on_chunk
     if int(chunks.outside):
         raise ValueError(f"loader yielded {int(chunks.outside)} dataset indices outside [0, {num_items})")
     return chunks.seen.cpu()
+
+
+def _check_batch(images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+    """Shapes and dtypes only (known on the host: no wait for the GPU)."""
+    if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype.is_complex or \
+            indices.dtype == torch.bool:
+        raise ValueError(f"loader batches' indices must be a 1-D integer tensor of dataset indices, got "
+                         f"{indices.dtype} of shape {tuple(indices.shape)}")
+    if images.dim() == 0 or images.shape[0] != indices.shape[0] or labels.shape[:1] != indices.shape:
+        raise ValueError(f"a loader batch has {images.shape[0] if images.dim() else 0} images, "
+                         f"{labels.shape[0] if labels.dim() else 0} labels and {indices.shape[0]} indices; "
+                         "they must be as many")
 
 
 def _check_coverage(seen: torch.Tensor, what: str) -> None:
@@ -237,10 +248,8 @@ def score_dataset(model: torch.nn.Module, loader: Iterable, teacher_logits=None,
     device = _model_device(model, device)
     check_cuda_kernels(device)
     out = torch.zeros(num_items, len(SCORE_FIELDS), dtype=torch.float32, device=device)
-    if teacher_logits is not None and not isinstance(teacher_logits, torch.Tensor):
-        teacher_logits = torch.from_numpy(np.asarray(teacher_logits))
-    if teacher_logits is not None and teacher_logits.shape[0] != num_items:
-        raise ValueError(f"teacher_logits has {teacher_logits.shape[0]} rows but the dataset has {num_items}")
+    if teacher_logits is not None:
+        teacher_logits = _as_logit_table(teacher_logits, num_items)
     if teacher_logits is not None and teacher_logits.device != device and \
             _fits_on(device, teacher_logits.numel() * teacher_logits.element_size()):
         teacher_logits = teacher_logits.to(device)
@@ -262,6 +271,26 @@ def score_dataset(model: torch.nn.Module, loader: Iterable, teacher_logits=None,
     return out.cpu()
 
 
+def _as_logit_table(teacher_logits, num_items: int) -> torch.Tensor:
+    """``score_dataset``'s teacher_logits as a floating (N, C) tensor: float64 (numpy's default)
+    is taken as float32, the precision the scores are computed in."""
+    if not isinstance(teacher_logits, torch.Tensor):
+        array = np.asarray(teacher_logits)
+        if array.dtype.kind not in "fiu":
+            raise ValueError(f"teacher_logits must hold real numbers, got an array of {array.dtype}")
+        teacher_logits = torch.from_numpy(array)
+    if teacher_logits.device.type == "meta":
+        raise ValueError("teacher_logits is a meta tensor (it holds no values)")
+    if teacher_logits.dim() != 2 or teacher_logits.shape[0] != num_items:
+        raise ValueError(f"teacher_logits must be (N, C) with N = {num_items} (the dataset's size), got shape "
+                         f"{tuple(teacher_logits.shape)}")
+    if teacher_logits.dtype.is_complex or teacher_logits.dtype == torch.bool:
+        raise ValueError(f"teacher_logits must hold real numbers, got {teacher_logits.dtype}")
+    if not teacher_logits.dtype.is_floating_point or teacher_logits.dtype == torch.float64:
+        teacher_logits = teacher_logits.float()
+    return teacher_logits
+
+
 def compute_logits(model: torch.nn.Module, loader: Iterable, *, num_items: Optional[int] = None,
                    device=None, amp=None, progress: bool = True, dtype: torch.dtype = torch.float32,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -269,9 +298,18 @@ def compute_logits(model: torch.nn.Module, loader: Iterable, *, num_items: Optio
     (returned on the CPU; gathered on the device when the matrix fits there, in one copy)."""
     num_items = _infer_num_items(loader, num_items)
     device = _model_device(model, device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
+    if out is not None and (not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != num_items
+                            or out.dtype != dtype or out.device.type == "meta"):
+        raise ValueError(f"out must be a ({num_items}, C) tensor of {dtype} (dtype), got "
+                         + (f"{out.dtype} of shape {tuple(out.shape)} on {out.device}"
+                            if isinstance(out, torch.Tensor) else type(out).__name__))
     holder = {"out": out}
 
     def on_chunk(logits, labels, indices):
+        if out is not None and out.shape[1] != logits.shape[1]:
+            raise ValueError(f"out has {out.shape[1]} columns but the model outputs {logits.shape[1]} classes")
         if holder["out"] is None:
             nbytes = num_items * logits.shape[1] * torch.tensor([], dtype=dtype).element_size()
             where = device if _fits_on(device, nbytes) else torch.device("cpu")
@@ -399,9 +437,13 @@ class TeacherLogitCache:
 
 
 def difficulty(scores: torch.Tensor, measure: str = "ce") -> torch.Tensor:
-    """One float32 difficulty per instance (larger = harder) from an (N, 6) score matrix."""
+    """One float32 difficulty per instance (larger = harder) from an (N, 6) score matrix, on the
+    CPU (scores on a GPU are copied over: N x 6 values, once per phase)."""
     if not isinstance(scores, torch.Tensor):
         scores = torch.as_tensor(np.asarray(scores))
+    if scores.device.type == "meta":
+        raise ValueError("scores is a meta tensor (it holds no values)")
+    scores = scores.detach().cpu()
     if scores.dim() != 2 or scores.shape[1] != len(SCORE_FIELDS):
         raise ValueError(f"scores must have shape (N, {len(SCORE_FIELDS)}), got {tuple(scores.shape)}")
     total = torch.zeros(scores.shape[0], dtype=torch.float64)

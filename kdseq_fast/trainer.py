@@ -41,14 +41,14 @@ import torch
 
 from ._extension import check_cuda_kernels
 from .callbacks import Callback, ConsoleLogger, TensorBoardLogger
-from .config import Config, config_hash, phase_epochs
+from .config import Config, config_hash, phase_epochs, validate_config
 from .curriculum import InstanceSequence
 from .epoch_sums import EpochSums
 from .nonfinite import RejectedSteps
 from .progress import RunProgress
 from .reports import accuracy_target, steps_to_target
 from .run_dir import RESUME_IGNORED_KEYS, RunDirectory, RunDirError, TrainResult, check_resumable, resume_hash
-from .run_inputs import (DataBundle, build_data, load_teacher, make_loader, open_teacher,
+from .run_inputs import (DataBundle, build_data, check_teacher_argument, load_teacher, make_loader, open_teacher,
                          ordered_batch_size, rank_loss_weight, shared_teacher_logits)
 from .runtime import (GracefulStop, RunContext, SegmentTimer, capture_rng_state, load_latest_checkpoint,
                       restore_rng_state, save_checkpoint, setup_run, test_dump_hook, test_kill_hook)
@@ -122,6 +122,15 @@ class Trainer:
         method = "ce" if role == "teacher" else (method or cfg.method)
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        # A Config changed after loading (cfg.optim.lr = ...) is checked again here.
+        validate_config(cfg, methods=(method,))
+        if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+            raise ValueError(f"out_dir must be a non-empty path, got {out_dir!r}")
+        check_teacher_argument(teacher)
+        callbacks = () if callbacks is None else callbacks
+        if not isinstance(callbacks, (list, tuple)) or not all(isinstance(cb, Callback) for cb in callbacks):
+            raise TypeError("callbacks must be a list of kdseq_fast.callbacks.Callback instances, got "
+                            f"{callbacks!r}")
         self.cfg, self.method, self.role = cfg, method, role
         self.out_dir = os.path.abspath(out_dir)
         self.label = label or ("teacher" if role == "teacher" else method)

@@ -161,6 +161,15 @@ def test_compare_checks_its_inputs_before_any_student_trains(tmp_path, capsys, t
         assert rc == 2 and msg in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["distill", "compare", "demo"])
+def test_an_empty_out_is_refused_not_the_working_directory(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--out", "", "--quiet"] + _sets(TINY))
+    assert exc.value.code == 2 and "--out: must be a non-empty path" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_run_checkpoint_is_a_teacher_and_a_score_checkpoint(tmp_path, capsys, teacher_ckpt):
     ckpt = teacher_ckpt.parent / "checkpoint.pt"  # the run's own checkpoint (header, checksum)
     _main(["distill", "--method", "kd", "--teacher", str(ckpt), "--out", str(tmp_path / "kd"), "--quiet"]

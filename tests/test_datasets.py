@@ -202,6 +202,9 @@ def test_imagefolder(tmp_path):
     assert test.mean == NORMALIZATION["imagefolder"][0]
     custom = get_dataset("imagefolder", tmp_path, "train", mean=(1, 2, 3), std=(4, 5, 6))
     assert custom.mean == (1.0, 2.0, 3.0) and custom.std == (4.0, 5.0, 6.0)
+    for mean, std in (((1, 2, 3), (4, float("nan"), 6)), ((1, 2, float("inf")), (4, 5, 6)), (5, (4, 5, 6))):
+        with pytest.raises(ValueError, match="mean"):  # a NaN std passed the "positive std" check
+            get_dataset("imagefolder", tmp_path, "train", mean=mean, std=std)
     with pytest.raises(DatasetNotFoundError, match="imagefolder"):
         get_dataset("imagefolder", tmp_path / "nothing", "train")
 
@@ -331,11 +334,24 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="num_classes"):
         get_dataset("synthetic", split="train", num_classes=2.5)
     with pytest.raises(ValueError, match="length"):
-        DatasetSplit(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(3), 2, ["a", "b"], (0,), (1,), 4,
+        DatasetSplit(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(3, np.int64), 2, ["a", "b"], (0,), (1,), 4,
                      "x", "train")
     with pytest.raises(ValueError, match="labels must lie"):
         DatasetSplit(np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 2]), 2, ["a", "b"], (0,), (1,),
                      4, "x", "train")
+    # Float labels were truncated (1.7 -> class 1) and any num_classes was taken.
+    with pytest.raises(ValueError, match="labels must be integers"):
+        DatasetSplit(np.zeros((2, 4, 4, 3), np.uint8), np.array([0.5, 1.7]), 2, ["a", "b"], (0,), (1,),
+                     4, "x", "train")
+    for num_classes in (2.5, 0, "2", True):
+        with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+            DatasetSplit(np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 1]), num_classes, ["a", "b"], (0,),
+                         (1,), 4, "x", "train")
+    for size in (16.9, "16", None, 0):  # 16.9 was taken as 16
+        with pytest.raises(ValueError, match="image_size must be a positive integer"):
+            get_dataset("digits", split="train", image_size=size)
+    with pytest.raises(TypeError, match="root must be a path"):
+        get_dataset("digits", None, "train")
 
 
 def test_dataset_from_config(tmp_path):

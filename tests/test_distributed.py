@@ -198,6 +198,11 @@ def test_ordered_passes_cover_every_item_once(n, bs, world):
 def test_split_smaller_than_the_world_is_a_clear_error():
     with pytest.raises(ValueError, match="7 items cannot be spread over 8 ranks"):
         ordered_batch_size(7, 64, 8)
+    for batch_size, world in ((0, 2), (-3, 1), (8, 0)):  # returned 0 or -3 as a batch size
+        with pytest.raises(ValueError, match="batch_size and world must be >= 1"):
+            ordered_batch_size(10, batch_size, world)
+    with pytest.raises(ValueError, match="global_rows must be >= 1"):  # ZeroDivisionError
+        rank_loss_weight(1, 0, 2)
 
 
 def test_rank_loss_weights_make_the_ddp_average_the_global_mean_gradient():

@@ -100,7 +100,7 @@ def test_corrupt_files_raise_naming_the_file(tmp_path):
         read_idx(str(path))
     (tmp_path / "t.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match="cannot read"):
-        read_idx(str(tmp_path / "t.gz"))
+        read_idx(tmp_path / "t.gz")  # a pathlib.Path is a path too
 
 
 def test_label_count_mismatch(tmp_path):

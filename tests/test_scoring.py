@@ -5,7 +5,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import kdseq_fast as kf
-from kdseq_fast.scoring import TeacherLogitCache, compute_logits, difficulty, parse_measure, score_dataset
+from kdseq_fast.scoring import (SCORE_FIELDS, TeacherLogitCache, compute_logits, difficulty, parse_measure,
+                                score_dataset)
 
 
 def small_problem(n=53, classes=7, seed=0):
@@ -101,8 +102,44 @@ def test_score_dataset_rejects_missing_or_repeated_indices():
         score_dataset(model, loader_for(x, y), num_items=10, progress=False)
     with pytest.raises(ValueError, match="num_items"):
         score_dataset(model, [(x, y, torch.arange(20))], progress=False)
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(ValueError, match=r"teacher_logits must be \(N, C\) with N = 20"):
         score_dataset(model, loader_for(x, y), torch.zeros(5, 7), num_items=20, progress=False)
+
+
+def test_bad_passes_and_tables_are_named_errors_not_wrong_results():
+    x, y, model = small_problem(n=20)
+    idx = torch.arange(20)
+    # Float indices were truncated (2.5 -> 2: a wrong row, and the true one never written).
+    with pytest.raises(ValueError, match="indices must be a 1-D integer tensor"):
+        score_dataset(model, [(x, y, idx + 0.5)], num_items=20, progress=False)
+    with pytest.raises(ValueError, match="20 images, 20 labels and 19 indices"):
+        score_dataset(model, [(x, y, idx[:19])], num_items=20, progress=False)
+    for n in (6.9, "20", True, 0):
+        with pytest.raises(ValueError, match="num_items must be a positive integer"):
+            score_dataset(model, [(x, y, idx)], num_items=n, progress=False)
+    # numpy images and float64 teacher tables (numpy's default) are taken as they are meant.
+    teacher = np.random.default_rng(0).normal(size=(20, 7))
+    got = score_dataset(model, [(x.numpy(), y, idx)], teacher, num_items=20, progress=False)
+    want = score_dataset(model, [(x, y, idx)], torch.from_numpy(teacher).float(), num_items=20, progress=False)
+    assert torch.equal(got, want) and bool((got[:, SCORE_FIELDS.index("kd")] > 0).all())
+    for table, message in ((np.zeros(20), r"must be \(N, C\)"), (np.full((20, 7), "a"), "real numbers"),
+                           (torch.zeros(20, 7, device="meta"), "meta tensor"),
+                           (torch.zeros(20, 7, dtype=torch.complex64), "real numbers")):
+        with pytest.raises(ValueError, match=message):
+            score_dataset(model, [(x, y, idx)], table, num_items=20, progress=False)
+    # compute_logits: an integer dtype truncated the logits; a wrong `out` failed inside index_copy_.
+    for kwargs, message in ((dict(dtype=torch.int64), "dtype must be a floating"),
+                            (dict(dtype="float16"), "dtype must be a floating"),
+                            (dict(out=torch.zeros(20, 6)), "out has 6 columns"),
+                            (dict(out=torch.zeros(20, 7, dtype=torch.float16)), r"out must be a \(20, C\)"),
+                            (dict(out=np.zeros((20, 7), np.float32)), r"out must be a \(20, C\)")):
+        with pytest.raises(ValueError, match=message):
+            compute_logits(model, [(x, y, idx)], num_items=20, progress=False, **kwargs)
+    out = torch.full((20, 7), float("nan"))
+    assert compute_logits(model, [(x, y, idx)], num_items=20, progress=False, out=out) is not None
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="meta tensor"):  # gave zeros
+        difficulty(torch.rand(4, 6, device="meta"))
 
 
 def test_compute_logits_matches_model():

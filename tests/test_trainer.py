@@ -8,7 +8,7 @@ import torch
 
 import kdseq_fast as kf
 from kdseq_fast.config import load_config
-from kdseq_fast.trainer import (Callback, RunDirError, Trainer, steps_to_target, train_teacher)
+from kdseq_fast.trainer import (Callback, ConsoleLogger, RunDirError, Trainer, steps_to_target, train_teacher)
 
 # Digits: 1,437 training images -> 23 steps per epoch at batch 64. resnet8 on both sides keeps the
 # whole file to a few hundred small steps.
@@ -572,6 +572,25 @@ def test_a_config_loaded_for_the_baselines_is_refused_for_isl_before_any_work(tm
     with pytest.raises(ValueError, match="epoch accounting"):
         compare(cfg, str(tmp_path / "cmp"), methods=["ce", "isl"], quiet=True, log=lambda m: None)
     assert not (tmp_path / "isl").exists() and not (tmp_path / "cmp").exists()
+
+
+def test_bad_trainer_arguments_are_named_before_any_work(tmp_path, monkeypatch):
+    cfg = load_config(None, BASE)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="out_dir must be a non-empty path"):  # trained into the cwd
+        Trainer(cfg, "", method="ce", quiet=True, log=lambda m: None)
+    with pytest.raises(ValueError, match="out_dir must be a non-empty path"):
+        Trainer(cfg, None, method="ce", quiet=True, log=lambda m: None)
+    for callbacks in (ConsoleLogger(), [object()], "console"):
+        with pytest.raises(TypeError, match="callbacks must be a list of kdseq_fast.callbacks.Callback"):
+            Trainer(cfg, str(tmp_path / "cb"), method="ce", quiet=True, log=lambda m: None, callbacks=callbacks)
+    with pytest.raises(ValueError, match="teacher must be a torch.nn.Module or a checkpoint path"):
+        Trainer(cfg, str(tmp_path / "kd"), method="kd", teacher="", quiet=True, log=lambda m: None)
+    # A Config changed after loading is validated again (a str batch size failed deep inside).
+    cfg.optim.batch_size = "8"
+    with pytest.raises(ValueError, match="optim.batch_size"):
+        Trainer(cfg, str(tmp_path / "bs"), method="ce", quiet=True, log=lambda m: None)
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_signal_while_the_results_are_written_stops_compare_before_the_next_method(tmp_path, monkeypatch):
