@@ -47,6 +47,38 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), *map(int, stream)])))
 
 
+def _check_int(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as an int: a Python or numpy integer (not a bool), at least ``minimum``.
+
+    Shared with the data loader: a float, string or bool where a count, seed or index is meant
+    raises a ValueError naming the argument instead of being truncated by ``int()``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
+            (minimum is not None and value < minimum):
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(
+            minimum, "an integer" if minimum is None else f"an integer >= {minimum}")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _host_array(x, name: str):
+    """A torch tensor (duck-typed: this module does not import torch) detached and copied to a
+    host numpy array; anything else is returned unchanged. A tensor without data (on the "meta"
+    device) is refused by name rather than failing deep inside torch."""
+    if hasattr(x, "detach") and hasattr(x, "device"):
+        if getattr(x.device, "type", None) == "meta":
+            raise ValueError(f"{name} is a tensor on the meta device (a shape without data); "
+                             "pass a tensor that holds values")
+        x = x.detach().cpu().numpy()
+    return x
+
+
 def _check_frac(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name} must be a number in (0, 1], got {type(value).__name__} {value!r}")
@@ -101,6 +133,8 @@ class Pacing:
 
     def admitted(self, progress, num_items: int, min_items: int = 1):
         """Number of admitted instances ``ceil(g * N)``, at least ``min(min_items, N)``."""
+        num_items = _check_int("num_items", num_items, 1)
+        min_items = _check_int("min_items", min_items, 0)
         g = np.asarray(self(progress), dtype=np.float64)
         # Round before ceil so g*N that is an integer up to float error does not jump by one.
         n = np.ceil(np.round(g * num_items, 9)).astype(np.int64)
@@ -120,8 +154,15 @@ class InstanceSequence:
     def __init__(self, difficulty, order: str = "easy", *, seed: int = 0, phase: int = 0):
         if order not in ORDER_KINDS:
             raise ValueError(f"order must be one of {', '.join(ORDER_KINDS)}; got {order!r}")
-        d = np.asarray(difficulty.detach().cpu().numpy() if hasattr(difficulty, "detach")
-                       else difficulty, dtype=np.float64)
+        seed = _check_int("seed", seed, 0)
+        phase = _check_int("phase", phase, 0)
+        d = np.asarray(_host_array(difficulty, "difficulty"))
+        try:  # bool/int/float, or an object array of real numbers; not strings, complex, dates
+            if d.dtype.kind not in "biufO":
+                raise TypeError
+            d = d.astype(np.float64, copy=False)
+        except (TypeError, ValueError):
+            raise ValueError(f"difficulty must hold real numbers, got dtype {d.dtype}") from None
         if d.ndim != 1 or d.size == 0:
             raise ValueError(f"difficulty must be a non-empty 1-D array, got shape {d.shape}")
         bad = ~np.isfinite(d)
@@ -151,6 +192,9 @@ class InstanceSequence:
 
 def epoch_batch_sizes(num_items: int, batch_size: int, drop_last: bool = False) -> np.ndarray:
     """Batch sizes of one pass over ``num_items`` (the step budget every method shares)."""
+    num_items = _check_int("num_items", num_items, 1)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    drop_last = _check_bool("drop_last", drop_last)
     full, rest = divmod(num_items, batch_size)
     sizes = [batch_size] * full
     if rest and not drop_last:
@@ -169,13 +213,9 @@ class OrderGenerator:
     """
 
     def __init__(self, num_items: int, batch_size: int, *, seed: int = 0, drop_last: bool = False):
-        if isinstance(num_items, bool) or not isinstance(num_items, (int, np.integer)) or num_items < 1:
-            raise ValueError(f"num_items must be a positive integer, got {num_items!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.num_items = int(num_items)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
+        self.num_items = _check_int("num_items", num_items, 1)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seed = _check_int("seed", seed, 0)
         self.batch_sizes = epoch_batch_sizes(self.num_items, self.batch_size, drop_last)
 
     @property
@@ -184,10 +224,16 @@ class OrderGenerator:
 
     def uniform_epoch(self, phase: int, epoch: int) -> np.ndarray:
         """A uniformly shuffled permutation of all indices (warm-up, kd, ce, final epochs)."""
+        phase, epoch = _check_int("phase", phase, 0), _check_int("epoch", epoch, 0)
         return _rng(self.seed, _TAG_UNIFORM, phase, epoch).permutation(self.num_items).astype(np.int64)
 
     def admitted_counts(self, pacing: Pacing, epoch_in_phase: int, phase_epochs: int) -> np.ndarray:
         """Admitted prefix length before each batch of ``epoch_in_phase`` (0-based)."""
+        if not isinstance(pacing, Pacing):
+            raise TypeError(f"pacing must be a Pacing (e.g. Pacing('linear', 0.2, 0.8)), got "
+                            f"{type(pacing).__name__} {pacing!r}")
+        phase_epochs = _check_int("phase_epochs", phase_epochs, 1)
+        epoch_in_phase = _check_int("epoch_in_phase", epoch_in_phase, 0)
         if not (0 <= epoch_in_phase < phase_epochs):
             raise ValueError(f"epoch_in_phase must be in [0, {phase_epochs}), got {epoch_in_phase}")
         s = self.steps_per_epoch
@@ -215,9 +261,9 @@ class OrderGenerator:
         if isinstance(mix_frac, bool) or not isinstance(mix_frac, (int, float, np.floating)) or \
                 not 0.0 <= float(mix_frac) < 1.0:
             raise ValueError(f"mix_frac must be a number in [0, 1), got {mix_frac!r}")
-        seq = np.asarray(sequence, dtype=np.int64)
-        if seq.shape != (self.num_items,):
-            raise ValueError(f"sequence must have shape ({self.num_items},), got {seq.shape}")
+        phase = _check_int("phase", phase, 0)
+        strict_order = _check_bool("strict_order", strict_order)
+        seq = self._check_sequence(sequence)
         admitted = self.admitted_counts(pacing, epoch_in_phase, phase_epochs)
         positions = np.empty(int(self.batch_sizes.sum()), dtype=np.int64)
         out = 0
@@ -272,6 +318,29 @@ class OrderGenerator:
                     _spread_tail(positions[out:out + b + k], k)
                 out += b + k
         return seq[positions], admitted
+
+    def _check_sequence(self, sequence) -> np.ndarray:
+        """``sequence`` as int64 after checking it is a permutation of ``range(num_items)`` (one
+        min/max and one bincount: cheap next to the epoch it orders)."""
+        n = self.num_items
+        seq = np.asarray(_host_array(sequence, "sequence"))
+        if seq.shape != (n,):
+            raise ValueError(f"sequence must have shape ({n},), got {seq.shape}")
+        if seq.dtype == np.bool_ or not np.issubdtype(seq.dtype, np.integer):
+            raise ValueError(f"sequence must be a permutation of range({n}) and hold integers, "
+                             f"got dtype {seq.dtype}")
+        lo, hi = seq.min(), seq.max()
+        if lo < 0 or hi >= n:
+            raise ValueError(f"sequence must be a permutation of range({n}): entry "
+                             f"{int(lo if lo < 0 else hi)} is out of range")
+        seq = seq.astype(np.int64, copy=False)
+        counts = np.bincount(seq, minlength=n)
+        if counts.max() > 1:
+            dup = int(np.argmax(counts > 1))
+            raise ValueError(f"sequence must be a permutation of range({n}): index {dup} is "
+                             f"duplicated ({int(counts[dup])} times) and {int((counts == 0).sum())} "
+                             "indices are missing")
+        return seq
 
     def _mixed_rows(self, mix_frac: float, admitted: int, batch: int) -> int:
         """Rows of a batch drawn from the not-yet-admitted rest: round(mix_frac * batch), at most

@@ -190,16 +190,73 @@ def test_shuffled_full_pacing_is_a_permutation():
     assert sorted(order.tolist()) == list(range(n))
 
 
-def test_order_generator_argument_errors():
-    with pytest.raises(ValueError, match="num_items"):
-        OrderGenerator(0, 4)
-    with pytest.raises(ValueError, match="batch_size"):
-        OrderGenerator(10, 0)
-    g = OrderGenerator(10, 4)
-    with pytest.raises(ValueError, match="sequence must have shape"):
-        g.paced_epoch(np.arange(9), Pacing(), phase=1, epoch_in_phase=0, phase_epochs=1)
-    with pytest.raises(ValueError, match="epoch_in_phase"):
-        g.paced_epoch(np.arange(10), Pacing(), phase=1, epoch_in_phase=2, phase_epochs=2)
+def _paced(sequence=None, pacing=None, **kw):
+    kw = {"phase": 1, "epoch_in_phase": 0, "phase_epochs": 2, **kw}
+    seq = np.arange(10) if sequence is None else sequence
+    return OrderGenerator(10, 4).paced_epoch(seq, Pacing() if pacing is None else pacing, **kw)
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda: OrderGenerator(0, 4), ValueError, "num_items"),
+    (lambda: OrderGenerator(10, 0), ValueError, "batch_size"),
+    (lambda: OrderGenerator(10, 4, seed=-1), ValueError, "seed must be a non-negative integer"),
+    (lambda: OrderGenerator(10, 4, seed="x"), ValueError, "seed must be a non-negative integer"),
+    (lambda: OrderGenerator(10, 4, seed=1.5), ValueError, "seed"),
+    (lambda: OrderGenerator(10, 4).uniform_epoch(0, -1), ValueError, "epoch must be a non-negative"),
+    (lambda: OrderGenerator(10, 4).uniform_epoch(-1, 0), ValueError, "phase must be a non-negative"),
+    (lambda: _paced(np.arange(9), phase_epochs=1), ValueError, "sequence must have shape"),
+    (lambda: _paced(epoch_in_phase=2), ValueError, r"epoch_in_phase must be in \[0, 2\)"),
+    (lambda: _paced(epoch_in_phase="0"), ValueError, "epoch_in_phase must be a non-negative integer"),
+    (lambda: _paced(phase_epochs=0), ValueError, "phase_epochs must be a positive integer"),
+    (lambda: _paced(phase=-1), ValueError, "phase must be a non-negative integer"),
+    (lambda: _paced(pacing="linear"), TypeError, "pacing must be a Pacing"),
+    (lambda: _paced(strict_order="no"), ValueError, "strict_order must be a bool"),
+    # sequence must be a permutation of range(num_items): no repeats, in range, integers
+    (lambda: _paced([0] * 10), ValueError, r"sequence must be a permutation.*index 0 is duplicated"),
+    (lambda: _paced(list(range(5, 15))), ValueError, "sequence.*entry 14 is out of range"),
+    (lambda: _paced([-1] + list(range(1, 10))), ValueError, "sequence.*entry -1 is out of range"),
+    (lambda: _paced(np.linspace(0, 9.5, 10)), ValueError, "sequence.*hold integers, got dtype float64"),
+    (lambda: _paced(np.arange(10) == 0), ValueError, "sequence.*hold integers, got dtype bool"),
+    (lambda: epoch_batch_sizes(10, 0), ValueError, "batch_size must be a positive integer"),
+    (lambda: epoch_batch_sizes(10, -3), ValueError, "batch_size must be a positive integer"),
+    (lambda: epoch_batch_sizes(-10, 3), ValueError, "num_items must be a positive integer"),
+    (lambda: epoch_batch_sizes(10.5, 3), ValueError, "num_items must be a positive integer"),
+    (lambda: epoch_batch_sizes(10, 3, drop_last="yes"), ValueError, "drop_last must be a bool"),
+    (lambda: Pacing().admitted(0.5, 0), ValueError, "num_items must be a positive integer"),
+    (lambda: Pacing().admitted(0.5, -5), ValueError, "num_items must be a positive integer"),
+    (lambda: Pacing().admitted(0.5, 10.5), ValueError, "num_items must be a positive integer"),
+    (lambda: Pacing().admitted(0.5, "10"), ValueError, "num_items must be a positive integer"),
+    (lambda: Pacing().admitted(0.5, 10, min_items=1.5), ValueError, "min_items"),
+    (lambda: InstanceSequence(np.ones(4), "random", seed=-1), ValueError, "seed must be a non-negative"),
+    (lambda: InstanceSequence(np.ones(4), "random", phase=-1), ValueError, "phase must be a non-negative"),
+    (lambda: InstanceSequence(np.ones(4), seed="x"), ValueError, "seed must be a non-negative"),
+    (lambda: InstanceSequence(["a", "b"]), ValueError, "difficulty must hold real numbers, got dtype <U1"),
+    (lambda: InstanceSequence(np.array([1 + 1j, 2])), ValueError, "difficulty must hold real numbers"),
+])
+def test_order_generator_argument_errors(call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
+def test_argument_checks_keep_numpy_integers_and_torch_inputs():
+    # numpy integers and bools stay accepted where ints / bools are meant (configs, np.load).
+    torch = pytest.importorskip("torch")
+    g = OrderGenerator(np.int64(10), np.int32(4), seed=np.uint32(3), drop_last=np.bool_(False))
+    seq = np.random.default_rng(0).permutation(10).astype(np.int32)
+    order, _ = g.paced_epoch(seq, Pacing(), phase=np.int64(1), epoch_in_phase=np.int64(0),
+                             phase_epochs=np.int64(2), strict_order=np.bool_(True))
+    again, _ = g.paced_epoch(torch.from_numpy(seq), Pacing(), phase=1, epoch_in_phase=0,
+                             phase_epochs=2, strict_order=True)
+    assert np.array_equal(order, again) and order.dtype == np.int64
+    assert epoch_batch_sizes(np.int64(10), np.int64(4)).tolist() == [4, 4, 2]
+    assert Pacing().admitted(0.0, np.int64(10)) == 2
+    assert InstanceSequence(np.array([2, 0, 1])).sequence.tolist() == [1, 2, 0]
+    # A tensor without data is refused by name, not by torch's "Cannot copy out of meta tensor".
+    with pytest.raises(ValueError, match="difficulty is a tensor on the meta device"):
+        InstanceSequence(torch.zeros(4, device="meta"))
+    with pytest.raises(ValueError, match="sequence is a tensor on the meta device"):
+        g.paced_epoch(torch.zeros(10, dtype=torch.long, device="meta"), Pacing(), phase=1,
+                      epoch_in_phase=0, phase_epochs=2)
 
 
 @pytest.mark.parametrize("strict", [False, True])

@@ -249,7 +249,44 @@ def test_errors_name_the_argument(data):
         mk(std=[1.0, 0.0, 1.0])
     with pytest.raises(ValueError, match="mean"):
         mk(mean=[1.0, 2.0])
+    meta = lambda x: torch.empty(x.shape, dtype=torch.from_numpy(x).dtype, device="meta")
+    for kw, match in [
+        # silently truncated or coerced before: real integers (and a bool) are required
+        ({"shard": (0.9, 2.5)}, r"shard must be \(rank, world\), two integers"),
+        ({"shard": "01"}, r"shard must be \(rank, world\)"),
+        ({"shard": (0, 2, 1)}, r"shard must be \(rank, world\)"),
+        ({"shard": (True, 2)}, r"shard must be \(rank, world\)"),
+        ({"num_threads": 2.7}, "num_threads must be a positive integer"),
+        ({"num_threads": 0}, "num_threads must be a positive integer"),
+        ({"seed": 1.9}, "seed must be an integer"),
+        ({"seed": "x"}, "seed must be an integer"),
+        ({"drop_last": "no"}, "drop_last must be a bool"),
+        ({"padding": True}, "padding must be a non-negative integer"),
+        ({"prefetch": 1.5}, "prefetch must be a non-negative integer"),
+        ({"batch_size": 2.0}, "batch_size must be a positive integer"),
+        # every rank needs a row of every global batch
+        ({"batch_size": 2, "shard": (3, 4)}, r"batch_size=2 .*at least the shard's world size \(4\)"),
+        ({"images": np.zeros((10, 0, 0, 3), np.uint8), "labels": labels[:10]},
+         "height and width >= 1"),
+        ({"mean": "abc"}, "mean must be a number or one number per channel"),
+        ({"std": [1.0, "x", 1.0]}, "std must be a number or one number per channel"),
+        ({"device": "gpu"}, "device must be 'cpu' or 'cuda'.*got 'gpu' \\("),
+        ({"labels": meta(labels)}, "labels is a tensor on the meta device"),
+        ({"images": meta(images)}, "images is a tensor on the meta device"),
+        ({"images": ["a.png"] * 1001 + [3], "labels": np.zeros(1002, np.int64), "augment": None},
+         "file-path lists must hold str/PathLike, got int 3 at index 1001"),
+        ({"images": ["a.png", b"b.png"], "labels": np.zeros(2, np.int64), "augment": None},
+         "got bytes .* at index 1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            mk(**kw)
+    # numpy integers and bools stay accepted
+    L = mk(batch_size=np.int64(8), shard=(np.int64(1), np.int32(2)), num_threads=np.int64(1),
+           seed=np.uint32(3), drop_last=np.bool_(True), padding=np.int64(2), prefetch=np.int64(0))
+    assert (L.rank, L.world, L.num_threads, L.seed, L.drop_last) == (1, 2, 1, 3, True)
     L = mk()
+    with pytest.raises(ValueError, match="indices is a tensor on the meta device"):
+        L.set_order(torch.empty(4, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match="empty"):
         L.set_order([])
     with pytest.raises(ValueError, match="out of range"):

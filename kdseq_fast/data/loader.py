@@ -9,6 +9,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from ..curriculum import _check_bool, _check_int, _host_array
 from . import augment as aug
 
 logger = logging.getLogger("kdseq_fast.data")
@@ -45,9 +46,7 @@ def _usable_cpus() -> int:
 
 
 def _as_int_vector(x, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
+    arr = np.asarray(_host_array(x, name))
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
     if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
@@ -58,7 +57,11 @@ def _as_int_vector(x, name: str) -> np.ndarray:
 def _per_channel(value, channels: int, name: str, default: float) -> torch.Tensor:
     if value is None:
         value = default
-    t = torch.as_tensor(value, dtype=torch.float64).flatten()
+    try:
+        t = torch.as_tensor(_host_array(value, name), dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a number or one number per channel ({channels}), "
+                         f"got {value!r}") from None
     if t.numel() == 1:
         t = t.repeat(channels)
     if t.numel() != channels:
@@ -101,14 +104,17 @@ class CurriculumLoader:
         if self._is_files:
             if len(images) == 0:
                 raise ValueError("images is an empty list of file paths")
-            bad = [p for p in images[:1000] if not isinstance(p, (str, os.PathLike))]
-            if bad:
-                raise ValueError(f"images: file-path lists must hold str/PathLike, got {type(bad[0]).__name__}")
+            # Every entry (the set of their types is cheap even for millions of paths): bytes or
+            # ints deep in a long list must not reach os.fspath or a decoder unnamed.
+            ok = (str, os.PathLike)
+            if not all(issubclass(t, ok) for t in set(map(type, images))):
+                bad = next(i for i, p in enumerate(images) if not isinstance(p, ok))
+                raise ValueError(f"images: file-path lists must hold str/PathLike, got "
+                                 f"{type(images[bad]).__name__} {images[bad]!r} at index {bad}")
             self._images = [os.fspath(p) for p in images]
             channels = 3
         else:
-            if isinstance(images, torch.Tensor):
-                images = images.detach().cpu().numpy()
+            images = _host_array(images, "images")
             if not isinstance(images, np.ndarray):
                 raise ValueError("images must be a uint8 NHWC array or a list of file paths, "
                                  f"got {type(images).__name__}")
@@ -122,15 +128,15 @@ class CurriculumLoader:
                                  f"{tuple(images.shape)}{hint}")
             if images.shape[0] == 0:
                 raise ValueError("images is empty")
+            if images.shape[1] < 1 or images.shape[2] < 1:
+                raise ValueError(f"images must have height and width >= 1, got shape {tuple(images.shape)}")
             self._images = np.ascontiguousarray(images)
             channels = images.shape[-1]
         self._labels = _as_int_vector(labels, "labels")
         if len(self._labels) != len(self._images):
             raise ValueError(f"images and labels lengths differ: {len(self._images)} images, "
                              f"{len(self._labels)} labels")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.batch_size = int(batch_size)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if augment not in _AUGMENTS:
@@ -144,18 +150,17 @@ class CurriculumLoader:
             raise ValueError("augment='cifar' on a file dataset needs image_size (the crop size)")
         if image_size is not None and not self._is_files:
             raise ValueError("image_size applies to file datasets only; in-memory images keep their size")
-        if image_size is not None and (not isinstance(image_size, (int, np.integer)) or image_size < 1):
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-        if not isinstance(padding, (int, np.integer)) or padding < 0:
-            raise ValueError(f"padding must be a non-negative int, got {padding!r}")
         self.augment = augment
-        self.image_size = None if image_size is None else int(image_size)
-        self.padding = int(padding)
+        self.image_size = None if image_size is None else _check_int("image_size", image_size, 1)
+        self.padding = _check_int("padding", padding, 0)
         self.mean = _per_channel(mean, channels, "mean", 0.0)
         self.std = _per_channel(std, channels, "std", 255.0)
         if (self.std <= 0).any():
             raise ValueError(f"std must be positive, got {self.std.tolist()}")
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"device must be 'cpu' or 'cuda'/'cuda:k', got {device!r} ({exc})") from None
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if self.device.type == "cuda":
@@ -166,20 +171,21 @@ class CurriculumLoader:
         if shard is None:
             shard = (0, 1)
         try:
-            rank, world = (int(v) for v in shard)
+            rank, world = shard
+            rank, world = _check_int("rank", rank), _check_int("world", world)
         except (TypeError, ValueError):
-            raise ValueError(f"shard must be (rank, world), got {shard!r}") from None
+            raise ValueError(f"shard must be (rank, world), two integers, got {shard!r}") from None
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"shard must satisfy 0 <= rank < world, got {shard!r}")
+        if self.batch_size < world:
+            raise ValueError(f"batch_size={self.batch_size} is the global batch and must be at least "
+                             f"the shard's world size ({world}): every rank needs a row of every batch")
         self.rank, self.world = rank, world
-        self.drop_last = bool(drop_last)
-        self.num_threads = min(8, _usable_cpus()) if num_threads is None else int(num_threads)
-        if self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {num_threads!r}")
-        if not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
-            raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
-        self.prefetch = int(prefetch)
-        self.seed = int(seed)
+        self.drop_last = _check_bool("drop_last", drop_last)
+        self.num_threads = (min(8, _usable_cpus()) if num_threads is None
+                            else _check_int("num_threads", num_threads, 1))
+        self.prefetch = _check_int("prefetch", prefetch, 0)
+        self.seed = _check_int("seed", seed)
         self._epoch = 0
         self._order = np.arange(len(self._images), dtype=np.int64)
         self._start_batch = 0
