@@ -139,8 +139,11 @@ def load_teacher(cfg: Config, path: str, num_classes: int, device=None,
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"teacher checkpoint not found: {path!r} (train one with "
                                 "`kdseq-fast train-teacher --out DIR` or pass --teacher PATH)")
-    model = get_model(cfg.teacher.arch, num_classes, image_size=cfg.data.image_size,
-                      in_channels=in_channels)
+    # The initial weights are overwritten: drawn from a forked generator, they leave the global one
+    # (a student's dropout draws from it) as a teacher passed as a module would.
+    with torch.random.fork_rng(devices=[]):
+        model = get_model(cfg.teacher.arch, num_classes, image_size=cfg.data.image_size,
+                          in_channels=in_channels)
     try:
         load_model_weights(model, path)
     except ValueError as exc:

@@ -359,12 +359,18 @@ class TeacherLogitCache:
 
     def key_for(self, teacher: torch.nn.Module, key: str, num_items: int, *, device=None, amp=None) -> str:
         """``device``/``amp`` as :meth:`get` takes them: the precision of the pass is in the key."""
-        precision = resolve_amp(amp, _model_device(teacher, device))
+        where = _model_device(teacher, device)
+        precision = resolve_amp(amp, where)
+        # How the logits are computed changes their last bits: the device's kernels and the
+        # teacher's memory layout (channels-last convolutions in a non-deterministic run) too. A
+        # deterministic run must not reuse logits another run computed otherwise.
+        channels_last = any(p.dim() == 4 and not p.is_contiguous()
+                            and p.is_contiguous(memory_format=torch.channels_last) for p in teacher.parameters())
         h = hashlib.sha256()
         h.update(teacher_fingerprint(teacher).encode())
         # Every precision in the key, fp32's too: files stored before it was (written by bf16
         # passes, as a GPU's amp auto does) must not be found by an fp32 run.
-        h.update(f"|{key}|{num_items}|{self.dtype}|{precision}".encode())
+        h.update(f"|{key}|{num_items}|{self.dtype}|{precision}|{where.type}|cl{int(channels_last)}".encode())
         return h.hexdigest()[:24]
 
     def path_for(self, cache_key: str) -> Optional[str]:

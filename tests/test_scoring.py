@@ -295,6 +295,35 @@ def test_difficulty_rejects_infinite_scores_too():
             difficulty(s, "ce" if column == "ce" else "-margin")
 
 
+def test_teacher_cache_key_says_how_the_logits_were_computed():
+    # A non-deterministic CPU run's channels-last teacher gives logits a few ulp off the plain
+    # layout's: a deterministic run (plain layout) must not reuse them, nor a GPU's.
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    teacher(torch.zeros(1, 3, 6, 6))
+    cache = TeacherLogitCache(None)
+    plain = cache.key_for(teacher, "k", 25, amp="none")
+    assert cache.key_for(teacher, "k", 25, device="cuda", amp="none") != plain
+    assert cache.key_for(teacher.to(memory_format=torch.channels_last), "k", 25, amp="none") != plain
+    assert cache.key_for(teacher.to(memory_format=torch.contiguous_format), "k", 25, amp="none") == plain
+
+
+def test_loading_a_teacher_leaves_the_global_generator_alone(tmp_path):
+    # Its initial weights are overwritten; drawing them moved the stream a student's dropout uses,
+    # so a teacher given as a path and as a module gave different runs.
+    from kdseq_fast.config import load_config
+    from kdseq_fast.models import get_model
+    from kdseq_fast.run_inputs import load_teacher
+
+    cfg = load_config(None, ["teacher.arch=resnet8", "data.image_size=16"])
+    path = tmp_path / "t.pt"
+    torch.save(get_model("resnet8", 10, image_size=16).state_dict(), path)
+    torch.manual_seed(5)
+    load_teacher(cfg, str(path), 10)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after)
+
+
 def test_teacher_cache_keeps_float32_and_float16_apart(tmp_path):
     # The stored dtype is part of the key: a float16 cache must not overwrite the float32 one.
     x, y, teacher = small_problem(n=25)

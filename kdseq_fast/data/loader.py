@@ -87,7 +87,8 @@ class CurriculumLoader:
             Defaults 0 and 255 (pixels scaled to [0, 1]).
         drop_last: drop the last global batch of an order when it is partial.
         num_threads: DALI worker threads / torch-backend decode threads (default: usable CPUs, ≤ 8).
-        seed: augmentation seed; draws are a pure function of (seed, epoch, position in the order).
+        seed: augmentation seed; draws are a pure function of (seed, epoch, position in the order;
+            for ``cifar`` also the order's length).
         shard: ``(rank, world)``; see ``set_order`` for how global batches are split.
         image_size: output side for file datasets (shorter-side resize + center crop without
             augmentation, crop target for ``"rrc"``); ``None`` keeps decoded size (all equal).
