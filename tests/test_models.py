@@ -137,6 +137,16 @@ def test_torchvision_models():
     with pytest.raises(ValueError, match="in_channels"):
         get_model("tv:resnet18", in_channels=1)
     assert "tv:resnet18" in list_models(include_torchvision=True)
+    # A size the model cannot take is refused when it is built (it failed at the first batch).
+    for name, size in (("tv:alexnet", 32), ("tv:vit_b_16", 30), ("tv:squeezenet1_0", 16), ("tv:maxvit_t", 64)):
+        with pytest.raises(ValueError, match=f"cannot take {size}-px inputs"):
+            get_model(name, 10, image_size=size)
+    # Sized transformers: Swin takes any size (it was given an image_size it has no argument for),
+    # MaxViT its input_size; RegNet's constructor cannot run on meta, so it is built unchecked.
+    for name, size in (("tv:swin_t", 64), ("tv:maxvit_t", 224), ("tv:vit_b_16", 32), ("tv:regnet_y_400mf", 32)):
+        model = get_model(name, 3, image_size=size).eval()
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, size, size)).shape == (1, 3), name
 
 
 # ---------------------------------------------------------------- checkpoint_io -------------

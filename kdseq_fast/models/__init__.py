@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from .mobilenetv2 import mobile_full, mobile_half
@@ -104,12 +105,36 @@ def _torchvision_model(name: str, num_classes: int, image_size: int, in_channels
         raise ValueError(f"in_channels={in_channels} is not supported for torchvision models "
                          f"(they are built for 3-channel input)")
     kwargs = {}
-    # Vision transformers bake the input size into their position embeddings.
-    if name.startswith(("vit_", "swin_", "maxvit")):
+    # Vision transformers bake the input size into their position embeddings (MaxViT into its
+    # partitions); Swin's windows take any size.
+    if name.startswith("vit_"):
         kwargs["image_size"] = image_size
+    elif name.startswith("maxvit"):
+        kwargs["input_size"] = (image_size, image_size)
+    _check_input_size(name, image_size, num_classes, kwargs)
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     model.arch_name = TORCHVISION_PREFIX + name
     return model
+
+
+def _check_input_size(name: str, image_size: int, num_classes: int, kwargs: dict) -> None:
+    """A model that cannot take ``image_size``-px inputs (AlexNet below 63 px, a ViT whose patch
+    size does not divide it, ...) is refused now, not at a run's first batch: the model is built
+    and run on the meta device (shapes only, no memory, milliseconds)."""
+    import torchvision
+
+    try:  # the generator is forked: the probe must not move the model's own initialisation
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            probe = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        probe.eval()(torch.empty(2, 3, image_size, image_size, device="meta"))
+    except NotImplementedError:
+        # A constructor that reads tensor values (RegNet's widths) or an op without a meta
+        # kernel: no verdict here.
+        return
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise ValueError(f"torchvision model {name!r} cannot take {image_size}-px inputs "
+                         f"(image_size={image_size}; {str(exc).strip()}); use a larger image size "
+                         "(data.image_size) or another model") from None
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
