@@ -312,8 +312,8 @@ def plot(stats: dict, runs: dict, seeds, path: str) -> None:
     if tops:
         ax.set_ylim(max(0.0, min(tops) - 6), min(100.0, max(max(tops), upper) + 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from kdseq_fast.reports import save_figure
+    save_figure(fig, path, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +364,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="append", default=[], metavar="DIR",
                     help="an earlier --out: its finished runs that are the same run (method, result-"
                          "changing settings, seed, teacher) are copied instead of trained (repeatable)")
+    ap.add_argument("--quiet", action="store_true",
+                    help="one line per finished run only (default: also each run's epoch lines)")
     args = ap.parse_args(argv)
 
     import torch
@@ -436,12 +438,18 @@ def main(argv=None) -> int:
                 if args.reuse and not os.path.exists(os.path.join(run_dir, "run.json")):
                     src = reusable_run(args.reuse, seed, v.method, v_cfg, teacher_fp)
                     if src is not None:
-                        shutil.copytree(src, run_dir, dirs_exist_ok=True)
+                        # Copied beside it and renamed into place: a copy killed midway is no run.
+                        part = run_dir + ".reuse-partial"
+                        shutil.rmtree(part, ignore_errors=True)
+                        shutil.copytree(src, part)
+                        shutil.rmtree(run_dir, ignore_errors=True)  # holds no run.json: no run
+                        os.replace(part, run_dir)
                         log(f"{v.name} seed {seed}: reusing the finished run in {src}")
                 t0 = time.perf_counter()
                 distill(v_cfg, run_dir, method=v.method,
                         teacher=teacher_path if v.method != "ce" else None, resume=True,
-                        quiet=True, log=lambda m: None, data=data)
+                        quiet=True, log=(lambda m: None) if args.quiet else (lambda m: log("    " + m)),
+                        data=data)
                 elapsed = time.perf_counter() - t0
             if not os.path.exists(os.path.join(run_dir, "summary.json")):
                 continue
@@ -466,12 +474,12 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d"), "machine": machine, "seeds": args.seeds,
               "overrides": base_overrides}
     md = markdown(stats, teacher_entry, header)
-    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as fh:
-        fh.write(md)
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as fh:
-        json.dump({"header": header, "teacher": teacher_entry, "variants": stats,
-                   "claims": [{"claim": c, "pass": ok, "detail": d} for c, ok, d in claims(stats)],
-                   "machine": info}, fh, indent=2, default=str)
+    from kdseq_fast.atomic_files import atomic_write_bytes  # a kill here keeps the earlier results
+    atomic_write_bytes(md.encode(), os.path.join(args.out, "results.md"))
+    atomic_write_bytes(json.dumps({"header": header, "teacher": teacher_entry, "variants": stats,
+                                   "claims": [{"claim": c, "pass": ok, "detail": d} for c, ok, d in claims(stats)],
+                                   "machine": info}, indent=2, default=str).encode(),
+                       os.path.join(args.out, "results.json"))
     if runs:
         plot(stats, runs, args.seeds, os.path.join(args.out, "accuracy_vs_steps.png"))
     print()

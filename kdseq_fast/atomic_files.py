@@ -9,9 +9,15 @@ file; a full disk is named as such, with the way to continue.
 from __future__ import annotations
 
 import errno
+import glob
 import os
+import socket
 
-__all__ = ["atomic_write", "atomic_write_bytes", "write_synced", "fsync_dir", "temp_path"]
+__all__ = ["atomic_write", "atomic_write_bytes", "write_synced", "fsync_dir", "temp_path", "remove_stale_temps"]
+
+# The host is in a temporary name: a folder shared between machines (a teacher-logit cache on a
+# network file system) holds other hosts' writes, whose pids mean nothing here.
+_HOST = socket.gethostname().replace(os.sep, "_") or "host"
 
 
 def fsync_dir(directory: str) -> None:
@@ -31,7 +37,29 @@ def fsync_dir(directory: str) -> None:
 def temp_path(path: str) -> str:
     """The hidden temporary name beside ``path`` that this process writes it through."""
     directory = os.path.dirname(os.path.abspath(path))
-    return os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    return os.path.join(directory, f".{os.path.basename(path)}.tmp.{_HOST}.{os.getpid()}")
+
+
+def remove_stale_temps(directory: str, pattern: str) -> None:
+    """Removes the temporary files (``temp_path``) of ``pattern``'s files in ``directory`` that a
+    process on this host left when it was killed mid-write: only those whose process is gone, so a
+    folder other processes write into at the same time (a shared cache) keeps their files."""
+    prefix = f".tmp.{_HOST}."
+    for stale in glob.glob(os.path.join(glob.escape(directory), f".{pattern}.tmp.*")):
+        head, sep, pid = stale.rpartition(".")
+        if not head.endswith(prefix[:-1]) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or not ours to signal): its write may still be under way
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            os.unlink(stale)
+        except OSError:
+            pass
 
 
 def write_synced(tmp: str, write, final: str) -> None:

@@ -162,6 +162,7 @@ def _run_compare(args, log, default_config=None) -> int:
 def _cmd_score(args, log) -> int:
     import numpy as np
 
+    from .atomic_files import atomic_write
     from .checkpoint_io import load_model_weights
     from .models import get_model
     from .runtime import setup_run
@@ -178,6 +179,8 @@ def _cmd_score(args, log) -> int:
             args.config = run_config
             log(f"score: using {run_config} (the config of the run that wrote --checkpoint)")
     cfg = _load_cfg(args, methods=())  # scoring reads no curriculum (the run may be a short kd one)
+    if not os.path.isfile(args.checkpoint):  # before the data is loaded
+        raise FileNotFoundError(f"--checkpoint not found: {args.checkpoint}")
     ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
     if ctx.is_main:
         os.makedirs(args.out, exist_ok=True)  # an unusable --out fails now, not after the pass
@@ -186,8 +189,6 @@ def _cmd_score(args, log) -> int:
     arch = args.arch or (cfg.teacher.arch if run_role == "teacher" else cfg.student.arch)
     model = get_model(arch, data.num_classes, image_size=cfg.data.image_size,
                       in_channels=data.in_channels)
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"--checkpoint not found: {args.checkpoint}")
     try:
         load_model_weights(model, args.checkpoint)
     except ValueError as exc:
@@ -215,7 +216,7 @@ def _cmd_score(args, log) -> int:
     if not ctx.is_main:
         return 0
     path = os.path.join(args.out, f"scores_{args.split}.npy")
-    np.save(path, scores.cpu().numpy())
+    atomic_write(path, lambda fh: np.save(fh, scores.cpu().numpy()))  # an older file stays whole
     means = scores.float().mean(0).tolist()
     # Without a teacher the kd column is 0 by definition, not a measurement.
     log(f"scored {len(split)} {args.split} instances with {arch}: " +

@@ -408,19 +408,39 @@ def verify_cinic10(directory: str, per_split: int | None = CINIC10_PER_SPLIT,
 
 def extract_cinic10(archive: str, destination: str, *, md5: str | None = CINIC10_MD5,
                     per_split: int | None = CINIC10_PER_SPLIT) -> dict[str, int]:
-    """Verify the archive's md5, extract it into ``destination`` and verify the layout/counts."""
+    """Verify the archive's md5, extract it into ``destination`` and verify the layout/counts.
+
+    The archive is extracted beside ``destination`` (``<destination>.partial``) and its folders are
+    moved in only once verified: a split folder in ``destination`` is always complete, so an
+    extraction killed midway is redone by the next download instead of read as a dataset."""
     if md5 is not None:
         got = _md5(archive)
         if got != md5:
             raise ValueError(f"checksum mismatch for {archive}: md5 {got}, expected {md5}; delete "
                              "the file and download it again")
-    os.makedirs(destination, exist_ok=True)
-    with tarfile.open(archive, "r:*") as tar:
-        members = tar.getmembers()
-        # filter="data" refuses absolute paths, '..' and links out of the destination.
-        for m in tqdm(members, desc="extract CINIC-10", unit="file", disable=len(members) < 1000):
-            tar.extract(m, destination, filter="data")
-    return verify_cinic10(destination, per_split)
+    import shutil
+
+    destination = os.path.abspath(destination)
+    staging = destination + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)  # a killed extraction's leftovers
+    os.makedirs(staging)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            # filter="data" refuses absolute paths, '..' and links out of the destination.
+            # disable=None: a bar only on a terminal, never in a redirected log.
+            for m in tqdm(members, desc="extract CINIC-10", unit="file", disable=True if len(members) < 1000 else None):
+                tar.extract(m, staging, filter="data")
+        counts = verify_cinic10(staging, per_split)
+        os.makedirs(destination, exist_ok=True)
+        for entry in sorted(os.listdir(staging)):
+            target = os.path.join(destination, entry)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)  # an older, incomplete copy
+            os.replace(os.path.join(staging, entry), target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return counts
 
 
 def _download_cinic10(root: str, destination: str) -> None:
@@ -682,7 +702,7 @@ def _load_synthetic(split: str, num_items: int = 2048, num_classes: int = 10, im
     n_chunks = -(-num_items // _SYNTH_CHUNK)
     images = np.empty((num_items, image_size, image_size, channels), dtype=np.uint8)
     labels = np.empty(num_items, dtype=np.int64)
-    for c in tqdm(range(n_chunks), desc=f"synthetic {split}", unit="chunk", disable=n_chunks < 16):
+    for c in tqdm(range(n_chunks), desc=f"synthetic {split}", unit="chunk", disable=True if n_chunks < 16 else None):
         lo = c * _SYNTH_CHUNK
         n = min(_SYNTH_CHUNK, num_items - lo)
         images[lo:lo + n], labels[lo:lo + n] = _synthetic_chunk(protos, seed, split_id, c, n)

@@ -5,13 +5,14 @@ import glob
 import json
 import os
 import re
-
 from typing import Iterable
 
 import numpy as np
 
+from .atomic_files import atomic_write
+
 __all__ = ["steps_to_target", "accuracy_target", "read_metrics", "plot_accuracy", "plot_pacing", "plot_difficulty_histograms",
-           "format_table", "results_table_rows"]
+           "save_figure", "format_table", "results_table_rows"]
 
 
 def _pyplot():
@@ -58,6 +59,16 @@ def read_metrics(path: str) -> list[dict]:
     return out
 
 
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """Writes ``fig`` to ``path`` (format from its extension) whole or not at all, and closes it:
+    a run killed while it draws keeps the previous plot, not a torn file."""
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, dpi=dpi, format=fmt))
+    finally:
+        _pyplot().close(fig)
+
+
 def plot_accuracy(records_by_method: dict[str, list[dict]], path: str,
                   target: float | None = None) -> str:
     """Test accuracy vs optimizer steps, one line per method (dashed line at ``target``)."""
@@ -76,8 +87,7 @@ def plot_accuracy(records_by_method: dict[str, list[dict]], path: str,
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -92,8 +102,7 @@ def plot_pacing(steps: np.ndarray, fraction: np.ndarray, path: str, title: str =
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -122,8 +131,7 @@ def plot_difficulty_histograms(run_dir: str, measure: str, path: str) -> str | N
     ax.set_title("difficulty of the training set at each phase snapshot")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

@@ -395,6 +395,8 @@ def completed_state(out_dir: str, role: str, method: str, cfg: Config) -> dict |
     ident = read_identity(out_dir)
     if not ident or not os.path.isfile(os.path.join(out_dir, "checkpoint.pt")):
         return None
+    if not os.path.isfile(os.path.join(out_dir, "teacher.pt" if role == "teacher" else "student.pt")):
+        return None  # not complete: a resume writes the results again from the last checkpoint
     if ident.get("role") != role or ident.get("method") != method:
         return None
     if not same_run(ident.get("resume_hash"), lambda: read_stored_config(out_dir), cfg, method):

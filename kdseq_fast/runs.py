@@ -160,6 +160,7 @@ def _compare_into(cfg: Config, out_dir: str, methods: list, teacher, data, ctx, 
     import json
 
     from . import reports
+    from .atomic_files import atomic_write_bytes
     from .run_dir import write_json
 
     if cfg.train.teacher_cache_dir is None:
@@ -201,12 +202,11 @@ def _compare_into(cfg: Config, out_dir: str, methods: list, teacher, data, ctx, 
         entry["steps_to_target"] = steps_to_target(hist, target)
     if teacher_entry is not None:
         summary["teacher"] = teacher_entry
-    write_json(summary, os.path.join(out_dir, "summary.json"))
-    with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as fh:
-        for m in results:
-            for r in records[m]:
-                fh.write(json.dumps(r) + "\n")
+    # Rewritten whole or not at all: a kill here must not leave a finished comparison without them.
+    atomic_write_bytes("".join(json.dumps(r) + "\n" for m in results for r in records[m]).encode(),
+                       os.path.join(out_dir, "metrics.jsonl"))
     reports.plot_accuracy(records, os.path.join(out_dir, "accuracy_vs_steps.png"), target=target)
+    write_json(summary, os.path.join(out_dir, "summary.json"))
     plots = [os.path.join(out_dir, "accuracy_vs_steps.png")]
     if "isl" in results:
         for name in ("pacing.png", "difficulty_hist.png"):

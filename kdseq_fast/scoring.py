@@ -34,7 +34,7 @@ from .amp import autocast as amp_autocast
 from .amp import resolve_amp
 from .config import MEASURE_TERMS, parse_measure
 from .ops import SCORE_FIELDS, instance_scores
-from .atomic_files import atomic_write
+from .atomic_files import atomic_write, atomic_write_bytes, remove_stale_temps
 from .runtime import staged_collective
 
 __all__ = ["SCORE_FIELDS", "MEASURES", "score_dataset", "compute_logits", "TeacherLogitCache",
@@ -436,10 +436,13 @@ class TeacherLogitCache:
 
     @staticmethod
     def _write(path: str, array: np.ndarray, meta: dict) -> None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        # A process killed while it wrote a table left its temporary file (N x C values): gone now.
+        remove_stale_temps(directory, "teacher_logits_*")
+        # The description first: a table is never there without it, and neither is ever torn.
+        atomic_write_bytes(json.dumps(meta, indent=1).encode(), path[:-4] + ".json")
         atomic_write(path, lambda f: np.save(f, array))
-        with open(path[:-4] + ".json", "w") as f:
-            json.dump(meta, f, indent=1)
 
 
 def difficulty(scores: torch.Tensor, measure: str = "ce") -> torch.Tensor:

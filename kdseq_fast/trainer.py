@@ -417,14 +417,17 @@ class Trainer:
         was_training = model.training
         model.eval()
         counts = torch.zeros(2, dtype=torch.int64, device=self.device)
+        bar = self._bar(len(self.test_loader), 0, f"{self.label} eval")
         try:
             for batch in self.test_loader:
+                bar.update()
                 with self._autocast():
                     logits = model(self._to_input(batch["images"]))
                 labels = batch["labels"].to(self.device, non_blocking=True)
                 counts[0] += (logits.argmax(1) == labels).sum()
                 counts[1] += labels.numel()
         finally:
+            bar.close()
             model.train(was_training)
         correct, total = self.ctx.reduce_sum(counts.tolist())
         return correct / max(total, 1)
@@ -757,9 +760,10 @@ class Trainer:
         weights_path = self.run_dir.save_weights(weights_name, self.model.state_dict())
         if self.role == "teacher" and self.progress.best_state is not None:
             self.run_dir.save_weights("teacher_best.pt", self.progress.best_state)
-        self.run_dir.write_json("summary.json", summary)
+        # summary.json marks the run complete (what --resume skips): everything else comes first.
         if self.ctx.is_main:
             self._write_plots()
+        self.run_dir.write_json("summary.json", summary)
         self._emit("on_train_end", summary)
         return TrainResult(self.out_dir, summary, weights_path)
 

@@ -161,6 +161,56 @@ def test_compare_checks_its_inputs_before_any_student_trains(tmp_path, capsys, t
         assert rc == 2 and msg in capsys.readouterr().err
 
 
+def test_a_run_stopped_while_it_writes_its_results_finishes_them_on_resume(tmp_path, capsys, monkeypatch):
+    # summary.json marks a run complete: the plots came after it, so a run killed while drawing
+    # kept no plots, and --resume said "already complete". A lost student.pt likewise.
+    import torch
+
+    from kdseq_fast import reports
+
+    out = tmp_path / "run"
+    argv = ["distill", "--method", "ce", "--out", str(out), "--quiet", "--device", "cpu"] + _sets(TINY)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for the kill
+
+    monkeypatch.setattr(reports, "plot_accuracy", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    monkeypatch.undo()
+    assert (out / "student.pt").exists() and not (out / "summary.json").exists()
+    _main(argv + ["--resume"], capsys)
+    assert (out / "summary.json").exists() and (out / "accuracy_vs_steps.png").stat().st_size > 0
+    weights = torch.load(out / "student.pt", weights_only=True)
+    (out / "student.pt").unlink()
+    _main(argv + ["--resume"], capsys)
+    again = torch.load(out / "student.pt", weights_only=True)
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+def test_a_plot_is_written_whole_or_not_at_all(tmp_path):
+    import matplotlib
+
+    from kdseq_fast import reports
+
+    path = str(tmp_path / "acc.png")
+    reports.plot_accuracy({"kd": [{"steps": 1, "test_acc": 0.5}]}, path)
+    before = open(path, "rb").read()
+    original = matplotlib.figure.Figure.savefig
+
+    def torn(self, fh, **kwargs):
+        fh.write(b"half a png")
+        raise KeyboardInterrupt
+
+    matplotlib.figure.Figure.savefig = torn
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            reports.plot_accuracy({"kd": [{"steps": 2, "test_acc": 0.6}]}, path)
+    finally:
+        matplotlib.figure.Figure.savefig = original
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["acc.png"]
+
+
 @pytest.mark.parametrize("command", ["distill", "compare", "demo"])
 def test_an_empty_out_is_refused_not_the_working_directory(tmp_path, monkeypatch, capsys, command):
     monkeypatch.chdir(tmp_path)

@@ -168,9 +168,37 @@ def test_cinic10_archive_extraction_and_checksum(tmp_path):
     with pytest.raises(ValueError, match="checksum mismatch"):
         extract_cinic10(str(archive), str(tmp_path / "other"), md5="0" * 32, per_split=10)
     assert not (tmp_path / "other").exists()
-    # A truncated archive (wrong image count) is detected after extraction.
+    # A truncated archive (wrong image count) is detected after extraction, and nothing of it is
+    # left where a load would read it as the dataset.
     with pytest.raises(ValueError, match="has 10 images, expected 90000"):
         extract_cinic10(str(archive), str(tmp_path / "third"), md5=md5)
+    assert not (tmp_path / "third" / "train").exists() and not (tmp_path / "third.partial").exists()
+
+
+def test_a_cinic10_extraction_killed_midway_is_not_read_as_the_dataset(tmp_path, monkeypatch):
+    make_cinic(tmp_path / "src", per_class=1)
+    archive = tmp_path / "CINIC-10.tar.gz"
+    md5 = _tar_of(tmp_path / "src", archive)
+    dest = tmp_path / "data" / "cinic10"
+    real_extract, done = tarfile.TarFile.extract, []
+
+    def killed_after_12(self, member, *args, **kwargs):
+        if len(done) == 12:
+            raise KeyboardInterrupt  # stands for the kill
+        done.append(member)
+        return real_extract(self, member, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", killed_after_12)
+    with pytest.raises(KeyboardInterrupt):
+        extract_cinic10(str(archive), str(dest), md5=md5, per_split=10)
+    monkeypatch.undo()
+    # Before: the split folders extracted so far were there, and were loaded as a smaller dataset.
+    with pytest.raises(DatasetNotFoundError):
+        get_dataset("cinic10", tmp_path / "data", "train")
+    (dest / "train").mkdir(parents=True)  # an older, incomplete copy is replaced
+    assert extract_cinic10(str(archive), str(dest), md5=md5, per_split=10) == {"train": 10, "valid": 10, "test": 10}
+    assert len(get_dataset("cinic10", tmp_path / "data", "train")) == 10
+    assert sorted(os.listdir(tmp_path / "data")) == ["cinic10"]
 
 
 def test_cinic10_archive_with_path_traversal_is_refused(tmp_path):

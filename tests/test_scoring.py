@@ -1,4 +1,6 @@
 """The dataset-level scoring pass, the teacher-logit cache and the difficulty measures."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -322,6 +324,31 @@ def test_loading_a_teacher_leaves_the_global_generator_alone(tmp_path):
     after = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(torch.rand(3), after)
+
+
+def test_a_cache_write_removes_what_killed_writers_left_and_keeps_live_ones(tmp_path):
+    # A process killed while writing a table leaves an N x C temporary file; nothing removed it.
+    import subprocess
+    import sys
+
+    from kdseq_fast.atomic_files import temp_path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ours = temp_path(str(tmp_path / "teacher_logits_old.npy")).rsplit(".", 1)[0]
+        for pid in (dead.pid, alive.pid):
+            (tmp_path / os.path.basename(f"{ours}.{pid}")).write_bytes(b"partial")
+        other_host = tmp_path / f".teacher_logits_old.npy.tmp.another-host.{dead.pid}"
+        other_host.write_bytes(b"a write on another machine sharing the folder")
+        x, y, teacher = small_problem(n=25)
+        TeacherLogitCache(str(tmp_path)).get(teacher, loader_for(x, y), num_items=25, key="k", progress=False)
+        left = sorted(p.name for p in tmp_path.iterdir() if ".tmp." in p.name)
+        assert left == sorted([other_host.name, os.path.basename(f"{ours}.{alive.pid}")])
+        assert len(list(tmp_path.glob("teacher_logits_*.json"))) == len(list(tmp_path.glob("teacher_logits_*.npy"))) == 1
+    finally:
+        alive.kill()
 
 
 def test_teacher_cache_keeps_float32_and_float16_apart(tmp_path):
