@@ -49,7 +49,10 @@ class ConsoleLogger(Callback):
 
 
 class TensorBoardLogger(Callback):
-    """Scalars per epoch under ``out_dir/tb`` (import deferred: tensorboard is slow to load)."""
+    """Scalars per epoch under ``out_dir/tb`` (import deferred: tensorboard is slow to load).
+
+    A resumed run drops the points past its checkpoint from ``log_dir`` (they are written again),
+    every run's that shares the folder included."""
 
     def __init__(self, log_dir: str):
         self.log_dir = log_dir
@@ -65,9 +68,11 @@ class TensorBoardLogger(Callback):
         # again after --resume. purge_step makes TensorBoard drop the killed process's points from
         # the first step the resumed run can write again: the checkpoint's step when it was taken
         # inside an epoch (that epoch's end is still to come, possibly at the same step), the step
-        # after it when it was taken at an epoch's end (that epoch's points are kept).
+        # after it when it was taken at an epoch's end (that epoch's points are kept). TensorBoard
+        # purges every tag of the folder: a fresh run must not, in case the folder is shared.
         p = trainer.progress
-        self.writer = SummaryWriter(self.log_dir, purge_step=p.global_step + (p.batch_in_epoch == 0))
+        purge = p.global_step + (p.batch_in_epoch == 0) if trainer.resumed else None
+        self.writer = SummaryWriter(self.log_dir, purge_step=purge)
 
     def on_epoch_end(self, trainer, record):
         if self.writer is None:

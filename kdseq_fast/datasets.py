@@ -410,9 +410,10 @@ def extract_cinic10(archive: str, destination: str, *, md5: str | None = CINIC10
                     per_split: int | None = CINIC10_PER_SPLIT) -> dict[str, int]:
     """Verify the archive's md5, extract it into ``destination`` and verify the layout/counts.
 
-    The archive is extracted beside ``destination`` (``<destination>.partial``) and its folders are
-    moved in only once verified: a split folder in ``destination`` is always complete, so an
-    extraction killed midway is redone by the next download instead of read as a dataset."""
+    The archive is extracted into ``<destination>/.partial`` (the same file system as the folders,
+    also when ``destination`` is a link or a mount) and its folders are moved up only once
+    verified: a split folder in ``destination`` is always complete, so an extraction killed midway
+    is redone by the next download instead of read as a dataset."""
     if md5 is not None:
         got = _md5(archive)
         if got != md5:
@@ -420,8 +421,7 @@ def extract_cinic10(archive: str, destination: str, *, md5: str | None = CINIC10
                              "the file and download it again")
     import shutil
 
-    destination = os.path.abspath(destination)
-    staging = destination + ".partial"
+    staging = os.path.join(destination, ".partial")
     shutil.rmtree(staging, ignore_errors=True)  # a killed extraction's leftovers
     os.makedirs(staging)
     try:
@@ -432,7 +432,6 @@ def extract_cinic10(archive: str, destination: str, *, md5: str | None = CINIC10
             for m in tqdm(members, desc="extract CINIC-10", unit="file", disable=True if len(members) < 1000 else None):
                 tar.extract(m, staging, filter="data")
         counts = verify_cinic10(staging, per_split)
-        os.makedirs(destination, exist_ok=True)
         for entry in sorted(os.listdir(staging)):
             target = os.path.join(destination, entry)
             if os.path.isdir(target) and not os.path.islink(target):

@@ -287,6 +287,11 @@ class Trainer:
         self.timer = SegmentTimer(self.device, sync=sync_timing)
         self.log_every = self.settings["log_every_steps"]
 
+    @property
+    def resumed(self) -> bool:
+        """Whether this run continues from a checkpoint (``resume=True`` found one)."""
+        return self._resume_state is not None
+
     def _init_progress(self) -> None:
         """The state of a run at its start: where it stands, the epoch's sums, empty caches."""
         self.progress = RunProgress()

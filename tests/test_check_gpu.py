@@ -245,6 +245,11 @@ def test_a_real_run_reports_each_step_and_packs_what_it_finished(tmp_path):
         log = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("bench-kd-loss.log"))).read()
     assert b"a row it measured" in log
     assert not os.path.exists(str(archive) + ".part")
+    # Without KEEP_GOING the first failure stops the run: the verdicts so far still end the output.
+    env.update(KEEP_GOING="0", ONLY="bench-kd-loss", OUT=str(tmp_path / "stopped"))
+    proc = subprocess.run(["bash", CHECK_GPU], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "stopped at step 'bench-kd-loss'" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.rstrip().endswith("bench-kd-loss: NOT RUN bf16 (16, 131072): no kdseq row"), proc.stdout
 
 
 @pytest.mark.parametrize("env, message", [

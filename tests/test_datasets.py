@@ -172,7 +172,7 @@ def test_cinic10_archive_extraction_and_checksum(tmp_path):
     # left where a load would read it as the dataset.
     with pytest.raises(ValueError, match="has 10 images, expected 90000"):
         extract_cinic10(str(archive), str(tmp_path / "third"), md5=md5)
-    assert not (tmp_path / "third" / "train").exists() and not (tmp_path / "third.partial").exists()
+    assert not (tmp_path / "third" / "train").exists() and not (tmp_path / "third" / ".partial").exists()
 
 
 def test_a_cinic10_extraction_killed_midway_is_not_read_as_the_dataset(tmp_path, monkeypatch):
@@ -199,6 +199,18 @@ def test_a_cinic10_extraction_killed_midway_is_not_read_as_the_dataset(tmp_path,
     assert extract_cinic10(str(archive), str(dest), md5=md5, per_split=10) == {"train": 10, "valid": 10, "test": 10}
     assert len(get_dataset("cinic10", tmp_path / "data", "train")) == 10
     assert sorted(os.listdir(tmp_path / "data")) == ["cinic10"]
+    # A cinic10 folder that links to another file system (a larger disk, a mount): the folders
+    # are staged inside it, so they move in without crossing file systems.
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system to link to")
+    import tempfile
+    with tempfile.TemporaryDirectory(dir=shm) as elsewhere:
+        (tmp_path / "linked").mkdir()
+        os.symlink(elsewhere, tmp_path / "linked" / "cinic10")
+        assert extract_cinic10(str(archive), str(tmp_path / "linked" / "cinic10"), md5=md5,
+                               per_split=10) == {"train": 10, "valid": 10, "test": 10}
+        assert sorted(os.listdir(elsewhere)) == ["test", "train", "valid"]
 
 
 def test_cinic10_archive_with_path_traversal_is_refused(tmp_path):

@@ -625,6 +625,29 @@ def test_a_signal_while_the_results_are_written_stops_compare_before_the_next_me
     assert set(summary["methods"]) == {"ce", "kd"} and (out / "kd" / "student.pt").exists()
 
 
+def test_runs_sharing_a_tensorboard_folder_keep_each_others_points(tmp_path):
+    # TensorBoard's purge covers every tag of the folder: only a resumed run may ask for one.
+    pytest.importorskip("tensorboard")
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kdseq_fast.callbacks import TensorBoardLogger
+    from kdseq_fast.progress import RunProgress
+
+    for label in ("teacher", "ce"):
+        trainer = SimpleNamespace(label=label, progress=RunProgress(), resumed=False, log=print)
+        tb = TensorBoardLogger(str(tmp_path))
+        tb.on_train_start(trainer)
+        for steps in (2, 4):
+            tb.on_epoch_end(trainer, {"steps": steps, "test_acc": 0.5, "train_loss": 1.0})
+        tb.on_train_end(trainer, {})
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [p.step for p in events.Scalars("teacher/test_acc")] == [2, 4]
+    assert [p.step for p in events.Scalars("ce/test_acc")] == [2, 4]
+
+
 def test_callbacks_hear_when_fit_stops_early_and_tensorboard_closes(tmp_path):
     # on_train_end never runs after a preemption, a non-finite stop or an error: the callbacks
     # get on_train_stopped instead, and TensorBoard's writer (its thread and file) is closed.
