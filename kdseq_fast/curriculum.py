@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .arguments import check_bool, check_int, host_array
+
 __all__ = [
     "PACING_FUNCTIONS", "ORDER_KINDS", "pacing_value", "Pacing", "InstanceSequence",
     "OrderGenerator", "epoch_batch_sizes",
@@ -45,38 +47,6 @@ _TAG_MIX = 4
 def _rng(seed: int, *stream: int) -> np.random.Generator:
     # SeedSequence mixes the tuple into a well-spread state; PCG64 output is platform independent.
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), *map(int, stream)])))
-
-
-def _check_int(name: str, value, minimum: int | None = None) -> int:
-    """``value`` as an int: a Python or numpy integer (not a bool), at least ``minimum``.
-
-    Shared with the data loader: a float, string or bool where a count, seed or index is meant
-    raises a ValueError naming the argument instead of being truncated by ``int()``.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
-            (minimum is not None and value < minimum):
-        what = {0: "a non-negative integer", 1: "a positive integer"}.get(
-            minimum, "an integer" if minimum is None else f"an integer >= {minimum}")
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return int(value)
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
-
-
-def _host_array(x, name: str):
-    """A torch tensor (duck-typed: this module does not import torch) detached and copied to a
-    host numpy array; anything else is returned unchanged. A tensor without data (on the "meta"
-    device) is refused by name rather than failing deep inside torch."""
-    if hasattr(x, "detach") and hasattr(x, "device"):
-        if getattr(x.device, "type", None) == "meta":
-            raise ValueError(f"{name} is a tensor on the meta device (a shape without data); "
-                             "pass a tensor that holds values")
-        x = x.detach().cpu().numpy()
-    return x
 
 
 def _check_frac(name: str, value) -> float:
@@ -133,8 +103,8 @@ class Pacing:
 
     def admitted(self, progress, num_items: int, min_items: int = 1):
         """Number of admitted instances ``ceil(g * N)``, at least ``min(min_items, N)``."""
-        num_items = _check_int("num_items", num_items, 1)
-        min_items = _check_int("min_items", min_items, 0)
+        num_items = check_int("num_items", num_items, 1)
+        min_items = check_int("min_items", min_items, 0)
         g = np.asarray(self(progress), dtype=np.float64)
         # Round before ceil so g*N that is an integer up to float error does not jump by one.
         n = np.ceil(np.round(g * num_items, 9)).astype(np.int64)
@@ -154,9 +124,9 @@ class InstanceSequence:
     def __init__(self, difficulty, order: str = "easy", *, seed: int = 0, phase: int = 0):
         if order not in ORDER_KINDS:
             raise ValueError(f"order must be one of {', '.join(ORDER_KINDS)}; got {order!r}")
-        seed = _check_int("seed", seed, 0)
-        phase = _check_int("phase", phase, 0)
-        d = np.asarray(_host_array(difficulty, "difficulty"))
+        seed = check_int("seed", seed, 0)
+        phase = check_int("phase", phase, 0)
+        d = np.asarray(host_array(difficulty, "difficulty"))
         try:  # bool/int/float, or an object array of real numbers; not strings, complex, dates
             if d.dtype.kind not in "biufO":
                 raise TypeError
@@ -192,9 +162,9 @@ class InstanceSequence:
 
 def epoch_batch_sizes(num_items: int, batch_size: int, drop_last: bool = False) -> np.ndarray:
     """Batch sizes of one pass over ``num_items`` (the step budget every method shares)."""
-    num_items = _check_int("num_items", num_items, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    drop_last = _check_bool("drop_last", drop_last)
+    num_items = check_int("num_items", num_items, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    drop_last = check_bool("drop_last", drop_last)
     full, rest = divmod(num_items, batch_size)
     sizes = [batch_size] * full
     if rest and not drop_last:
@@ -213,9 +183,9 @@ class OrderGenerator:
     """
 
     def __init__(self, num_items: int, batch_size: int, *, seed: int = 0, drop_last: bool = False):
-        self.num_items = _check_int("num_items", num_items, 1)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seed = _check_int("seed", seed, 0)
+        self.num_items = check_int("num_items", num_items, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seed = check_int("seed", seed, 0)
         self.batch_sizes = epoch_batch_sizes(self.num_items, self.batch_size, drop_last)
 
     @property
@@ -224,7 +194,7 @@ class OrderGenerator:
 
     def uniform_epoch(self, phase: int, epoch: int) -> np.ndarray:
         """A uniformly shuffled permutation of all indices (warm-up, kd, ce, final epochs)."""
-        phase, epoch = _check_int("phase", phase, 0), _check_int("epoch", epoch, 0)
+        phase, epoch = check_int("phase", phase, 0), check_int("epoch", epoch, 0)
         return _rng(self.seed, _TAG_UNIFORM, phase, epoch).permutation(self.num_items).astype(np.int64)
 
     def admitted_counts(self, pacing: Pacing, epoch_in_phase: int, phase_epochs: int) -> np.ndarray:
@@ -232,8 +202,8 @@ class OrderGenerator:
         if not isinstance(pacing, Pacing):
             raise TypeError(f"pacing must be a Pacing (e.g. Pacing('linear', 0.2, 0.8)), got "
                             f"{type(pacing).__name__} {pacing!r}")
-        phase_epochs = _check_int("phase_epochs", phase_epochs, 1)
-        epoch_in_phase = _check_int("epoch_in_phase", epoch_in_phase, 0)
+        phase_epochs = check_int("phase_epochs", phase_epochs, 1)
+        epoch_in_phase = check_int("epoch_in_phase", epoch_in_phase, 0)
         if not (0 <= epoch_in_phase < phase_epochs):
             raise ValueError(f"epoch_in_phase must be in [0, {phase_epochs}), got {epoch_in_phase}")
         s = self.steps_per_epoch
@@ -261,8 +231,8 @@ class OrderGenerator:
         if isinstance(mix_frac, bool) or not isinstance(mix_frac, (int, float, np.floating)) or \
                 not 0.0 <= float(mix_frac) < 1.0:
             raise ValueError(f"mix_frac must be a number in [0, 1), got {mix_frac!r}")
-        phase = _check_int("phase", phase, 0)
-        strict_order = _check_bool("strict_order", strict_order)
+        phase = check_int("phase", phase, 0)
+        strict_order = check_bool("strict_order", strict_order)
         seq = self._check_sequence(sequence)
         admitted = self.admitted_counts(pacing, epoch_in_phase, phase_epochs)
         positions = np.empty(int(self.batch_sizes.sum()), dtype=np.int64)
@@ -323,7 +293,7 @@ class OrderGenerator:
         """``sequence`` as int64 after checking it is a permutation of ``range(num_items)`` (one
         min/max and one bincount: cheap next to the epoch it orders)."""
         n = self.num_items
-        seq = np.asarray(_host_array(sequence, "sequence"))
+        seq = np.asarray(host_array(sequence, "sequence"))
         if seq.shape != (n,):
             raise ValueError(f"sequence must have shape ({n},), got {seq.shape}")
         if seq.dtype == np.bool_ or not np.issubdtype(seq.dtype, np.integer):

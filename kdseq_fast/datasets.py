@@ -26,6 +26,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from .arguments import check_int
+
 __all__ = [
     "DatasetSplit", "DatasetNotFoundError", "get_dataset", "dataset_from_config", "DATASET_NAMES",
     "NORMALIZATION", "CINIC10_URLS", "CINIC10_MD5", "extract_cinic10", "verify_cinic10",
@@ -108,9 +110,7 @@ class DatasetSplit:
     root: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, (int, np.integer)) \
-                or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}")
+        check_int("num_classes", self.num_classes, 1)
         kind = np.asarray(self.labels).dtype.kind
         if kind not in "iu" and not (kind in "fO" and len(self.labels) == 0):
             # A cast would truncate 1.7 to class 1 without a word.
@@ -189,9 +189,7 @@ def get_dataset(name: str, root: str | os.PathLike = "./data", split: str = "tra
     if extra:
         raise TypeError(f"get_dataset({name!r}) got unexpected keyword argument(s) {extra}; "
                         f"accepted: {sorted(allowed) or 'none'}")
-    size = kwargs.get("image_size", 1)
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"image_size must be a positive integer (pixels), got {size!r}")
+    check_int("image_size", kwargs.get("image_size", 1), 1)
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root must be a path (str or os.PathLike), got {type(root).__name__}")
     root = os.path.expanduser(os.fspath(root))  # a config value: no shell expanded its ~

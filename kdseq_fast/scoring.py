@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ._extension import check_cuda_kernels
 from .amp import autocast as amp_autocast
 from .amp import resolve_amp
+from .arguments import check_int
 from .config import MEASURE_TERMS, parse_measure
 from .ops import SCORE_FIELDS, instance_scores
 from .atomic_files import atomic_write, atomic_write_bytes, remove_stale_temps
@@ -69,9 +70,7 @@ def _unpack(batch):
 
 def _infer_num_items(loader, num_items: Optional[int]) -> int:
     if num_items is not None:
-        if isinstance(num_items, bool) or not isinstance(num_items, (int, np.integer)) or num_items <= 0:
-            raise ValueError(f"num_items must be a positive integer, got {num_items!r}")
-        return int(num_items)
+        return check_int("num_items", num_items, 1)
     if hasattr(loader, "num_items"):
         return int(loader.num_items)
     dataset = getattr(loader, "dataset", None)

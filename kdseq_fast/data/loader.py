@@ -9,7 +9,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from ..curriculum import _check_bool, _check_int, _host_array
+from ..arguments import check_bool, check_int, host_array
 from . import augment as aug
 
 logger = logging.getLogger("kdseq_fast.data")
@@ -46,7 +46,7 @@ def _usable_cpus() -> int:
 
 
 def _as_int_vector(x, name: str) -> np.ndarray:
-    arr = np.asarray(_host_array(x, name))
+    arr = np.asarray(host_array(x, name))
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
     if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
@@ -58,7 +58,7 @@ def _per_channel(value, channels: int, name: str, default: float) -> torch.Tenso
     if value is None:
         value = default
     try:
-        t = torch.as_tensor(_host_array(value, name), dtype=torch.float64).flatten()
+        t = torch.as_tensor(host_array(value, name), dtype=torch.float64).flatten()
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"{name} must be a number or one number per channel ({channels}), "
                          f"got {value!r}") from None
@@ -115,7 +115,7 @@ class CurriculumLoader:
             self._images = [os.fspath(p) for p in images]
             channels = 3
         else:
-            images = _host_array(images, "images")
+            images = host_array(images, "images")
             if not isinstance(images, np.ndarray):
                 raise ValueError("images must be a uint8 NHWC array or a list of file paths, "
                                  f"got {type(images).__name__}")
@@ -137,7 +137,7 @@ class CurriculumLoader:
         if len(self._labels) != len(self._images):
             raise ValueError(f"images and labels lengths differ: {len(self._images)} images, "
                              f"{len(self._labels)} labels")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if augment not in _AUGMENTS:
@@ -152,8 +152,8 @@ class CurriculumLoader:
         if image_size is not None and not self._is_files:
             raise ValueError("image_size applies to file datasets only; in-memory images keep their size")
         self.augment = augment
-        self.image_size = None if image_size is None else _check_int("image_size", image_size, 1)
-        self.padding = _check_int("padding", padding, 0)
+        self.image_size = None if image_size is None else check_int("image_size", image_size, 1)
+        self.padding = check_int("padding", padding, 0)
         self.mean = _per_channel(mean, channels, "mean", 0.0)
         self.std = _per_channel(std, channels, "std", 255.0)
         if (self.std <= 0).any():
@@ -173,7 +173,7 @@ class CurriculumLoader:
             shard = (0, 1)
         try:
             rank, world = shard
-            rank, world = _check_int("rank", rank), _check_int("world", world)
+            rank, world = check_int("rank", rank), check_int("world", world)
         except (TypeError, ValueError):
             raise ValueError(f"shard must be (rank, world), two integers, got {shard!r}") from None
         if world < 1 or not 0 <= rank < world:
@@ -182,11 +182,11 @@ class CurriculumLoader:
             raise ValueError(f"batch_size={self.batch_size} is the global batch and must be at least "
                              f"the shard's world size ({world}): every rank needs a row of every batch")
         self.rank, self.world = rank, world
-        self.drop_last = _check_bool("drop_last", drop_last)
+        self.drop_last = check_bool("drop_last", drop_last)
         self.num_threads = (min(8, _usable_cpus()) if num_threads is None
-                            else _check_int("num_threads", num_threads, 1))
-        self.prefetch = _check_int("prefetch", prefetch, 0)
-        self.seed = _check_int("seed", seed)
+                            else check_int("num_threads", num_threads, 1))
+        self.prefetch = check_int("prefetch", prefetch, 0)
+        self.seed = check_int("seed", seed)
         self._epoch = 0
         self._order = np.arange(len(self._images), dtype=np.int64)
         self._start_batch = 0
