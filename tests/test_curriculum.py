@@ -344,3 +344,64 @@ def test_shuffled_paced_epoch_visits_each_admitted_instance_before_repeating():
         seen |= set(batch)
     else:
         pytest.fail("no batch repeated an instance")
+
+
+def _flat_pool_paced_epoch(gen, seq, pacing, phase, epoch_in_phase, phase_epochs, mix_frac):
+    """The shuffled mode as first written, with the pool a flat array and np.delete (O(N) a
+    batch): the reference the faster pool must match draw for draw."""
+    from kdseq_fast.curriculum import _TAG_PACED, _rng, _spread_tail
+
+    admitted = gen.admitted_counts(pacing, epoch_in_phase, phase_epochs)
+    positions = np.empty(int(gen.batch_sizes.sum()), dtype=np.int64)
+    out = 0
+    rng = _rng(gen.seed, _TAG_PACED, phase, epoch_in_phase)
+    current = int(admitted[0])
+    pool = rng.permutation(current)
+    for n, b in zip(admitted, gen.batch_sizes):
+        n = int(n)
+        k = gen._mixed_rows(mix_frac, n, int(b))
+        if k:
+            positions[out + b - k:out + b] = n + rng.choice(gen.num_items - n, size=k, replace=False)
+            b = b - k
+        if n > current:
+            pool = np.concatenate([pool, np.arange(current, n)])
+            current = n
+        if pool.size < b:
+            first = pool
+            used = np.zeros(current, dtype=bool)
+            used[first] = True
+            pool = rng.permutation(np.flatnonzero(~used))
+            need = b - first.size
+            chosen = np.concatenate([first, pool[:need]])
+            pool = np.concatenate([pool[need:], first])
+        else:
+            pick = rng.choice(pool.size, size=b, replace=False)
+            chosen = pool[pick]
+            pool = np.delete(pool, pick)
+        positions[out:out + b] = chosen
+        if k:
+            _spread_tail(positions[out:out + b + k], k)
+        out += b + k
+    return seq[positions], admitted
+
+
+@pytest.mark.parametrize("num_items,batch,pacing,phase_epochs,mix_frac", [
+    (1000, 64, Pacing("linear", 0.2, 0.8), 3, 0.0),
+    (1000, 64, Pacing("linear", 0.2, 0.8), 3, 0.2),
+    (777, 50, Pacing("root", 0.1, 0.5), 4, 0.3),
+    (300, 7, Pacing("step", 0.3, 0.6), 2, 0.0),     # odd sizes: refills mid-batch, short last batch
+    (130, 128, Pacing("linear", 0.5, 1.0), 3, 0.0),  # a batch near the whole set: a refill per step
+    (20000, 256, Pacing("linear", 0.2, 0.8), 2, 0.2),  # blocks of the pool fill and empty
+])
+def test_shuffled_paced_orders_match_the_flat_pool_draw_for_draw(num_items, batch, pacing, phase_epochs,
+                                                                 mix_frac):
+    # The pool moved from np.delete on a flat array (O(N^2/B) an epoch) to blocks with live
+    # counts; runs, resumes and recorded results depend on the orders staying the same.
+    gen = OrderGenerator(num_items, batch, seed=3)
+    seq = np.random.default_rng(1).permutation(num_items)
+    for epoch in range(phase_epochs):
+        got, got_adm = gen.paced_epoch(seq, pacing, phase=1, epoch_in_phase=epoch, phase_epochs=phase_epochs,
+                                       mix_frac=mix_frac)
+        want, want_adm = _flat_pool_paced_epoch(gen, seq, pacing, 1, epoch, phase_epochs, mix_frac)
+        np.testing.assert_array_equal(got_adm, want_adm)
+        np.testing.assert_array_equal(got, want)
