@@ -23,7 +23,6 @@ class RunProgress:
     global_step: int = 0
     scored_phase: int = -1      # phase whose sequence/scores are held
     sequence: np.ndarray | None = None   # that phase's instance sequence (easy to hard, or as ordered)
-    scores: torch.Tensor | None = None   # that phase's snapshot scores, (N, 6)
     history: list = field(default_factory=list)  # (steps, test_acc) at each evaluation
     best_acc: float = 0.0
     best_state: dict | None = None       # teacher runs: the best weights (host copies)
@@ -51,9 +50,12 @@ class RunProgress:
                          "global_step": self.global_step, "scored_phase": self.scored_phase,
                          "metrics_lines": self.metrics_lines, "wall_s": wall_s,
                          "skipped_batches": self.skipped_batches},
-            "curriculum": {
-                "sequence": None if self.sequence is None else torch.from_numpy(self.sequence),
-                "scores": self.scores},
+            # The scores stay out (phase_K_scores.npy has them; nothing reads them back): at
+            # N = 1.28M they were 29 of a checkpoint's 50 MiB. The key stays for older readers, and
+            # the sequence is int32 where it fits (readers widen it).
+            "curriculum": {"sequence": None if self.sequence is None else torch.from_numpy(
+                self.sequence.astype(np.int32 if self.sequence.size < 2**31 else np.int64)),
+                "scores": None},
             "history": [list(h) for h in self.history],
             "best_acc": self.best_acc, "best_state": self.best_state,
             "teacher_acc": self.teacher_acc,
@@ -66,7 +68,6 @@ class RunProgress:
         return cls(epoch=p["epoch"], batch_in_epoch=p["batch"], global_step=p["global_step"],
                    scored_phase=p["scored_phase"],
                    sequence=None if seq is None else seq.numpy().astype(np.int64),
-                   scores=state["curriculum"]["scores"],
                    history=[(int(s), float(a)) for s, a in state["history"]],
                    best_acc=state["best_acc"], best_state=state["best_state"],
                    teacher_acc=state["teacher_acc"], wall_before=p["wall_s"],

@@ -262,7 +262,10 @@ class RunContext:
         meta = self.broadcast_object(None if tensor is None else (tuple(tensor.shape), tensor.dtype), src)
         shape, dtype = meta
         buf = tensor.contiguous() if self.rank == src else torch.empty(shape, dtype=dtype)
-        staged_collective(lambda x: torch.distributed.broadcast(x, src=src), buf, self._comm_device())
+        # The source's values do not change: writing them back would turn a memory-mapped table
+        # (the teacher-logit cache) into private memory for nothing.
+        staged_collective(lambda x: torch.distributed.broadcast(x, src=src), buf, self._comm_device(),
+                          write_back=self.rank != src)
         return buf
 
     def run_on_main(self, fn):
@@ -312,11 +315,13 @@ def late_cublas_config_warning() -> str | None:
 STAGING_BYTES = 64 * 2**20
 
 
-def staged_collective(collective, t: torch.Tensor, device: torch.device) -> None:
+def staged_collective(collective, t: torch.Tensor, device: torch.device, write_back: bool = True) -> None:
     """``collective(x)`` changing the contiguous host tensor ``t`` in place, run on ``device``:
     directly when that is the CPU, else on copies of at most ``STAGING_BYTES`` at a time, so a
     large table (a teacher's logits on the whole training set) never needs its size free on the
-    GPU. Every rank splits the same way (same shape and dtype), so the pieces pair up."""
+    GPU. Every rank splits the same way (same shape and dtype), so the pieces pair up.
+    ``write_back=False``: the collective leaves this rank's values as they are (a broadcast's
+    source), so the GPU copies are not copied back."""
     if device.type == "cpu":
         collective(t)
         return
@@ -329,7 +334,8 @@ def staged_collective(collective, t: torch.Tensor, device: torch.device) -> None
     for part in pieces:
         moved = part.to(device)
         collective(moved)
-        part.copy_(moved)
+        if write_back:
+            part.copy_(moved)
 
 
 def setup_run(device: str = "auto", *, seed: int = 0, deterministic: bool = False,

@@ -196,7 +196,7 @@ class Trainer:
         if cfg.optim.batch_size < self.ctx.world_size:
             raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is the global batch and must "
                              f"be at least the number of processes ({self.ctx.world_size})")
-        self.data = data or build_data(cfg)
+        self.data = data or build_data(cfg, progress=False if self.quiet else None)
         self.num_items = len(self.data.train)
         self.num_classes = self.data.num_classes
         shard = self.ctx.shard
@@ -450,9 +450,10 @@ class Trainer:
         return self._score_loader_obj
 
     def teacher_train_logits(self) -> torch.Tensor:
-        """Teacher logits on the un-augmented training set (host copy), from the on-disk cache.
-        The device step gets a copy on the training device when it fits in a quarter of the free
-        GPU memory, so the per-step gather never crosses the bus."""
+        """Teacher logits on the un-augmented training set, from the on-disk cache: on the
+        training device when they fit in a quarter of the free GPU memory, so the per-step gather
+        never crosses the bus, else in host memory. The host copy is then dropped (at 1.28M
+        images and 1000 classes it is 4.8 GiB, in every process of a node)."""
         if self._teacher_train_logits is None:
             from .scoring import TeacherLogitCache
 
@@ -465,7 +466,9 @@ class Trainer:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
                 if table.numel() * table.element_size() <= free // 4:
-                    table = table.to(self.device, non_blocking=True)
+                    # Not non_blocking: the host copy is released at once, which a pending copy
+                    # out of pageable memory must not outlive.
+                    table = self._teacher_train_logits = table.to(self.device)
                 else:
                     self.log(f"[{self.label}] note: teacher logits ({table.numel() * table.element_size() / 2**30:.1f} "
                              "GiB) stay in host memory; each step gathers them through the host")
@@ -498,7 +501,7 @@ class Trainer:
         scores = self.score_snapshot()
         diff = difficulty(scores, self.cfg.curriculum.measure)
         seq = InstanceSequence(diff, self.cfg.curriculum.order, seed=self.cfg.seed, phase=phase)
-        self.progress.sequence, self.progress.scores, self.progress.scored_phase = seq.sequence, scores, phase
+        self.progress.sequence, self.progress.scored_phase = seq.sequence, phase
         self.sums.add_time("scoring", time.perf_counter() - t0)
         self.run_dir.save_npy(f"phase_{phase}_order.npy", seq.sequence)
         self.run_dir.save_npy(f"phase_{phase}_scores.npy", scores.numpy())

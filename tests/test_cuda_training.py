@@ -86,6 +86,16 @@ def test_resume_on_cuda_is_bit_identical(tmp_path, teacher):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_teacher_logits_that_fit_live_on_the_gpu_only(tmp_path, teacher):
+    # The host copy was kept beside the GPU one for the whole run: 4.8 GiB at ImageNet size, in
+    # every process of a node.
+    cfg = load_config(None, BASE + ["data.augment=none"])
+    t = Trainer(cfg, str(tmp_path / "dev"), method="kd", teacher=teacher, quiet=True, log=lambda m: None)
+    table = t.teacher_train_logits()
+    assert table.device.type == "cuda" and table is t.step.teacher_logits
+    assert t.teacher_train_logits() is table
+
+
 def test_teacher_logits_kept_in_host_memory_give_each_batch_its_own_rows(tmp_path, teacher, monkeypatch):
     # A teacher-logit table too large for the GPU stays on the host and each step gathers its rows
     # there: the batch's indices (on the GPU) must have arrived before the host reads them.

@@ -309,10 +309,10 @@ from kdseq_fast import datasets, run_inputs
 from kdseq_fast.config import load_config
 from kdseq_fast.runtime import exit_process, setup_run, teardown_distributed
 real = datasets.dataset_from_config
-def logged(cfg, split):
+def logged(cfg, split, progress=None):
     start = time.time()
     time.sleep(0.3)
-    out = real(cfg, split)
+    out = real(cfg, split, progress)
     with open({str(tmp_path)!r} + "/calls." + os.environ["RANK"], "a") as fh:
         fh.write(f"{{start}} {{time.time()}} {{cfg.data.download}}\\n")
     return out
@@ -386,6 +386,13 @@ def test_a_large_host_table_goes_through_the_gpu_in_pieces(monkeypatch):
     runtime.staged_collective(collective, table, FakeGpu)
     assert seen == [1000] * 7 + [500]
     assert torch.equal(table, torch.arange(2500 * 3, dtype=torch.float32).view(2500, 3) * 2)
+    # A broadcast's source is not written back: a memory-mapped cache table stays file-backed.
+    writes = []
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, *a, **k: writes.append(self.numel()))
+    runtime.staged_collective(collective, table, FakeGpu, write_back=False)
+    assert writes == [] and len(seen) == 16
+    runtime.staged_collective(collective, table, FakeGpu)
+    assert writes == [1000] * 7 + [500]
 
 
 def test_an_explicit_gpu_under_torchrun_is_refused(monkeypatch):

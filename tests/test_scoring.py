@@ -258,6 +258,15 @@ def test_teacher_cache_fp16_and_corrupt_file(tmp_path):
         TeacherLogitCache(tmp_path, dtype="float16").get(teacher, loader, num_items=12, progress=False)
     with pytest.raises(ValueError, match="dtype"):
         TeacherLogitCache(tmp_path, dtype="int8")
+    # The check runs in slices (a whole-table isinf took 1.5x the table): an inf in any slice counts.
+    from kdseq_fast.scoring import _any_inf
+
+    table = torch.zeros(10, 3, dtype=torch.float16)
+    assert not _any_inf(table, slice_values=6)
+    for row in (0, 5, 9):
+        table.zero_()
+        table[row, 2] = float("-inf")
+        assert _any_inf(table, slice_values=6) and _any_inf(table)
 
 
 def test_difficulty_measures_and_weighted_sums():
