@@ -417,7 +417,7 @@ def main(argv=None) -> int:
         teacher_entry = res.summary["teacher"]
     elif teacher_path is None:
         teacher_path = os.path.join(args.out, "teacher", "teacher.pt")
-    data = None if args.report_only else build_data(cfg)
+    data = None if args.report_only else build_data(cfg, progress=False if args.quiet else None)
     teacher_fp = None
     if args.reuse and needs_teacher and data is not None and os.path.isfile(teacher_path):
         from kdseq_fast.run_inputs import load_teacher

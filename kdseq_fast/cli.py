@@ -184,7 +184,7 @@ def _cmd_score(args, log) -> int:
     ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
     if ctx.is_main:
         os.makedirs(args.out, exist_ok=True)  # an unusable --out fails now, not after the pass
-    data = build_data(cfg)
+    data = build_data(cfg, progress=False if args.quiet else None)
     split = data.train if args.split == "train" else data.test
     arch = args.arch or (cfg.teacher.arch if run_role == "teacher" else cfg.student.arch)
     model = get_model(arch, data.num_classes, image_size=cfg.data.image_size,

@@ -159,8 +159,12 @@ class DatasetSplit:
 # Entry points
 # --------------------------------------------------------------------------------------------
 def get_dataset(name: str, root: str | os.PathLike = "./data", split: str = "train",
-                download: bool = False, **kwargs: Any) -> DatasetSplit:
+                download: bool = False, progress: bool | None = None, **kwargs: Any) -> DatasetSplit:
     """Load one split of a dataset.
+
+    ``progress``: None or True shows bars for long work (CINIC-10's checksum and extraction,
+    large synthetic sets) on a terminal only, never in a redirected log; False shows none. (torchvision's download bars for
+    CIFAR/SVHN/Fashion-MNIST are its own.)
 
     Extra keyword arguments by dataset:
       - ``cinic10``: ``merge_valid=False`` (True: train = train + valid, as the CINIC authors suggest).
@@ -190,6 +194,8 @@ def get_dataset(name: str, root: str | os.PathLike = "./data", split: str = "tra
         raise TypeError(f"get_dataset({name!r}) got unexpected keyword argument(s) {extra}; "
                         f"accepted: {sorted(allowed) or 'none'}")
     check_int("image_size", kwargs.get("image_size", 1), 1)
+    if progress not in (None, False, True):
+        raise TypeError(f"progress must be None, True or False, got {progress!r}")
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root must be a path (str or os.PathLike), got {type(root).__name__}")
     root = os.path.expanduser(os.fspath(root))  # a config value: no shell expanded its ~
@@ -198,17 +204,17 @@ def get_dataset(name: str, root: str | os.PathLike = "./data", split: str = "tra
     if name == "svhn":
         return _load_svhn(root, split, download)
     if name == "cinic10":
-        return _load_cinic10(root, split, download, bool(kwargs.get("merge_valid", False)))
+        return _load_cinic10(root, split, download, bool(kwargs.get("merge_valid", False)), progress)
     if name == "imagefolder":
         return _load_imagefolder(root, split, **kwargs)
     if name == "fashion_mnist":
         return _load_fashion_mnist(root, split, download, kwargs.get("image_size", 28))
     if name == "digits":
         return _load_digits(split, kwargs.get("image_size", 32))
-    return _load_synthetic(split, **kwargs)
+    return _load_synthetic(split, progress=progress, **kwargs)
 
 
-def dataset_from_config(cfg: Mapping, split: str) -> DatasetSplit:
+def dataset_from_config(cfg: Mapping, split: str, progress: bool | None = None) -> DatasetSplit:
     """``get_dataset`` driven by a config's ``data`` section (see ``kdseq_fast.config``).
 
     Synthetic data always uses data seed 0, so runs with different training seeds see the same
@@ -227,7 +233,7 @@ def dataset_from_config(cfg: Mapping, split: str) -> DatasetSplit:
     elif data["image_size"] != 32:
         raise ValueError(f"config field 'data.image_size' is {data['image_size']}, but {name} images "
                          "are 32 px; set data.image_size=32")
-    out = get_dataset(name, data["root"], split, download=data["download"], **kwargs)
+    out = get_dataset(name, data["root"], split, download=data["download"], progress=progress, **kwargs)
     subset = data.get("train_subset")
     if split == "train" and subset is not None and subset > len(out):
         raise ValueError(f"config field 'data.train_subset' is {subset}, but the training split of {name} "
@@ -379,11 +385,20 @@ def _cinic_dir(root: str) -> str:
     return os.path.join(root, "cinic10")
 
 
-def _md5(path: str, chunk: int = 1 << 20) -> str:
+def _bar_disable(progress: bool | None, small: bool) -> bool | None:
+    """tqdm's ``disable`` for a dataset bar: none for short work or ``progress=False``; otherwise
+    None, which shows it only on a terminal, never in a redirected log."""
+    return True if progress is False or small else None
+
+
+def _md5(path: str, chunk: int = 1 << 20, progress: bool | None = None) -> str:
     h = hashlib.md5()
-    with open(path, "rb") as fh:
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh, tqdm(total=size, desc=f"md5 {os.path.basename(path)}", unit="B",
+                                      unit_scale=True, disable=_bar_disable(progress, size < 1 << 28)) as bar:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
+            bar.update(len(block))
     return h.hexdigest()
 
 
@@ -405,15 +420,16 @@ def verify_cinic10(directory: str, per_split: int | None = CINIC10_PER_SPLIT,
 
 
 def extract_cinic10(archive: str, destination: str, *, md5: str | None = CINIC10_MD5,
-                    per_split: int | None = CINIC10_PER_SPLIT) -> dict[str, int]:
-    """Verify the archive's md5, extract it into ``destination`` and verify the layout/counts.
+                    per_split: int | None = CINIC10_PER_SPLIT, progress: bool | None = None) -> dict[str, int]:
+    """Verify the archive's md5, extract it into ``destination`` and verify the layout/counts
+    (``progress=False``: no bars; None: bars on a terminal).
 
     The archive is extracted into ``<destination>/.partial`` (the same file system as the folders,
     also when ``destination`` is a link or a mount) and its folders are moved up only once
     verified: a split folder in ``destination`` is always complete, so an extraction killed midway
     is redone by the next download instead of read as a dataset."""
     if md5 is not None:
-        got = _md5(archive)
+        got = _md5(archive, progress=progress)
         if got != md5:
             raise ValueError(f"checksum mismatch for {archive}: md5 {got}, expected {md5}; delete "
                              "the file and download it again")
@@ -424,10 +440,11 @@ def extract_cinic10(archive: str, destination: str, *, md5: str | None = CINIC10
     os.makedirs(staging)
     try:
         with tarfile.open(archive, "r:*") as tar:
+            # getmembers() reads the whole compressed archive once before the first file is out.
             members = tar.getmembers()
             # filter="data" refuses absolute paths, '..' and links out of the destination.
-            # disable=None: a bar only on a terminal, never in a redirected log.
-            for m in tqdm(members, desc="extract CINIC-10", unit="file", disable=True if len(members) < 1000 else None):
+            for m in tqdm(members, desc="extract CINIC-10", unit="file",
+                          disable=_bar_disable(progress, len(members) < 1000)):
                 tar.extract(m, staging, filter="data")
         counts = verify_cinic10(staging, per_split)
         for entry in sorted(os.listdir(staging)):
@@ -440,7 +457,7 @@ def extract_cinic10(archive: str, destination: str, *, md5: str | None = CINIC10
     return counts
 
 
-def _download_cinic10(root: str, destination: str) -> None:
+def _download_cinic10(root: str, destination: str, progress: bool | None) -> None:
     from torchvision.datasets.utils import download_url
 
     archive = os.path.join(root, "CINIC-10.tar.gz")
@@ -454,15 +471,16 @@ def _download_cinic10(root: str, destination: str) -> None:
             errors.append(f"{url}: {exc}")
     else:
         raise RuntimeError("could not download CINIC-10: " + "; ".join(errors))
-    extract_cinic10(archive, destination)
+    extract_cinic10(archive, destination, progress=progress)
 
 
-def _load_cinic10(root: str, split: str, download: bool, merge_valid: bool) -> DatasetSplit:
+def _load_cinic10(root: str, split: str, download: bool, merge_valid: bool,
+                  progress: bool | None) -> DatasetSplit:
     directory = _cinic_dir(root)
     splits = ["train", "valid"] if (split == "train" and merge_valid) else [split]
     needed = [os.path.join(directory, s) for s in splits]
     if download and not all(os.path.isdir(p) for p in needed):
-        _download_cinic10(root, directory)
+        _download_cinic10(root, directory, progress)
     missing = [p for p in needed if not os.path.isdir(p)]
     if missing:
         raise _missing("cinic10", missing, hint=f" ({CINIC10_URLS[0]}, md5 {CINIC10_MD5})")
@@ -684,7 +702,7 @@ def _synthetic_chunk(protos: np.ndarray, seed: int, split_id: int, chunk: int, n
 
 
 def _load_synthetic(split: str, num_items: int = 2048, num_classes: int = 10, image_size: int = 32,
-                    channels: int = 3, seed: int = 0) -> DatasetSplit:
+                    channels: int = 3, seed: int = 0, progress: bool | None = None) -> DatasetSplit:
     for arg, value, lo in (("num_items", num_items, 1), ("num_classes", num_classes, 2),
                            ("image_size", image_size, 4), ("channels", channels, 1),
                            ("seed", seed, 0)):
@@ -699,7 +717,8 @@ def _load_synthetic(split: str, num_items: int = 2048, num_classes: int = 10, im
     n_chunks = -(-num_items // _SYNTH_CHUNK)
     images = np.empty((num_items, image_size, image_size, channels), dtype=np.uint8)
     labels = np.empty(num_items, dtype=np.int64)
-    for c in tqdm(range(n_chunks), desc=f"synthetic {split}", unit="chunk", disable=True if n_chunks < 16 else None):
+    for c in tqdm(range(n_chunks), desc=f"synthetic {split}", unit="chunk",
+                  disable=_bar_disable(progress, n_chunks < 16)):
         lo = c * _SYNTH_CHUNK
         n = min(_SYNTH_CHUNK, num_items - lo)
         images[lo:lo + n], labels[lo:lo + n] = _synthetic_chunk(protos, seed, split_id, c, n)

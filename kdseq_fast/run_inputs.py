@@ -13,7 +13,7 @@ from .config import Config
 from .runtime import RunContext
 
 __all__ = ["DataBundle", "build_data", "ordered_batch_size", "rank_loss_weight", "make_loader",
-           "load_teacher", "shared_teacher_logits"]
+           "load_teacher", "probe_teacher_module", "shared_teacher_logits"]
 
 
 @dataclass
@@ -41,9 +41,10 @@ class DataBundle:
         return f"{self.name}-{split.split}-n{len(split)}-s{self.image_size}-{split.content_digest()[:16]}"
 
 
-def build_data(cfg: Config) -> DataBundle:
+def build_data(cfg: Config, progress: bool | None = None) -> DataBundle:
     """Training and test splits named by ``cfg.data`` (missing files -> FileNotFoundError
-    naming the files and the download switch, raised by the datasets module).
+    naming the files and the download switch, raised by the datasets module); ``progress=False``
+    silences the datasets' bars (``quiet``).
 
     Under torch.distributed with ``data.download`` every rank calls this, and the downloaders
     write the archive under its final name: ranks fetching into one folder at once would corrupt
@@ -52,22 +53,22 @@ def build_data(cfg: Config) -> DataBundle:
     files in place."""
     group = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not (group and cfg.data.download and torch.distributed.get_world_size() > 1):
-        return _build_data(cfg)
+        return _build_data(cfg, progress)
     rank = torch.distributed.get_rank()
     first_of_node = int(os.environ.get("LOCAL_RANK", rank)) == 0
     bundle = None
     for turn in (rank == 0, rank != 0 and first_of_node):
         if turn:
-            bundle = _build_data(cfg)
+            bundle = _build_data(cfg, progress)
         torch.distributed.barrier()
-    return bundle if bundle is not None else _build_data(cfg)
+    return bundle if bundle is not None else _build_data(cfg, progress)
 
 
-def _build_data(cfg: Config) -> DataBundle:
+def _build_data(cfg: Config, progress: bool | None) -> DataBundle:
     from .datasets import dataset_from_config
 
-    train = dataset_from_config(cfg, "train")
-    test = dataset_from_config(cfg, "test")
+    train = dataset_from_config(cfg, "train", progress)
+    test = dataset_from_config(cfg, "test", progress)
     if train.num_classes != test.num_classes:
         raise ValueError(f"train/test class counts differ: {train.num_classes} vs {test.num_classes}")
     channels = 3 if train.is_files else int(train.images.shape[-1])
@@ -166,6 +167,30 @@ def check_teacher_argument(teacher) -> None:
         raise ValueError(f"the teacher must be a torch.nn.Module or a checkpoint path, got {teacher!r}")
 
 
+def probe_teacher_module(module: torch.nn.Module, num_classes: int, in_channels: int,
+                         image_size: int) -> None:
+    """One forward of a zero image shaped like the data, so that a teacher module built for other
+    images (channels, size) or another class count fails before training, naming the shapes, and
+    not at the first batch inside a convolution or the loss. (A checkpoint teacher is built for the
+    data by ``load_teacher``.) The module must be in eval mode: the probe then leaves its state
+    and the random streams as they were."""
+    first = next((t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None else torch.float32
+    x = torch.zeros(1, in_channels, image_size, image_size, device=device, dtype=dtype)
+    shape = f"one {in_channels}x{image_size}x{image_size} image of this data"
+    try:
+        with torch.no_grad():
+            out = module(x)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the data's shape named
+        raise ValueError(f"the teacher module fails on {shape} (data.name, data.image_size): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the teacher module must return logits of shape (batch, {num_classes}) "
+                         f"for this data's {num_classes} classes; on {shape} it returned {got}")
+
+
 def open_teacher(cfg: Config, teacher, method: str, num_classes: int,
                  in_channels: int = 3) -> tuple[torch.nn.Module, str | None]:
     """The teacher of a kd/isl run and its checkpoint path (None for a module): ``teacher`` (a
@@ -176,7 +201,9 @@ def open_teacher(cfg: Config, teacher, method: str, num_classes: int,
                          "teacher.checkpoint (train one with `kdseq-fast train-teacher`)")
     check_teacher_argument(teacher)
     if isinstance(teacher, torch.nn.Module):
-        return teacher.eval(), None
+        teacher.eval()
+        probe_teacher_module(teacher, num_classes, in_channels, cfg.data.image_size)
+        return teacher, None
     path = os.path.abspath(os.path.expanduser(os.fspath(teacher)))  # teacher.checkpoint may hold ~
     return load_teacher(cfg, path, num_classes, in_channels=in_channels), path
 

@@ -47,7 +47,7 @@ def distill(cfg: Config, out_dir: str, *, method: str | None = None, teacher=Non
         done = ctx.run_on_main(lambda: _finished_teacher(out_dir, method, cfg))
         if done is not None:
             if method != "ce":
-                _check_same_teacher(cfg, out_dir, method, teacher, data, done["teacher_fingerprint"])
+                _check_same_teacher(cfg, out_dir, method, teacher, data, done["teacher_fingerprint"], quiet)
             return ctx.run_on_main(lambda: completed_result(out_dir, "student.pt", log, method))
     t = Trainer(cfg, out_dir, method=method, teacher=teacher, resume=resume, overwrite=overwrite,
                 quiet=quiet, callbacks=_callbacks(cfg, out_dir, log), log=log, data=data, ctx=ctx)
@@ -59,12 +59,12 @@ def _finished_teacher(out_dir: str, method: str, cfg: Config) -> dict | None:
     return None if state is None else {"teacher_fingerprint": state.get("teacher_fingerprint")}
 
 
-def _check_same_teacher(cfg: Config, out_dir: str, method: str, teacher, data, stored) -> None:
+def _check_same_teacher(cfg: Config, out_dir: str, method: str, teacher, data, stored, quiet) -> None:
     """A finished kd/isl run is returned as it is only for the teacher it was distilled from (an
     unfinished one is held to the same rule when its checkpoint is loaded)."""
     from .scoring import teacher_fingerprint
 
-    data = data or build_data(cfg)
+    data = data or build_data(cfg, progress=False if quiet else None)
     module, _ = open_teacher(cfg, teacher, method, data.num_classes, in_channels=data.in_channels)
     if teacher_fingerprint(module) != stored:
         raise CheckpointError(
@@ -137,7 +137,7 @@ def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teac
     ctx = setup_run(cfg.device, seed=cfg.seed, deterministic=cfg.deterministic)
     if any(m != "ce" for m in methods):
         check_cuda_kernels(ctx.device)  # before the teacher trains, not after
-    data = build_data(cfg)
+    data = build_data(cfg, progress=False if quiet else None)
     teacher = teacher or cfg.teacher.checkpoint
     if teacher is not None and any(m != "ce" for m in methods):
         # A missing or mismatched teacher fails now, not after the ce student has trained.

@@ -348,6 +348,25 @@ def test_synthetic_reproducible_and_prefix_stable():
     assert not np.array_equal(test.images, c.images) and test.mean == c.mean
 
 
+def test_dataset_bars_follow_progress(monkeypatch):
+    # --quiet (progress=False) reaches the datasets: their bars showed on a terminal regardless.
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    shown = {}
+    for progress in (None, False):
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        get_dataset("synthetic", split="test", num_items=16 * 1024, image_size=4, channels=1,
+                    progress=progress)
+        shown[progress] = "synthetic test" in sys.stderr.getvalue()
+    assert shown == {None: True, False: False}
+    with pytest.raises(TypeError, match="progress must be None, True or False"):
+        get_dataset("synthetic", num_items=8, progress="no")
+
+
 def test_synthetic_is_learnable():
     kw = dict(num_classes=10, image_size=16, seed=0)
     train = get_dataset("synthetic", split="train", num_items=2000, **kw)

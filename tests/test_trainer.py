@@ -193,6 +193,28 @@ def test_kd_needs_a_teacher(tmp_path):
         Trainer(cfg, str(tmp_path / "kd"), method="kd", quiet=True)
 
 
+def test_a_module_teacher_for_other_data_is_refused_before_training(tmp_path):
+    # A teacher module for other images or another class count failed at the first batch, inside
+    # a convolution or the loss.
+    from kdseq_fast.models import get_model
+
+    cfg = load_config(None, BASE)  # digits: 3 channels, 32 px, 10 classes
+    kw = dict(method="kd", quiet=True, log=lambda m: None)
+    gray = get_model("resnet8", 10, image_size=32, in_channels=1)
+    with pytest.raises(ValueError, match=r"teacher module fails on one 3x32x32 image of this data"):
+        Trainer(cfg, str(tmp_path / "gray"), teacher=gray, **kw)
+    hundred = get_model("resnet8", 100, image_size=32)
+    with pytest.raises(ValueError, match=r"logits of shape \(batch, 10\).*returned \(1, 100\)"):
+        Trainer(cfg, str(tmp_path / "hundred"), teacher=hundred, **kw)
+    assert all(set(os.listdir(tmp_path / d)) <= {".lock"} for d in ("gray", "hundred"))  # as if never run
+    # The right teacher passes, in train mode or not, and the probe leaves its BatchNorm alone.
+    good = get_model("resnet8", 10, image_size=32).train()
+    before = {k: v.clone() for k, v in good.state_dict().items()}
+    Trainer(cfg, str(tmp_path / "good"), teacher=good, **kw)
+    assert not good.training
+    assert all(torch.equal(before[k], v) for k, v in good.state_dict().items())
+
+
 def test_steps_to_target():
     hist = [(10, 0.5), (20, 0.8), (30, 0.79), (40, 0.9)]
     assert steps_to_target(hist, 0.8) == 20
