@@ -27,6 +27,31 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ---------------------------------------------------------------------------------------------
 # command line and machine
 # ---------------------------------------------------------------------------------------------
+def script_main(main: Callable[[], int], *, on_preempt: str = "", preempt_rc: int = 0,
+                run_dir_hint: str = "") -> int:
+    """A benchmark script's ``main()`` with the exits of the ``kdseq-fast`` CLI: a mistake in its
+    input (a bad value, a missing file, an unusable --out, no GPU for --device cuda) is one
+    ``error:`` line and exit 2, not a traceback. A SIGTERM/SIGINT the trainer honoured prints
+    ``on_preempt`` (what this script does next; the CLI's "--resume" advice is not for it) and
+    returns ``preempt_rc``; ``run_dir_hint`` follows a refused run directory's message for the same
+    reason (its "--overwrite")."""
+    from kdseq_fast._extension import CudaKernelsUnavailable
+    from kdseq_fast.run_dir import RunDirError
+    from kdseq_fast.runtime import CheckpointError
+    from kdseq_fast.trainer import Preempted
+
+    prog = os.path.basename(sys.argv[0])
+    try:
+        return main()
+    except Preempted as exc:
+        print(f"{prog}: {str(exc).split('; ')[0]}. {on_preempt}".rstrip(), flush=True)
+        return preempt_rc
+    except (ValueError, TypeError, OSError, CheckpointError, CudaKernelsUnavailable) as exc:
+        hint = f" ({run_dir_hint})" if run_dir_hint and isinstance(exc, RunDirError) else ""
+        print(f"{prog}: error: {exc}{hint}", file=sys.stderr, flush=True)
+        return 2
+
+
 def add_common_args(ap: argparse.ArgumentParser, *, default_dtypes=("fp32", "bf16"),
                     default_repeats: int = 15) -> None:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),

@@ -489,4 +489,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _common import script_main
+
+    sys.exit(script_main(main, on_preempt="Run the same command again to continue: finished runs are kept, "
+                         "the interrupted one resumes from its checkpoint",
+                         run_dir_hint="bench_accuracy has no --overwrite: choose another --out, or remove "
+                         "that run's folder to train it again"))

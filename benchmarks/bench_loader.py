@@ -122,4 +122,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import script_main
+
+    sys.exit(script_main(lambda: main() or 0))

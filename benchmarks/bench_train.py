@@ -336,4 +336,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _common import script_main
+
+    # Its runs live in a temporary folder, removed on the way out: nothing to resume.
+    sys.exit(script_main(main, on_preempt="bench_train keeps no state: nothing was measured; run it again",
+                         preempt_rc=1))

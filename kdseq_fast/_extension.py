@@ -148,6 +148,15 @@ def check_cuda_kernels(device) -> None:
     device = torch.device(device)
     if device.type != "cuda":
         return
+    # Before any CUDA query: without a GPU those raise torch's bare "no NVIDIA driver".
+    if not torch.cuda.is_available():
+        raise CudaKernelsUnavailable(
+            f"no CUDA device is available to this process for {device} (torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda or 'none'}: torch.cuda.is_available() is False); use device 'cpu'")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise CudaKernelsUnavailable(f"{device} does not exist: this process sees {count} GPU(s), "
+                                     f"cuda:0 to cuda:{count - 1}")
     problem = _kernels_problem(device.index if device.index is not None else torch.cuda.current_device())
     if problem is not None:
         raise CudaKernelsUnavailable(problem)

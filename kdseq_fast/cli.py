@@ -192,8 +192,13 @@ def _cmd_score(args, log) -> int:
     try:
         load_model_weights(model, args.checkpoint)
     except ValueError as exc:
+        from .checkpoint_io import fitting_architectures
+
+        fits = fitting_architectures(args.checkpoint, data.num_classes, in_channels=data.in_channels,
+                                     image_size=cfg.data.image_size)
+        hint = f". It fits {', '.join(fits)}: --arch {fits[0]}" if fits else ""
         raise ValueError(f"--checkpoint {args.checkpoint} does not fit --arch {arch} with "
-                         f"{data.num_classes} classes: {exc}") from None
+                         f"{data.num_classes} classes: {exc}{hint}") from None
     model.to(ctx.device).eval()
     # Sharded under torchrun: each rank scores its part, score_dataset sums the parts.
     loader = make_loader(cfg, split, ctx, augment=False, seed=cfg.seed, shard=ctx.shard,

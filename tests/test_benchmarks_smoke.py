@@ -254,6 +254,43 @@ def test_bench_accuracy_quick_and_resumable(tmp_path):
     assert ba.reusable_run([str(out)], 0, "kd", kd_cfg, "0" * 64) is None
 
 
+def test_bench_scripts_exit_like_the_cli(tmp_path):
+    # A mistake in a script's input was a traceback; a preempted bench_accuracy printed a traceback
+    # and the CLI's advice to add --resume, a flag the script does not have (running it again is
+    # what continues), and a refused run folder pointed at --overwrite, which it has not either.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "acc"
+    cmd = [sys.executable, os.path.join(BENCH, "bench_accuracy.py"), "--config", "digits_quick", "--quick",
+           "--device", "cpu", "--seeds", "0", "--methods", "kd", "--set", "data.train_subset=128",
+           "--set", "teacher.epochs=1", "--quiet", "--out", str(out)]
+
+    def run(*extra, **more_env):
+        return subprocess.run(cmd + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=900,
+                              env={**env, **more_env})
+
+    bad = run("--set", "optim.lrr=1")
+    assert bad.returncode == 2 and "bench_accuracy.py: error: unknown config key 'optim.lrr'" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+    stopped = run(KDSEQ_TEST_SIGTERM_AT_STEP="3")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "received SIGTERM" in stopped.stdout and "Run the same command again to continue" in stopped.stdout
+    assert "--resume" not in stopped.stdout and "Traceback" not in stopped.stderr
+    assert run().returncode == 0  # continues from the checkpoint and finishes
+    assert (out / "results.json").exists()
+    changed = run("--set", "optim.lr=0.07")
+    assert changed.returncode == 2 and "bench_accuracy has no --overwrite" in changed.stderr, changed.stderr
+    if not torch_cuda_available():
+        nogpu = subprocess.run([sys.executable, os.path.join(BENCH, "bench_kd_loss.py"), "--device", "cuda"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert nogpu.returncode == 2 and "bench_kd_loss.py: error: --device cuda" in nogpu.stderr, nogpu.stderr
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def test_bench_accuracy_t_table_without_scipy(monkeypatch):
     # scipy is only in the test extra: the table must never give a narrower interval than the
     # true t quantile (a larger df's value did, e.g. df 11 -> 2.179 instead of 2.201).

@@ -111,6 +111,8 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(_extension, "build_info", lambda: {**real, **info})
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
         _extension._kernels_problem.cache_clear()
     yield install
     _extension._kernels_problem.cache_clear()
@@ -134,6 +136,17 @@ def test_check_cuda_kernels_passes_a_covered_gpu_and_any_cpu(fake_gpu):
     # A build that did not record its targets is not second-guessed.
     fake_gpu((7, 5), cuda_compiled=True, cuda_targets=[])
     kf.check_cuda_kernels("cuda:0")
+
+
+def test_check_cuda_kernels_without_that_gpu(monkeypatch):
+    # Without a GPU it raised torch's bare "Found no NVIDIA driver", naming neither device nor fix.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(_extension.CudaKernelsUnavailable, match=r"no CUDA device is available.*cuda:0.*'cpu'"):
+        kf.check_cuda_kernels("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(_extension.CudaKernelsUnavailable, match=r"cuda:2 does not exist: this process sees 2 GPU"):
+        kf.check_cuda_kernels("cuda:2")
 
 
 def test_check_cuda_kernels_without_cuda_kernels(fake_gpu):

@@ -102,7 +102,9 @@ def test_score(tmp_path, capsys, teacher_ckpt):
 def test_score_rejects_mismatched_checkpoint(tmp_path, capsys, teacher_ckpt):
     rc = cli.main(["score", "--checkpoint", str(teacher_ckpt), "--arch", "resnet20",
                    "--out", str(tmp_path), "--quiet"] + _sets(TINY))
-    assert rc == 2 and "does not fit --arch resnet20" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not fit --arch resnet20" in err
+    assert "It fits resnet8: --arch resnet8" in err  # which arch it is, as a --teacher mismatch says
 
 
 def test_demo_on_digits(tmp_path, capsys):
