@@ -163,8 +163,8 @@ def get_dataset(name: str, root: str | os.PathLike = "./data", split: str = "tra
     """Load one split of a dataset.
 
     ``progress``: None or True shows bars for long work (CINIC-10's checksum and extraction,
-    large synthetic sets) on a terminal only, never in a redirected log; False shows none. (torchvision's download bars for
-    CIFAR/SVHN/Fashion-MNIST are its own.)
+    large synthetic sets) on a terminal only, never in a redirected log; False shows none.
+    (torchvision's download bars for CIFAR/SVHN/Fashion-MNIST are its own.)
 
     Extra keyword arguments by dataset:
       - ``cinic10``: ``merge_valid=False`` (True: train = train + valid, as the CINIC authors suggest).

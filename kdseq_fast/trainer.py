@@ -583,9 +583,9 @@ class Trainer:
             self._preempt(stop, saved=True)
         for e in range(self.progress.epoch, self.total_epochs):
             self._train_epoch(e, stop)
-            self._end_epoch(e)
+            self._end_epoch(e)  # ends with a checkpoint: a preemption here needs no second one
             if self._stop_agreed(stop, at_read=True):
-                self._preempt(stop)
+                self._preempt(stop, saved=True)
         result = self._finish()
         if self._stop_agreed(stop, at_read=True):
             # The signal came while the results were written: they are complete, but what the
@@ -618,9 +618,9 @@ class Trainer:
         dump = bool(os.environ.get("KDSEQ_TEST_DUMP_DIR"))
         phase, kind, _, _ = self.schedule[e]
         if kind == "curriculum" and prog.scored_phase != phase:
-            self._start_phase(phase)
+            self._start_phase(phase)  # ends with a checkpoint, as _end_epoch does
             if self._stop_agreed(stop, at_read=True):
-                self._preempt(stop)
+                self._preempt(stop, saved=True)
         order, admitted = self.plan.order(e, prog.sequence)
         seen = []
         self.train_loader.set_epoch(e)

@@ -184,6 +184,20 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path, teacher, reference):
     _assert_identical(reference, out)
 
 
+def test_sigterm_at_an_epoch_end_keeps_the_older_fallback(tmp_path, teacher, reference):
+    # The epoch's own checkpoint was written a second time for the preemption, which rotated it
+    # into checkpoint.prev.pt: the fallback then held the same state, not an older one.
+    out = tmp_path / "run"
+    stopped = _run(_args(out, teacher), {"KDSEQ_TEST_SIGTERM_AT_EPOCH_END": "1"})
+    assert "SIGTERM" in stopped.stdout
+    latest = load_checkpoint(str(out / "checkpoint.pt"))["progress"]
+    previous = load_checkpoint(str(out / "checkpoint.prev.pt"))["progress"]
+    assert (latest["epoch"], latest["batch"], latest["global_step"]) == (1, 0, 6)
+    assert previous["global_step"] == 4  # the interval checkpoint before it
+    _run(_args(out, teacher) + ["--resume"])
+    _assert_identical(reference, out)
+
+
 def test_resume_with_different_config_is_an_error(tmp_path, teacher, capsys):
     out = tmp_path / "run"
     killed = _run(_args(out, teacher), {"KDSEQ_TEST_KILL_AT_STEP": "5"}, check=False)
