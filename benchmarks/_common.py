@@ -31,14 +31,14 @@ def script_main(main: Callable[[], int], *, on_preempt: str = "", preempt_rc: in
                 run_dir_hint: str = "") -> int:
     """A benchmark script's ``main()`` with the exits of the ``kdseq-fast`` CLI: a mistake in its
     input (a bad value, a missing file, an unusable --out, no GPU for --device cuda) is one
-    ``error:`` line and exit 2, not a traceback. A SIGTERM/SIGINT the trainer honoured prints
-    ``on_preempt`` (what this script does next; the CLI's "--resume" advice is not for it) and
-    returns ``preempt_rc``; ``run_dir_hint`` follows a refused run directory's message for the same
-    reason (its "--overwrite")."""
+    ``error:`` line and exit 2, not a traceback; a run that diverged is one line and exit 3. A
+    SIGTERM/SIGINT the trainer honoured prints ``on_preempt`` (what this script does next; the
+    CLI's "--resume" advice is not for it) and returns ``preempt_rc``; ``run_dir_hint`` follows a
+    refused run directory's message for the same reason (its "--overwrite")."""
     from kdseq_fast._extension import CudaKernelsUnavailable
     from kdseq_fast.run_dir import RunDirError
     from kdseq_fast.runtime import CheckpointError
-    from kdseq_fast.trainer import Preempted
+    from kdseq_fast.trainer import NonFiniteError, Preempted
 
     prog = os.path.basename(sys.argv[0])
     try:
@@ -46,6 +46,9 @@ def script_main(main: Callable[[], int], *, on_preempt: str = "", preempt_rc: in
     except Preempted as exc:
         print(f"{prog}: {str(exc).split('; ')[0]}. {on_preempt}".rstrip(), flush=True)
         return preempt_rc
+    except NonFiniteError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 3
     except (ValueError, TypeError, OSError, CheckpointError, CudaKernelsUnavailable) as exc:
         hint = f" ({run_dir_hint})" if run_dir_hint and isinstance(exc, RunDirError) else ""
         print(f"{prog}: error: {exc}{hint}", file=sys.stderr, flush=True)

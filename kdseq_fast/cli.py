@@ -308,6 +308,10 @@ def main(argv=None) -> int:
         # OSError: a path that cannot be used (--out is a file, a missing or unreadable file).
         error(_describe_os_error(exc) if isinstance(exc, OSError) else str(exc))
         rc = 2
+    except KeyboardInterrupt:
+        # Ctrl-C where no run is training (score's pass): nothing to checkpoint, nothing written.
+        error(f"interrupted (SIGINT): {args.command} stopped before it finished; run it again")
+        rc = 130
     except BaseException:
         # Anything else (a failed collective, a bug) propagates with its traceback and a
         # non-zero exit; torchrun then stops the other ranks.

@@ -3,6 +3,7 @@
 builds a :class:`~kdseq_fast.trainer.Trainer` per run and skips a run that is already complete."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -12,10 +13,22 @@ from .config import Config, phase_epochs
 from .reports import accuracy_target, steps_to_target
 from .run_dir import TrainResult, completed_result, completed_state, is_complete, release_dir_lock
 from .run_inputs import DataBundle, build_data, open_teacher
-from .runtime import CheckpointError, setup_run
+from .runtime import CheckpointError, GracefulStop, setup_run
 from .trainer import METHODS, Trainer
 
 __all__ = ["train_teacher", "distill", "compare"]
+
+
+def _signals_flagged(fn):
+    """The whole call holds one GracefulStop: a SIGTERM/SIGINT while a run is being set up (the
+    data, the teacher, a comparison's next method) is a flag the next ``Trainer.fit`` honours at
+    its start (a checkpoint, then Preempted), not the default action: exit 143 without a word, or
+    a traceback, and under torchrun a signal to one rank failed the whole job."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with GracefulStop():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _callbacks(cfg: Config, out_dir: str, log, extra=()) -> list:
@@ -25,6 +38,7 @@ def _callbacks(cfg: Config, out_dir: str, log, extra=()) -> list:
     return cbs + list(extra)
 
 
+@_signals_flagged
 def train_teacher(cfg: Config, out_dir: str, *, resume=False, overwrite=False, quiet=False,
                   log=print, data: DataBundle | None = None, ctx=None) -> TrainResult:
     """Train ``cfg.teacher.arch`` with cross-entropy; writes ``out_dir/teacher.pt``."""
@@ -36,6 +50,7 @@ def train_teacher(cfg: Config, out_dir: str, *, resume=False, overwrite=False, q
     return t.fit()
 
 
+@_signals_flagged
 def distill(cfg: Config, out_dir: str, *, method: str | None = None, teacher=None, resume=False,
             overwrite=False, quiet=False, log=print, data: DataBundle | None = None,
             ctx=None) -> TrainResult:
@@ -116,6 +131,7 @@ def _teacher_on_every_rank(cfg: Config, path: str, data: DataBundle, ctx):
     return model.eval().requires_grad_(False)
 
 
+@_signals_flagged
 def compare(cfg: Config, out_dir: str, *, methods: Sequence[str] = METHODS, teacher=None,
             resume=False, overwrite=False, quiet=False, log=print) -> dict:
     """Train the teacher if needed, then each method on the same config, seed and budget.

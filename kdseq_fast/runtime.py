@@ -216,6 +216,14 @@ class RunContext:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def max_int(self, value: int) -> int:
+        """The largest ``value`` over all processes (all ranks must call it)."""
+        if self.world_size == 1:
+            return int(value)
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self._comm_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
     def any_true(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (all ranks must call it)."""
         if self.world_size == 1:
@@ -544,19 +552,35 @@ class GracefulStop:
     A preempted job then finishes its step, checkpoints and exits 0 instead of dying mid-write.
     A second signal while stopping restores the default handler behaviour (immediate exit).
     Only installs handlers in the main thread (signal.signal requires it).
+
+    Nested uses share the outermost one: ``runs.distill``/``compare``/``train_teacher`` hold one
+    for the whole command, so a signal while the data, the teacher or the next method of a
+    comparison is being set up is a flag the next ``Trainer.fit`` honours at its start, not
+    the default action (exit 143 without a word, or a KeyboardInterrupt traceback).
     """
+
+    # Under torchrun the launcher forwards a signal it receives to every rank, so a job whose
+    # processes are all signalled (a scheduler stopping it) gets each rank a second copy a few ms
+    # after the first: not a request to stop at once without a checkpoint.
+    REPEAT_GRACE_S = 5.0
+    _active: "GracefulStop | None" = None  # the outermost installed instance
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
         self.requested: int | None = None
         self._old: dict = {}
+        self._since = 0.0
+        self._outer: GracefulStop | None = None
 
     def _handle(self, signum, frame):
         if self.requested is not None:
+            if "TORCHELASTIC_RUN_ID" in os.environ and signum == self.requested \
+                    and time.monotonic() - self._since < self.REPEAT_GRACE_S:
+                return  # the launcher's forwarded copy
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.requested = signum
+        self.request(signum)
         # Said at once: the stop waits for the current step or pass (a teacher-logit or scoring
         # pass can take minutes), and a second signal is the way to stop without a checkpoint.
         if os.environ.get("RANK", "0") == "0":
@@ -569,20 +593,34 @@ class GracefulStop:
             except OSError:
                 pass
 
+    def request(self, signum: int) -> None:
+        """Records a stop for ``signum``: the handler's, or another rank's signal agreed on."""
+        self._since = time.monotonic()  # first: a copy landing between the two sees the grace
+        self.requested = signum
+
     @property
     def name(self) -> str:
         return signal.Signals(self.requested).name if self.requested else ""
 
-    def __enter__(self):
+    def __enter__(self) -> "GracefulStop":
+        if GracefulStop._active is not None:
+            self._outer = GracefulStop._active
+            return self._outer  # its handlers stay; the caller reads and sets its flag
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._old[s] = signal.signal(s, self._handle)
+            GracefulStop._active = self
         return self
 
     def __exit__(self, *exc):
+        if self._outer is not None:
+            self._outer = None
+            return
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old.clear()
+        if GracefulStop._active is self:
+            GracefulStop._active = None
         return False
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 from typing import Callable, Sequence
@@ -575,6 +574,11 @@ class Trainer:
         self._t_start = time.perf_counter()
         self.model.train()
         self._emit("on_train_start")
+        if self._stop_agreed(stop, at_read=True):
+            # A signal while the run was set up: stop before the teacher's passes, which take
+            # minutes on real data (a fresh run's checkpoint then has no teacher accuracy yet; the
+            # resumed run measures it).
+            self._preempt(stop, saved=self._resume_state is not None)
         self._prepare_teacher()
         if self._resume_state is None and self.progress.global_step == 0:
             # A step-0 checkpoint: a run that fails or is killed early still has a good state.
@@ -697,9 +701,10 @@ class Trainer:
             return stop.requested is not None
         if not at_read:
             return False
-        if self.ctx.any_true(stop.requested is not None):
+        agreed = self.ctx.max_int(stop.requested or 0)  # the signal's number travels with it
+        if agreed:
             if stop.requested is None:
-                stop.requested = signal.SIGTERM  # stopped on another rank's signal
+                stop.request(agreed)  # stopped on another rank's signal
             return True
         return False
 

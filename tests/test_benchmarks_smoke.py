@@ -285,6 +285,23 @@ def test_bench_scripts_exit_like_the_cli(tmp_path):
         assert nogpu.returncode == 2 and "bench_kd_loss.py: error: --device cuda" in nogpu.stderr, nogpu.stderr
 
 
+def test_script_main_exit_codes(capsys):
+    from kdseq_fast.trainer import NonFiniteError
+
+    def raising(exc):
+        def main():
+            raise exc
+        return main
+
+    assert _common.script_main(lambda: 0) == 0
+    assert _common.script_main(raising(ValueError("--x must be positive"))) == 2
+    assert _common.script_main(raising(NonFiniteError("loss is nan at step 3"))) == 3  # as the CLI's
+    err = capsys.readouterr().err
+    assert "error: --x must be positive" in err and "error: loss is nan at step 3" in err
+    with pytest.raises(RuntimeError):  # anything else keeps its traceback
+        _common.script_main(raising(RuntimeError("a bug")))
+
+
 def torch_cuda_available() -> bool:
     import torch
 

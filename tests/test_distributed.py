@@ -395,6 +395,21 @@ def test_a_large_host_table_goes_through_the_gpu_in_pieces(monkeypatch):
     assert writes == [1000] * 7 + [500]
 
 
+def test_a_broadcast_writes_back_on_the_receiving_ranks_only(monkeypatch):
+    from kdseq_fast import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "staged_collective",
+                        lambda fn, t, device, write_back=True: calls.append(write_back))
+    monkeypatch.setattr(runtime.RunContext, "broadcast_object", lambda self, obj, src=0: ((2, 3), torch.float32))
+    table = torch.ones(2, 3)
+    for rank in (0, 1):
+        ctx = runtime.RunContext(torch.device("cpu"), rank=rank, world_size=2, backend="gloo")
+        got = ctx.broadcast_tensor(table if rank == 0 else None)
+        assert got.shape == (2, 3)
+    assert calls == [False, True]  # the source's (memory-mapped) table is left as it is
+
+
 def test_an_explicit_gpu_under_torchrun_is_refused(monkeypatch):
     from kdseq_fast import runtime
 

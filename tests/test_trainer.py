@@ -647,6 +647,72 @@ def test_a_signal_while_the_results_are_written_stops_compare_before_the_next_me
     assert set(summary["methods"]) == {"ce", "kd"} and (out / "kd" / "student.pt").exists()
 
 
+def test_a_signal_while_a_run_is_set_up_is_honoured_at_its_start(tmp_path, monkeypatch):
+    # Only Trainer.fit turned signals into a stop: one while the data or the teacher was loaded
+    # (minutes on real data), or between compare's methods, got the default action (exit 143
+    # without a word, a KeyboardInterrupt traceback; under torchrun the whole job failed).
+    import signal
+
+    from kdseq_fast import run_inputs, runs
+    from kdseq_fast.models import get_model
+    from kdseq_fast.trainer import Preempted
+
+    cfg = load_config(None, ONE_EPOCH_SYNTHETIC, methods=("kd",))
+    teacher = tmp_path / "teacher.pt"
+    torch.save(get_model("resnet8", 10, image_size=16).state_dict(), teacher)
+    build = run_inputs.build_data
+
+    def signalled_build(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "build_data", signalled_build)  # compare loads the data here
+    out = tmp_path / "cmp"
+    with pytest.raises(Preempted, match=r"\[teacher\] received SIGINT: checkpoint saved .* at step 0"):
+        runs.compare(cfg, str(out), methods=["kd"], quiet=True, log=lambda m: None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    monkeypatch.undo()
+    summary = runs.compare(cfg, str(out), methods=["kd"], resume=True, quiet=True, log=lambda m: None)
+    assert summary["methods"]["kd"]["steps"] == 2
+    # A kd run stops before its teacher's passes (evaluation, the logit table: minutes on real data).
+    monkeypatch.setattr(run_inputs, "build_data", signalled_build)
+    monkeypatch.setattr(trainer_module(), "build_data", signalled_build)
+    with pytest.raises(Preempted, match=r"\[kd\] received SIGINT: checkpoint saved .* at step 0"):
+        runs.distill(cfg, str(tmp_path / "kd"), method="kd", teacher=str(teacher), quiet=True, log=lambda m: None)
+    from kdseq_fast.runtime import load_checkpoint
+
+    assert load_checkpoint(str(tmp_path / "kd" / "checkpoint.pt"))["teacher_acc"] is None
+    assert not list((tmp_path / "kd").glob("cache/*.npy"))  # no logit pass
+    monkeypatch.undo()
+    done = runs.distill(cfg, str(tmp_path / "kd"), method="kd", teacher=str(teacher), resume=True, quiet=True,
+                        log=lambda m: None)
+    assert done.summary["methods"]["kd"]["steps"] == 2 and done.summary["teacher"]["test_acc"] is not None
+
+
+def trainer_module():
+    from kdseq_fast import trainer
+
+    return trainer
+
+
+def test_graceful_stops_nest_and_a_forwarded_copy_is_not_a_second_signal(monkeypatch):
+    import signal
+
+    from kdseq_fast.runtime import GracefulStop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with GracefulStop() as outer:
+        with GracefulStop() as inner:
+            assert inner is outer  # one flag for the whole command
+        assert signal.getsignal(signal.SIGTERM) == outer._handle  # the inner exit kept the handlers
+        # torchrun forwards the signal it got to every rank: the copy arrives ms after the first.
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # escalated to the default action (death) before
+        assert outer.requested == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_runs_sharing_a_tensorboard_folder_keep_each_others_points(tmp_path):
     # TensorBoard's purge covers every tag of the folder: only a resumed run may ask for one.
     pytest.importorskip("tensorboard")
