@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
         "download": False,
         "cinic_merge_valid": False,
         "loader_backend": "auto",  # auto | dali | torch
-        "augment": "cifar",        # cifar | none
+        "augment": "cifar",        # cifar | crop (no flip) | none
         "num_threads": 2,
         "synthetic_train": 2048,   # sizes/classes/image size used by name=synthetic
         "synthetic_test": 512,
@@ -417,7 +417,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "data.download": _bool,
     "data.cinic_merge_valid": _bool,
     "data.loader_backend": _choice("auto", "dali", "torch"),
-    "data.augment": _choice("cifar", "none"),
+    "data.augment": _choice("cifar", "crop", "none"),
     "data.num_threads": _int(1),
     "data.synthetic_train": _int(1),
     "data.synthetic_test": _int(1),

@@ -120,8 +120,9 @@ def make_loader(cfg: Config, split, ctx: RunContext, *, augment: bool, seed: int
     if augment and cfg.data.augment != "none":
         # data.augment: cifar is the CIFAR protocol (pad 4, crop, flip) for the in-memory sets and
         # for CINIC-10, whose files are CIFAR-sized images; other file datasets (imagefolder) take
-        # the random-resized crop of their image_size, as ImageNet-style training does.
-        aug = "rrc" if files and split.name != "cinic10" else "cifar"
+        # the random-resized crop of their image_size, as ImageNet-style training does. crop is
+        # the CIFAR crop without the flip (SVHN: a mirrored digit is not a digit).
+        aug = "crop" if cfg.data.augment == "crop" else "rrc" if files and split.name != "cinic10" else "cifar"
     return CurriculumLoader(
         split.images, split.labels, batch_size or cfg.optim.batch_size, backend=cfg.data.loader_backend,
         device=ctx.device.type, augment=aug, mean=split.mean, std=split.std, drop_last=False,

@@ -290,6 +290,24 @@ def test_standard_protocol_recipe():
     assert cfg.data.name == "cifar100" and cfg.data.augment == "cifar"
 
 
+def test_svhn_recipes_crop_without_flips():
+    # The protocol's pad-4 crop, not its flip (a mirrored digit is not a digit); they trained
+    # without any augmentation before.
+    import torch
+
+    from kdseq_fast.run_inputs import make_loader
+    from kdseq_fast.runtime import RunContext
+
+    svhn = [p for p in CONFIGS if os.path.basename(p).startswith("svhn_")]
+    assert len(svhn) == 5 and all(load_config(p).data.augment == "crop" for p in svhn)
+    cfg = load_config(None, ["data.name=digits", "data.augment=crop", "data.loader_backend=torch"])
+    from kdseq_fast.datasets import dataset_from_config
+
+    split = dataset_from_config(cfg, "test")
+    loader = make_loader(cfg, split, RunContext(torch.device("cpu")), augment=True, seed=0)
+    assert loader.augment == "crop"
+
+
 def test_digits_quick_recipe():
     cfg = load_config(os.path.join(REPO, "configs", "digits_quick.yaml"))
     assert cfg.data.name == "digits"

@@ -163,6 +163,26 @@ def test_cifar_augmentation_statistics_and_parameters(backend):
     assert torch.equal(oy, e_oy) and torch.equal(ox, e_ox) and torch.equal(flip, e_flip)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_crop_is_cifar_without_its_flips(data, backend):
+    # data.augment: crop (SVHN: a mirrored digit is not a digit) keeps the CIFAR crops of the same
+    # seed and drops every flip; the recipes turned augmentation off altogether before.
+    images, labels = data
+
+    def images_of(augment):
+        L = CurriculumLoader(images, labels, 50, backend=backend, augment=augment, seed=3, mean=MEAN, std=STD)
+        L.set_epoch(1)
+        L.set_order(np.arange(len(labels)))
+        return torch.cat(run_pass(L)[0])
+
+    crop, cifar = images_of("crop"), images_of("cifar")
+    flipped = aug.cifar_params(3, 1, len(labels), 4)[2].bool()
+    assert flipped.any() and (~flipped).any()
+    assert torch.equal(crop[~flipped], cifar[~flipped])
+    assert torch.equal(crop[flipped], cifar[flipped].flip(-1))
+    assert not torch.equal(crop, images_of(None))
+
+
 def test_augmentation_seeded_by_seed_and_epoch(data):
     images, labels = data
     def images_of(seed, epoch, backend="torch"):

@@ -120,12 +120,12 @@ class DaliBackend:
             self._io_pool = ThreadPoolExecutor(max_workers=L.num_threads, thread_name_prefix="kdseq-io")
         size = L.image_size
         centered = files and L.augment != "rrc" and size is not None  # resize + center crop
-        n_out = 3 + 2 * centered + {"cifar": 2, "rrc": 3, None: 0}[L.augment]
+        n_out = 3 + 2 * centered + {"cifar": 2, "crop": 2, "rrc": 3, None: 0}[L.augment]
         layouts = ["" if files else "HWC"] + [""] * (n_out - 1)
         mean = L.mean.tolist()
         std = L.std.tolist()
         gpu = self.gpu
-        augment = L.augment
+        augment = "cifar" if L.augment == "crop" else L.augment  # its flips are all off
 
         @pipeline_def
         def graph():

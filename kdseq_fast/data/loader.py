@@ -16,7 +16,7 @@ logger = logging.getLogger("kdseq_fast.data")
 
 __all__ = ["CurriculumLoader"]
 
-_AUGMENTS = (None, "cifar", "rrc")
+_AUGMENTS = (None, "cifar", "crop", "rrc")
 _BACKENDS = ("auto", "dali", "torch")
 
 
@@ -82,7 +82,8 @@ class CurriculumLoader:
             with one logged warning saying why).
         device: where batches are delivered, ``"cpu"`` or ``"cuda"``/``"cuda:k"``.
         augment: ``None``; ``"cifar"`` (zero-pad ``padding`` + random crop back to size +
-            horizontal flip); ``"rrc"`` (random-resized-crop to ``image_size`` + flip, file datasets).
+            horizontal flip); ``"crop"`` (the same crops, never flipped: digits, text);
+            ``"rrc"`` (random-resized-crop to ``image_size`` + flip, file datasets).
         mean, std: per-channel constants in 0-255 pixel units; output = (pixel - mean) / std.
             Defaults 0 and 255 (pixels scaled to [0, 1]).
         drop_last: drop the last global batch of an order when it is partial.
@@ -147,8 +148,8 @@ class CurriculumLoader:
                              "use augment='cifar' for in-memory arrays")
         if augment == "rrc" and image_size is None:
             raise ValueError("augment='rrc' needs image_size (the output side of the crop)")
-        if augment == "cifar" and self._is_files and image_size is None:
-            raise ValueError("augment='cifar' on a file dataset needs image_size (the crop size)")
+        if augment in ("cifar", "crop") and self._is_files and image_size is None:
+            raise ValueError(f"augment={augment!r} on a file dataset needs image_size (the crop size)")
         if image_size is not None and not self._is_files:
             raise ValueError("image_size applies to file datasets only; in-memory images keep their size")
         self.augment = augment
@@ -314,10 +315,15 @@ class CurriculumLoader:
 
     def _make_pass(self) -> EpochPass:
         spans = [self._rank_span(s, e) for s, e in self._spans[self._start_batch:]]
+        # "crop" runs as "cifar" with every flip off; the flips are drawn all the same, so its
+        # crops are those of "cifar" with the same seed.
         p = EpochPass(order=self._order, epoch=self._epoch, seed=self.seed, spans=spans,
-                      augment=self.augment, padding=self.padding)
-        if self.augment == "cifar":
+                      augment="cifar" if self.augment == "crop" else self.augment, padding=self.padding)
+        if self.augment in ("cifar", "crop"):
             p.crop_params = aug.cifar_params(self.seed, self._epoch, len(self._order), self.padding)
+            if self.augment == "crop":
+                oy, ox, flip = p.crop_params
+                p.crop_params = (oy, ox, torch.zeros_like(flip))
         elif self.augment == "rrc":
             p.flips = aug.flip_params(self.seed, self._epoch, len(self._order))
         return p
