@@ -175,6 +175,7 @@ def probe_teacher_module(module: torch.nn.Module, num_classes: int, in_channels:
     not at the first batch inside a convolution or the loss. (A checkpoint teacher is built for the
     data by ``load_teacher``.) The module must be in eval mode: the probe then leaves its state
     and the random streams as they were."""
+    module = getattr(module, "_orig_mod", module)  # a torch.compile'd teacher: no compile for the probe
     first = next((t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None else torch.float32

@@ -213,6 +213,14 @@ def test_a_module_teacher_for_other_data_is_refused_before_training(tmp_path):
     Trainer(cfg, str(tmp_path / "good"), teacher=good, **kw)
     assert not good.training
     assert all(torch.equal(before[k], v) for k, v in good.state_dict().items())
+    # A torch.compile'd teacher is probed through its original module: no compile of a batch of one.
+    from torch._dynamo.utils import counters
+
+    from kdseq_fast.run_inputs import probe_teacher_module
+
+    frames = counters["frames"]["total"]
+    probe_teacher_module(torch.compile(good), 10, 3, 32)
+    assert counters["frames"]["total"] == frames
 
 
 def test_steps_to_target():
