@@ -370,7 +370,7 @@ def files(tmp_path_factory):
     return paths, np.arange(10, dtype=np.int64) * 3
 
 
-@pytest.mark.parametrize("augment", [None, "rrc", "cifar"])
+@pytest.mark.parametrize("augment", [None, "rrc", "cifar", "crop"])
 def test_file_dataset_backends_agree(files, augment):
     if not HAVE_DALI:
         pytest.skip("no DALI")
