@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .atomic_files import atomic_write
 
-__all__ = ["load_model_weights", "extract_state_dict", "fitting_architectures", "atomic_save"]
+__all__ = ["load_model_weights", "extract_state_dict", "fitting_architectures", "fit_hint", "atomic_save"]
 
 # Checked in this order; the first key holding a tensor mapping wins.
 _WRAPPER_KEYS = ("model", "state_dict", "student", "model_state", "net", "module")
@@ -120,6 +120,15 @@ def fitting_architectures(path: str | os.PathLike, num_classes: int, *, in_chann
         if own.keys() == shapes.keys() and all(tuple(v.shape) == shapes[k] for k, v in own.items()):
             fits.append(name)
     return fits
+
+
+def fit_hint(path: str | os.PathLike, num_classes: int, option: str, *, in_channels: int = 3,
+             image_size: int = 32) -> str:
+    """The end of a "does not fit" error: ``". It fits A, B: <option>A"`` naming the zoo
+    architectures ``path`` fits (``option``, e.g. ``"--arch "``, is how the caller's user picks
+    one), or ""."""
+    fits = fitting_architectures(path, num_classes, in_channels=in_channels, image_size=image_size)
+    return f". It fits {', '.join(fits)}: {option}{fits[0]}" if fits else ""
 
 
 def _fmt(items: list[str]) -> str:

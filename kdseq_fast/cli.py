@@ -192,11 +192,10 @@ def _cmd_score(args, log) -> int:
     try:
         load_model_weights(model, args.checkpoint)
     except ValueError as exc:
-        from .checkpoint_io import fitting_architectures
+        from .checkpoint_io import fit_hint
 
-        fits = fitting_architectures(args.checkpoint, data.num_classes, in_channels=data.in_channels,
-                                     image_size=cfg.data.image_size)
-        hint = f". It fits {', '.join(fits)}: --arch {fits[0]}" if fits else ""
+        hint = fit_hint(args.checkpoint, data.num_classes, "--arch ", in_channels=data.in_channels,
+                        image_size=cfg.data.image_size)
         raise ValueError(f"--checkpoint {args.checkpoint} does not fit --arch {arch} with "
                          f"{data.num_classes} classes: {exc}{hint}") from None
     model.to(ctx.device).eval()

@@ -149,10 +149,10 @@ def load_teacher(cfg: Config, path: str, num_classes: int, device=None,
     try:
         load_model_weights(model, path)
     except ValueError as exc:
-        from .checkpoint_io import fitting_architectures
+        from .checkpoint_io import fit_hint
 
-        fits = fitting_architectures(path, num_classes, in_channels=in_channels, image_size=cfg.data.image_size)
-        hint = (f". It fits {', '.join(fits)}: --set teacher.arch={fits[0]}" if fits else "")
+        hint = fit_hint(path, num_classes, "--set teacher.arch=", in_channels=in_channels,
+                        image_size=cfg.data.image_size)
         raise ValueError(f"teacher checkpoint {path} does not fit teacher.arch="
                          f"{cfg.teacher.arch} with {num_classes} classes: {exc}{hint}") from None
     model.eval()

@@ -226,11 +226,7 @@ class RunContext:
 
     def any_true(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (all ranks must call it)."""
-        if self.world_size == 1:
-            return bool(flag)
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._comm_device())
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(self.max_int(1 if flag else 0))
 
     def _in_place(self, collective, t: torch.Tensor) -> None:
         """``collective(t)`` changing ``t`` in place, on a tensor this backend can move: NCCL

@@ -320,10 +320,8 @@ class CurriculumLoader:
         p = EpochPass(order=self._order, epoch=self._epoch, seed=self.seed, spans=spans,
                       augment="cifar" if self.augment == "crop" else self.augment, padding=self.padding)
         if self.augment in ("cifar", "crop"):
-            p.crop_params = aug.cifar_params(self.seed, self._epoch, len(self._order), self.padding)
-            if self.augment == "crop":
-                oy, ox, flip = p.crop_params
-                p.crop_params = (oy, ox, torch.zeros_like(flip))
+            oy, ox, flip = aug.cifar_params(self.seed, self._epoch, len(self._order), self.padding)
+            p.crop_params = (oy, ox, flip if self.augment == "cifar" else torch.zeros_like(flip))
         elif self.augment == "rrc":
             p.flips = aug.flip_params(self.seed, self._epoch, len(self._order))
         return p
